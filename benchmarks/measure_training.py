@@ -1,0 +1,106 @@
+"""Measure our trainer on random-weight full-size models: peak VRAM and tokens/s per configuration.
+
+Each case runs `qlora-trainer train` in its own process (a fresh CUDA allocator, as a user's run has) on a
+random-weight checkpoint and packed synthetic text, and reads the peaks and speeds from its metrics.jsonl.
+Results are appended to a JSONL file as they come, so a cut-off run keeps what it measured.
+
+    python benchmarks/measure_training.py --cases benchmarks/cases/gpu-smoke.yaml --out results.jsonl
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_checkpoint import write_synthetic_text  # noqa: E402
+
+WORK = Path(os.environ.get("QLORA_BENCH_WORK", tempfile.gettempdir()))
+
+
+def run_config(model_dir: Path, data_path: Path, case: dict, output_dir: Path) -> dict:
+    """The run config for one case: defaults of the benchmark, then the case's own keys."""
+    config = {
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data_path), "format": "text", "packing": True},
+        "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "training": {"max_steps": 6, "micro_batch_size": 1, "max_seq_len": 2048, "save_steps": 0,
+                     "learning_rate": 1e-4, "logging_steps": 1},
+        "output": {"dir": str(output_dir), "overwrite": True},
+    }
+    for section, values in case.get("config", {}).items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def random_checkpoint(model: str) -> Path:
+    """Build the checkpoint in its own process, so this one never holds a CUDA context beside the run."""
+    out_dir = WORK / f"random-{Path(model).name}"
+    script = Path(__file__).resolve().parent / "random_checkpoint.py"
+    subprocess.run([sys.executable, str(script), "--model", model, "--out", str(out_dir)], check=True)
+    return out_dir
+
+
+def measure_case(case: dict, timeout_s: int) -> dict:
+    model_dir = random_checkpoint(case["model"])
+    data_path = write_synthetic_text(WORK / "synthetic-text.jsonl", n_docs=4000, words_per_doc=400)
+    output_dir = WORK / "bench-run"
+    config = run_config(model_dir, data_path, case, output_dir)
+    config_path = WORK / "bench-config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    started = time.time()
+    process = subprocess.run(
+        [sys.executable, "-m", "qlora_trainer", "train", "--config", str(config_path), "--no-progress"],
+        capture_output=True, text=True, timeout=timeout_s,
+    )
+    record = {"name": case["name"], "model": case["model"], "config": case.get("config", {}),
+              "exit_code": process.returncode, "wall_s": round(time.time() - started, 1)}
+    metrics_path = output_dir / "metrics.jsonl"
+    steps = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    steps = [s for s in steps if "loss" in s]
+    if process.returncode != 0:
+        record["error"] = (process.stderr.strip().splitlines() or ["?"])[-1][:300]
+    if steps:
+        speeds = [s["tokens_per_second"] for s in steps[2:]] or [s["tokens_per_second"] for s in steps]
+        record.update(
+            steps=len(steps),
+            peak_reserved_bytes=max(s["peak_vram_bytes"] or 0 for s in steps),
+            peak_allocated_bytes=max(s["peak_allocated_bytes"] or 0 for s in steps),
+            tokens_per_second=statistics.median(speeds),
+            losses=[round(s["loss"], 4) for s in steps],
+        )
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", required=True, type=Path, help="YAML list of {name, model, config}")
+    parser.add_argument("--out", required=True, type=Path, help="JSONL file the results are appended to")
+    parser.add_argument("--only", help="comma-separated case names to run")
+    parser.add_argument("--timeout-s", type=int, default=300, help="per case")
+    args = parser.parse_args()
+    cases = yaml.safe_load(args.cases.read_text())
+    if args.only:
+        wanted = set(args.only.split(","))
+        cases = [c for c in cases if c["name"] in wanted]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        try:
+            record = measure_case(case, args.timeout_s)
+        except subprocess.TimeoutExpired:
+            record = {"name": case["name"], "error": f"timed out after {args.timeout_s} s"}
+        with open(args.out, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "losses"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The training recipe: load, prepare, then `for step: forward, backward, step, log, maybe eval, maybe checkpoint`."""
+
+import json
+import math
+import shutil
+import signal
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler, set_seed
+
+from qlora_trainer import adapters, checkpoint, data, model as model_loading
+from qlora_trainer.config import RunConfig, config_to_dict
+from qlora_trainer.errors import UserError
+from qlora_trainer.loss import causal_lm_loss
+
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+RUN_CONFIG = "run_config.json"
+_RUN_ARTIFACTS = (METRICS, ADAPTER, RUN_CONFIG, checkpoint.CHECKPOINTS)
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM arrived; a checkpoint was written at the step boundary."""
+
+    def __init__(self, signum: int, checkpoint_dir: Optional[Path]):
+        super().__init__(f"stopped by signal {signum}; checkpoint at {checkpoint_dir}")
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    final_step: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run in this process
+    eval_loss: Optional[float] = None
+    tokens_per_second: Optional[float] = None  # median over the steps after two warm-up steps
+    peak_allocated_bytes: Optional[int] = None  # GPU only
+    peak_reserved_bytes: Optional[int] = None  # GPU only
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over an earlier run unless asked; --overwrite removes only this tool's artifacts."""
+    existing = [name for name in _RUN_ARTIFACTS if (output_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise UserError(
+            f"output.dir: {output_dir} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir"
+        )
+    if existing and overwrite and not resume:
+        for name in existing:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    """torch AdamW, or bitsandbytes 8-bit AdamW (optionally in paged unified memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def micro_batches(n_examples: int, micro_batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
+    """An endless, seeded stream of example indices, one list per micro-batch, starting at position `start`.
+
+    Epoch e is a permutation drawn from a generator seeded with (seed, e), so the stream can be re-entered at
+    any position on resume without replaying it.
+    """
+    per_epoch = max(1, n_examples // micro_batch_size)
+    position = start
+    while True:
+        epoch, offset = divmod(position, per_epoch)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n_examples, generator=generator).tolist()
+        while offset < per_epoch:
+            yield order[offset * micro_batch_size:(offset + 1) * micro_batch_size]
+            offset += 1
+            position += 1
+
+
+@contextmanager
+def stop_on_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop reads at the next step boundary."""
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def apply_memory_cap(cap_gib: float) -> None:
+    """Hold this process to cap_gib of the GPU (to share a card, or to behave as a smaller one would)."""
+    if cap_gib <= 0 or not torch.cuda.is_available():
+        return
+    total_bytes = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total_bytes), 0)
+
+
+def _peak_memory(device: torch.device) -> tuple[Optional[int], Optional[int]]:
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
+def evaluate(peft_model, examples: list[dict], pad_token_id: int, micro_batch_size: int, chunk_tokens: int,
+             accelerator: Accelerator, device: torch.device) -> float:
+    """Token-averaged loss over the eval split."""
+    peft_model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), micro_batch_size):
+            batch = data.collate(examples[start:start + micro_batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with accelerator.autocast():
+                parts = causal_lm_loss(peft_model.get_base_model(), batch, chunk_tokens)
+            loss_sum += float(parts.loss_sum)
+            tokens += parts.label_tokens
+    peft_model.train()
+    return loss_sum / max(tokens, 1)
+
+
+def _write_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records of steps after the checkpoint, so metrics.jsonl reads as one run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_final_adapter(peft_model, output_dir: Path) -> Path:
+    """output_dir/adapter in standard PEFT format, replaced atomically."""
+    final = output_dir / ADAPTER
+    tmp = output_dir / f".tmp-{ADAPTER}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    peft_model.save_pretrained(tmp)
+    checkpoint.replace_folder_atomically(tmp, final)
+    return final
+
+
+def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Run the whole recipe for `config`; returns the losses and measurements of this process's steps."""
+    tcfg = config.training
+    output_dir = Path(config.output.dir)
+    resume = resume or tcfg.resume == "auto"
+
+    # 1. Everything that can be checked without weights, before the slow load.
+    model_config = model_loading.load_model_config(config.model)
+    target_keys, target_layers = adapters.resolve_targets(
+        adapters.meta_model(model_config, config.model.trust_remote_code), config.adapter.target_modules
+    )
+    adapters.check_rank(config.adapter, target_layers)
+    prepare_output_dir(output_dir, resume, config.output.overwrite)
+
+    # 2. Load the base, the data and the adapter.
+    set_seed(tcfg.seed)
+    apply_memory_cap(tcfg.memory_cap_gib)
+    base = model_loading.load_base(config.model, config.quantization, tcfg.gradient_checkpointing)
+    tokenized = data.prepare_data(config.data, base.tokenizer, tcfg.max_seq_len, tcfg.seed)
+    stats = tokenized.stats
+    print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "
+          f"{stats.rows_bad} bad rows skipped {dict(stats.bad_reasons) or ''}".rstrip())
+    peft_model, summary = adapters.attach_adapter(base.model, config.adapter, target_keys, target_layers)
+    print(summary.line())
+    (output_dir / RUN_CONFIG).write_text(json.dumps(config_to_dict(config), indent=1))
+
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(tcfg.optimizer, trainable, tcfg.learning_rate, tcfg.weight_decay)
+    scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
+                              num_training_steps=tcfg.max_steps)
+    mixed_precision = "no"
+    if base.device.type == "cuda":
+        mixed_precision = "bf16" if base.compute_dtype == torch.bfloat16 else "fp16"
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=base.device.type == "cpu")
+    peft_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    causal_lm = accelerator.unwrap_model(peft_model).get_base_model()
+
+    # 3. Resume from the newest complete checkpoint.
+    state = checkpoint.TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
+    metrics_path = output_dir / METRICS
+    if resume:
+        latest = checkpoint.latest_valid_checkpoint(output_dir)
+        if latest is not None:
+            state = checkpoint.load_checkpoint(latest, accelerator.unwrap_model(peft_model), optimizer, scheduler)
+            print(f"resumed from {latest} (step {state.step})")
+        _truncate_metrics(metrics_path, state.step)
+
+    # 4. The loop.
+    pad_id = base.tokenizer.pad_token_id
+    stream = micro_batches(len(tokenized.train), tcfg.micro_batch_size, tcfg.seed, state.micro_batches_done)
+    result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step)
+    step_speeds: list[float] = []
+    if base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(base.device)
+    peft_model.train()
+    progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not show_progress, desc="train")
+    with stop_on_signals() as signals:
+        while state.step < tcfg.max_steps:
+            started = time.perf_counter()
+            batches = [data.collate([tokenized.train[i] for i in next(stream)], pad_id)
+                       for _ in range(tcfg.gradient_accumulation_steps)]
+            label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            loss_total = 0.0
+            for batch in batches:
+                batch = {k: v.to(base.device) for k, v in batch.items()}
+                with accelerator.autocast():
+                    parts = causal_lm_loss(causal_lm, batch, tcfg.loss_chunk_tokens)
+                loss = parts.loss_sum / max(label_tokens, 1)  # token-weighted over the whole accumulation
+                accelerator.backward(loss)
+                loss_total += float(loss.detach())
+            grad_norm = None
+            if tcfg.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if base.device.type == "cuda":
+                torch.cuda.synchronize(base.device)
+            elapsed = time.perf_counter() - started
+            state = checkpoint.TrainerState(
+                step=state.step + 1,
+                micro_batches_done=state.micro_batches_done + tcfg.gradient_accumulation_steps,
+                tokens_seen=state.tokens_seen + input_tokens,
+            )
+            tokens_per_second = input_tokens / elapsed
+            step_speeds.append(tokens_per_second)
+            result.losses.append(loss_total)
+            peak_allocated, peak_reserved = _peak_memory(base.device)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{tokens_per_second:.0f}",
+                                 vram=f"{(peak_reserved or 0) / 2**30:.2f}G")
+            is_last = state.step == tcfg.max_steps
+            record = None
+            if state.step % tcfg.logging_steps == 0 or is_last:
+                record = {
+                    "step": state.step, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
+                    "peak_vram_bytes": peak_reserved, "peak_allocated_bytes": peak_allocated,
+                    "tokens_seen": state.tokens_seen, "rows_skipped": stats.rows_bad,
+                }
+            if tokenized.eval and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last):
+                result.eval_loss = evaluate(peft_model, tokenized.eval, pad_id, tcfg.micro_batch_size,
+                                            tcfg.loss_chunk_tokens, accelerator, base.device)
+                record = (record or {"step": state.step}) | {"eval_loss": result.eval_loss}
+            if record is not None:
+                _write_metrics(metrics_path, record)
+            saved = None
+            if is_last or signals or (tcfg.save_steps and state.step % tcfg.save_steps == 0):
+                saved = checkpoint.save_checkpoint(output_dir, state, accelerator.unwrap_model(peft_model),
+                                                   optimizer, scheduler, tcfg.save_total_limit)
+            if signals and not is_last:
+                progress.close()
+                raise Interrupted(signals[0], saved)
+    progress.close()
+    result.final_step = state.step
+    save_final_adapter(accelerator.unwrap_model(peft_model), output_dir)
+    timed = step_speeds[2:] or step_speeds
+    result.tokens_per_second = statistics.median(timed) if timed else None
+    result.peak_allocated_bytes, result.peak_reserved_bytes = _peak_memory(base.device)
+    return result

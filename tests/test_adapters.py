@@ -1,0 +1,123 @@
+"""Target-module resolution across architectures, adapter parameter counts, dtypes and the NF4 base."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          Phi3Config, Qwen2Config)
+from transformers.pytorch_utils import Conv1D
+
+from qlora_trainer import adapters
+from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.model import load_base, load_model_config
+
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+ARCHITECTURES = {
+    "llama": (LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **SMALL),
+              ["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_proj", "up_proj"]),
+    "mistral": (MistralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **SMALL),
+                ["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_proj", "up_proj"]),
+    "qwen2": (Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **SMALL),
+              ["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_proj", "up_proj"]),
+    "gemma": (GemmaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=1, head_dim=16, **SMALL),
+              ["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_proj", "up_proj"]),
+    "phi3": (Phi3Config(hidden_size=64, intermediate_size=128, pad_token_id=0, **SMALL),
+             ["o_proj", "qkv_proj"], ["down_proj", "gate_up_proj"]),
+    "gpt2": (GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128),
+             ["attn.c_proj", "c_attn"], ["c_fc", "mlp.c_proj"]),
+    "gpt_neox": (GPTNeoXConfig(hidden_size=64, intermediate_size=128, **SMALL),
+                 ["dense", "query_key_value"], ["dense_4h_to_h", "dense_h_to_4h"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shorthands_resolve_by_inspection_and_peft_wraps_exactly_those_layers(arch):
+    config, attn_keys, mlp_keys = ARCHITECTURES[arch]
+    meta = adapters.meta_model(config)
+    attn = adapters.resolve_targets(meta, "attn")
+    mlp = adapters.resolve_targets(meta, "mlp")
+    every = adapters.resolve_targets(meta, "all-linear")
+    assert attn[0] == attn_keys and mlp[0] == mlp_keys
+    assert len(every[1]) == len(attn[1]) + len(mlp[1])
+    assert all(layer.kind == "attn" for layer in attn[1]) and all(layer.kind == "mlp" for layer in mlp[1])
+
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(real, adapters.peft_config(AdapterConfig(r=4), attn[0]))
+    wrapped = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+               if hasattr(module, "lora_A") and not isinstance(module, torch.nn.ModuleDict)}
+    assert wrapped == {layer.name for layer in attn[1]}
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == sum(adapters.adapter_param_count("lora", 4, l.d_in, l.d_out) for l in attn[1])
+
+
+def test_gpt2_conv1d_shapes_are_read_transposed():
+    meta = adapters.meta_model(ARCHITECTURES["gpt2"][0])
+    _, layers = adapters.resolve_targets(meta, ["c_attn"])
+    assert {(l.d_in, l.d_out) for l in layers} == {(64, 192)}
+    assert all(isinstance(meta.get_submodule(l.name), Conv1D) for l in layers)
+
+
+def test_unknown_target_and_oversized_rank_are_config_errors():
+    meta = adapters.meta_model(ARCHITECTURES["llama"][0])
+    with pytest.raises(ConfigError, match="adapter.target_modules: 'qkv' matches no linear layer"):
+        adapters.resolve_targets(meta, ["qkv"])
+    _, layers = adapters.resolve_targets(meta, "attn")
+    with pytest.raises(ConfigError, match=r"adapter.r: 64 exceeds the smaller dimension \(32\)"):
+        adapters.check_rank(AdapterConfig(r=64), layers)  # k_proj is 64 -> 32 (2 KV heads of 16)
+    adapters.check_rank(AdapterConfig(r=32), layers)
+
+
+@pytest.fixture(scope="module")
+def nf4_base(tiny_llama_dir):
+    def load(**model_kwargs):
+        return load_base(ModelConfig(path=str(tiny_llama_dir), **model_kwargs), QuantizationConfig(), True).model
+    return load
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [AdapterConfig(type="lora", r=8), AdapterConfig(type="lora", r=4, use_dora=True),
+     AdapterConfig(type="loha", r=4), AdapterConfig(type="lokr", r=4), AdapterConfig(type="lokr", r=2)],
+    ids=["lora", "dora", "loha", "lokr-r4", "lokr-r2"],
+)
+def test_peft_count_matches_formula_on_nf4_base(nf4_base, tiny_llama_dir, adapter):
+    meta = adapters.meta_model(load_model_config(ModelConfig(path=str(tiny_llama_dir))))
+    keys, layers = adapters.resolve_targets(meta, "all-linear")
+    peft_model, summary = adapters.attach_adapter(nf4_base(), adapter, keys, layers)
+    peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert summary.trainable_params == peft_trainable == summary.formula_params > 0
+    # the adapted model starts equal to the base (B / the second factor is zero) and runs forward and backward
+    x = torch.randint(0, 300, (1, 16))
+    with peft_model.disable_adapter():
+        base_logits = peft_model(input_ids=x).logits
+    logits = peft_model(input_ids=x).logits
+    torch.testing.assert_close(logits.float(), base_logits.float(), rtol=0, atol=2e-2)
+    logits.float().sum().backward()
+    assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_nf4_layers_and_adapter_dtype(nf4_base, tiny_llama_dir, dtype, torch_dtype):
+    meta = adapters.meta_model(load_model_config(ModelConfig(path=str(tiny_llama_dir))))
+    keys, layers = adapters.resolve_targets(meta, "all-linear")
+    peft_model, _ = adapters.attach_adapter(nf4_base(), AdapterConfig(r=8, dtype=dtype), keys, layers)
+    for layer in layers:
+        base_layer = peft_model.get_base_model().get_submodule(layer.name).get_base_layer()
+        assert isinstance(base_layer, bnb.nn.Linear4bit)
+        assert base_layer.weight.quant_type == "nf4" and base_layer.weight.dtype == torch.uint8
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch_dtype for p in trainable)
+    causal_lm = peft_model.get_base_model()
+    assert causal_lm.model.embed_tokens.weight.dtype == torch.bfloat16  # not upcast to fp32
+    assert causal_lm.lm_head.weight.dtype == torch.bfloat16
+    assert causal_lm.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_upcast_non_quantized_on_request(nf4_base):
+    model = nf4_base(upcast_non_quantized=True)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8  # quantized weights untouched

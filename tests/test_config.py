@@ -1,0 +1,95 @@
+"""Config loading: types, unknown keys, impossible values and overrides, through the real command line."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_trainer.cli import main
+from qlora_trainer.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+VALID = {
+    "model": {"path": "some/model"},
+    "data": {"path": "data.jsonl", "format": "alpaca"},
+    "adapter": {"type": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "training": {"max_steps": 3, "learning_rate": "2e-4"},
+}
+
+
+def write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+def test_valid_config_types_are_coerced():
+    config = config_from_dict(VALID)
+    assert config.training.learning_rate == pytest.approx(2e-4)  # YAML reads 2e-4 as a string
+    assert config.adapter.alpha == 16.0 and isinstance(config.adapter.alpha, float)
+    assert config.adapter.target_modules == "all-linear"
+
+
+def test_overrides_replace_and_add_keys():
+    raw = apply_overrides(VALID, ["training.learning_rate=1e-3", "adapter.target_modules=[q_proj, v_proj]",
+                                  "training.resume=auto"])
+    config = config_from_dict(raw)
+    assert config.training.learning_rate == pytest.approx(1e-3)
+    assert config.adapter.target_modules == ["q_proj", "v_proj"]
+    assert config.training.resume == "auto"
+    assert VALID["training"]["learning_rate"] == "2e-4"  # the original mapping is untouched
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("adapter.r=0", "adapter.r"),
+        ("adapter.r=-4", "adapter.r"),
+        ("adapter.r=2.5", "adapter.r"),
+        ("training.learning_rate=0", "training.learning_rate"),
+        ("training.learning_rate=-1e-4", "training.learning_rate"),
+        ("training.learning_rate=fast", "training.learning_rate"),
+        ("training.max_steps=true", "training.max_steps"),
+        ("adapter.type=ia3", "adapter.type"),
+        ("adapter.dtype=float16", "adapter.dtype"),
+        ("adapter.dropout=1.5", "adapter.dropout"),
+        ("data.format=sharegpt", "data.format"),
+        ("training.optimizer=sgd", "training.optimizer"),
+        ("training.bogus=1", "training.bogus"),
+        ("nosection.key=1", "nosection"),
+        ("model.path=", "model.path"),
+        ("adapter.target_modules=[]", "adapter.target_modules"),
+        ("quantization.mode=int4", "quantization.mode"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_key(tmp_path, capsys, override, culprit):
+    code = main(["train", "--config", str(write(tmp_path, VALID)), "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and culprit in err
+    assert err.count("\n") == 1  # one line, no traceback
+
+
+@pytest.mark.parametrize(
+    "text, culprit",
+    [("model: {path: [unclosed\n", "malformed YAML"), ("- just\n- a list\n", "mapping"),
+     ("model: 5\n", "model")],
+)
+def test_malformed_files_exit_2(tmp_path, capsys, text, culprit):
+    code = main(["train", "--config", str(write(tmp_path, text))])
+    assert code == 2 and culprit in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_output_dir_flag_sets_output_dir(tmp_path):
+    config = load_config(write(tmp_path, VALID), [], output_dir=str(tmp_path / "out"))
+    assert config.output.dir == str(tmp_path / "out")
+
+
+def test_missing_model_folder_is_reported_before_loading(tmp_path, capsys):
+    raw = dict(VALID, model={"path": str(tmp_path / "absent")})
+    assert main(["train", "--config", str(write(tmp_path, raw))]) == 2
+    assert "model.path" in capsys.readouterr().err
