@@ -25,7 +25,7 @@ _TMP_PREFIX = ".tmp-"
 @dataclass(frozen=True)
 class TrainerState:
     step: int  # optimizer steps completed
-    micro_batches_done: int  # data position: micro-batches consumed since the start
+    examples_done: int  # data position: training examples consumed since the start
     tokens_seen: int  # label-bearing input tokens consumed
 
 

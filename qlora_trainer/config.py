@@ -80,6 +80,9 @@ class TrainingConfig:
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
     resume: Literal["off", "auto"] = "off"  # auto = continue from the newest complete checkpoint
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss or gradient
+    oom_retry: Literal["off", "halve-micro-batch"] = "off"  # on GPU out-of-memory: stop, or halve and go on
+    plan: Literal["off", "auto"] = "off"  # auto = the planner picks what you left out to fit the GPU
     memory_cap_gib: float = 0.0  # use at most this much of the GPU (0 = all of it); also the planner's budget
 
 
@@ -97,6 +100,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    explicit_keys: frozenset = frozenset()  # "section.key" names the user set (the planner fills the others)
 
     def validate(self) -> None:
         """Reject values no run can use. Checks that need the model's shapes live in `adapters.py`."""
@@ -115,6 +119,7 @@ class RunConfig:
             "training.logging_steps": self.training.logging_steps,
             "training.save_total_limit": self.training.save_total_limit,
             "training.loss_chunk_tokens": self.training.loss_chunk_tokens,
+            "training.max_bad_steps": self.training.max_bad_steps,
         }
         for key, value in positive.items():
             if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
@@ -231,14 +236,15 @@ def config_from_dict(raw: Any) -> RunConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "explicit_keys"}
     hints = typing.get_type_hints(RunConfig)
     built = {}
     for name, value in raw.items():
         if name not in sections:
             raise ConfigError(f"{name}: unknown section; valid sections are {', '.join(sections)}")
         built[name] = _build_section(hints[name], name, value)
-    config = RunConfig(**built)
+    explicit = frozenset(f"{name}.{key}" for name, value in raw.items() if isinstance(value, dict) for key in value)
+    config = RunConfig(**built, explicit_keys=explicit)
     config.validate()
     return config
 
@@ -318,5 +324,7 @@ def load_config(path: Path, overrides: list[str] = (), output_dir: Optional[str]
 
 
 def config_to_dict(config: RunConfig) -> dict:
-    """Plain mapping of the config, for saving beside a run."""
-    return dataclasses.asdict(config)
+    """Plain mapping of the config sections, for saving beside a run."""
+    raw = dataclasses.asdict(config)
+    raw.pop("explicit_keys")
+    return raw

@@ -101,6 +101,14 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder layer (the method was renamed in transformers 5.2x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,
               device: Optional[torch.device] = None) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters.
@@ -134,5 +142,5 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkp
     if model_cfg.upcast_non_quantized:
         upcast_non_quantized(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)

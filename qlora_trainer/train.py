@@ -1,10 +1,12 @@
 """The training recipe: load, prepare, then `for step: forward, backward, step, log, maybe eval, maybe checkpoint`."""
 
+import functools
 import json
 import math
 import shutil
 import signal
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,13 +20,19 @@ from transformers import get_scheduler, set_seed
 
 from qlora_trainer import adapters, checkpoint, data, model as model_loading
 from qlora_trainer.config import RunConfig, config_to_dict
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import OutOfMemoryAbort, UserError
 from qlora_trainer.loss import causal_lm_loss
 
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
 RUN_CONFIG = "run_config.json"
 _RUN_ARTIFACTS = (METRICS, ADAPTER, RUN_CONFIG, checkpoint.CHECKPOINTS)
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a NaN/inf loss or gradient. Exit 4."""
+
+    exit_code = 4
 
 
 class Interrupted(Exception):
@@ -72,22 +80,26 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weig
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def micro_batches(n_examples: int, micro_batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
-    """An endless, seeded stream of example indices, one list per micro-batch, starting at position `start`.
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return tuple(torch.randperm(n_examples, generator=generator).tolist())
 
-    Epoch e is a permutation drawn from a generator seeded with (seed, e), so the stream can be re-entered at
-    any position on resume without replaying it.
+
+def micro_batches(n_examples: int, micro_batch_size: int, seed: int, start_example: int) -> Iterator[list[int]]:
+    """An endless, seeded stream of example indices, one list per micro-batch, from example `start_example` on.
+
+    Epoch e is a permutation drawn from a generator seeded with (seed, e), and a micro-batch runs on into the
+    next epoch when one ends, so the stream can be re-entered at any example, with any micro-batch size.
     """
-    per_epoch = max(1, n_examples // micro_batch_size)
-    position = start
+    position = start_example
     while True:
-        epoch, offset = divmod(position, per_epoch)
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n_examples, generator=generator).tolist()
-        while offset < per_epoch:
-            yield order[offset * micro_batch_size:(offset + 1) * micro_batch_size]
-            offset += 1
+        batch = []
+        for _ in range(micro_batch_size):
+            epoch, offset = divmod(position, n_examples)
+            batch.append(_epoch_order(n_examples, seed, epoch)[offset])
             position += 1
+        yield batch
 
 
 @contextmanager
@@ -158,6 +170,57 @@ def save_final_adapter(peft_model, output_dir: Path) -> Path:
     return final
 
 
+@dataclass
+class _Session:
+    """What the loop works with, once everything is loaded."""
+
+    model: torch.nn.Module  # the peft model, as prepared by accelerate
+    causal_lm: torch.nn.Module  # the transformers model inside it
+    optimizer: object
+    scheduler: object
+    accelerator: Accelerator
+    trainable: list[torch.nn.Parameter]
+    device: torch.device
+    loss_scaling: bool  # fp16: the grad scaler owns overflow handling
+
+
+def _optimizer_step(run: _Session, batches: list[dict], max_grad_norm: float, chunk_tokens: int
+                    ) -> tuple[float, float, bool]:
+    """Forward and backward over the accumulated micro-batches, then one optimizer step unless not finite.
+
+    Returns (loss, grad_norm, stepped). The loss is token-weighted over the whole accumulation, so it equals
+    the loss of one large batch.
+    """
+    label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    loss_total = 0.0
+    for batch in batches:
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with run.accelerator.autocast():
+            parts = causal_lm_loss(run.causal_lm, batch, chunk_tokens)
+        loss = parts.loss_sum / max(label_tokens, 1)
+        run.accelerator.backward(loss)
+        loss_total += float(loss.detach())
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.trainable, max_grad_norm or math.inf))
+    finite = math.isfinite(loss_total) and (math.isfinite(grad_norm) or run.loss_scaling)
+    if finite:
+        run.optimizer.step()
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_total, grad_norm, finite
+
+
+def _oom_advice(config: RunConfig) -> str:
+    tcfg = config.training
+    hints = []
+    if tcfg.micro_batch_size > 1:
+        hints.append(f"training.micro_batch_size {tcfg.micro_batch_size} -> {tcfg.micro_batch_size // 2} "
+                     f"with gradient_accumulation_steps {tcfg.gradient_accumulation_steps * 2}")
+    if not tcfg.gradient_checkpointing:
+        hints.append("training.gradient_checkpointing true")
+    hints.append(f"training.max_seq_len {tcfg.max_seq_len} -> {tcfg.max_seq_len // 2}")
+    return "; or ".join(hints) + " (training.oom_retry: halve-micro-batch does the first for you)"
+
+
 def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Run the whole recipe for `config`; returns the losses and measurements of this process's steps."""
     tcfg = config.training
@@ -193,10 +256,11 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -
         mixed_precision = "bf16" if base.compute_dtype == torch.bfloat16 else "fp16"
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=base.device.type == "cpu")
     peft_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
-    causal_lm = accelerator.unwrap_model(peft_model).get_base_model()
+    run = _Session(peft_model, accelerator.unwrap_model(peft_model).get_base_model(), optimizer, scheduler,
+                   accelerator, trainable, base.device, loss_scaling=mixed_precision == "fp16")
 
     # 3. Resume from the newest complete checkpoint.
-    state = checkpoint.TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
+    state = checkpoint.TrainerState(step=0, examples_done=0, tokens_seen=0)
     metrics_path = output_dir / METRICS
     if resume:
         latest = checkpoint.latest_valid_checkpoint(output_dir)
@@ -205,11 +269,17 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -
             print(f"resumed from {latest} (step {state.step})")
         _truncate_metrics(metrics_path, state.step)
 
+    def save(at: checkpoint.TrainerState) -> Path:
+        return checkpoint.save_checkpoint(output_dir, at, accelerator.unwrap_model(peft_model), optimizer,
+                                          scheduler, tcfg.save_total_limit)
+
     # 4. The loop.
     pad_id = base.tokenizer.pad_token_id
-    stream = micro_batches(len(tokenized.train), tcfg.micro_batch_size, tcfg.seed, state.micro_batches_done)
+    micro_batch_size, accumulation = tcfg.micro_batch_size, tcfg.gradient_accumulation_steps
+    stream = micro_batches(len(tokenized.train), micro_batch_size, tcfg.seed, state.examples_done)
     result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step)
     step_speeds: list[float] = []
+    bad_steps = 0
     if base.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(base.device)
     peft_model.train()
@@ -217,58 +287,72 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -
     with stop_on_signals() as signals:
         while state.step < tcfg.max_steps:
             started = time.perf_counter()
-            batches = [data.collate([tokenized.train[i] for i in next(stream)], pad_id)
-                       for _ in range(tcfg.gradient_accumulation_steps)]
-            label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            batches = [data.collate([tokenized.train[i] for i in next(stream)], pad_id) for _ in range(accumulation)]
             input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            loss_total = 0.0
-            for batch in batches:
-                batch = {k: v.to(base.device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    parts = causal_lm_loss(causal_lm, batch, tcfg.loss_chunk_tokens)
-                loss = parts.loss_sum / max(label_tokens, 1)  # token-weighted over the whole accumulation
-                accelerator.backward(loss)
-                loss_total += float(loss.detach())
-            grad_norm = None
-            if tcfg.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss, grad_norm, stepped = _optimizer_step(run, batches, tcfg.max_grad_norm, tcfg.loss_chunk_tokens)
+            except torch.cuda.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                batches = None
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if tcfg.oom_retry == "halve-micro-batch" and micro_batch_size > 1:
+                    micro_batch_size, accumulation = micro_batch_size // 2, accumulation * 2
+                    stream = micro_batches(len(tokenized.train), micro_batch_size, tcfg.seed, state.examples_done)
+                    progress.write(f"out of memory at step {state.step + 1}: retrying with micro_batch_size "
+                                   f"{micro_batch_size} and gradient_accumulation_steps {accumulation}",
+                                   file=sys.stderr)
+                    continue
+                progress.close()
+                where = f"; checkpoint of step {state.step} at {save(state)}" if state.step else ""
+                raise OutOfMemoryAbort(f"out of GPU memory at step {state.step + 1}{where}. "
+                                       f"Lower {_oom_advice(config)}") from None
+            consumed = micro_batch_size * accumulation
+            if not stepped:
+                bad_steps += 1
+                state = checkpoint.TrainerState(state.step, state.examples_done + consumed, state.tokens_seen)
+                progress.write(f"step {state.step + 1} skipped: loss {loss}, gradient norm {grad_norm}",
+                               file=sys.stderr)
+                if bad_steps >= tcfg.max_bad_steps:
+                    progress.close()
+                    latest = checkpoint.latest_valid_checkpoint(output_dir)
+                    raise TrainingDiverged(
+                        f"training.max_bad_steps: {bad_steps} consecutive steps had a non-finite loss or gradient "
+                        f"(at step {state.step + 1}); last good checkpoint: {latest or 'none yet'}. "
+                        "Lower training.learning_rate or check the data"
+                    )
+                continue
+            bad_steps = 0
             if base.device.type == "cuda":
                 torch.cuda.synchronize(base.device)
             elapsed = time.perf_counter() - started
-            state = checkpoint.TrainerState(
-                step=state.step + 1,
-                micro_batches_done=state.micro_batches_done + tcfg.gradient_accumulation_steps,
-                tokens_seen=state.tokens_seen + input_tokens,
-            )
+            state = checkpoint.TrainerState(step=state.step + 1, examples_done=state.examples_done + consumed,
+                                            tokens_seen=state.tokens_seen + input_tokens)
             tokens_per_second = input_tokens / elapsed
             step_speeds.append(tokens_per_second)
-            result.losses.append(loss_total)
+            result.losses.append(loss)
             peak_allocated, peak_reserved = _peak_memory(base.device)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_total:.4f}", tok_s=f"{tokens_per_second:.0f}",
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}",
                                  vram=f"{(peak_reserved or 0) / 2**30:.2f}G")
             is_last = state.step == tcfg.max_steps
             record = None
             if state.step % tcfg.logging_steps == 0 or is_last:
                 record = {
-                    "step": state.step, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
+                    "step": state.step, "loss": loss, "learning_rate": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
                     "peak_vram_bytes": peak_reserved, "peak_allocated_bytes": peak_allocated,
-                    "tokens_seen": state.tokens_seen, "rows_skipped": stats.rows_bad,
+                    "tokens_seen": state.tokens_seen, "micro_batch_size": micro_batch_size,
+                    "rows_skipped": stats.rows_bad,
                 }
             if tokenized.eval and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last):
-                result.eval_loss = evaluate(peft_model, tokenized.eval, pad_id, tcfg.micro_batch_size,
+                result.eval_loss = evaluate(peft_model, tokenized.eval, pad_id, micro_batch_size,
                                             tcfg.loss_chunk_tokens, accelerator, base.device)
                 record = (record or {"step": state.step}) | {"eval_loss": result.eval_loss}
             if record is not None:
                 _write_metrics(metrics_path, record)
             saved = None
             if is_last or signals or (tcfg.save_steps and state.step % tcfg.save_steps == 0):
-                saved = checkpoint.save_checkpoint(output_dir, state, accelerator.unwrap_model(peft_model),
-                                                   optimizer, scheduler, tcfg.save_total_limit)
+                saved = save(state)
             if signals and not is_last:
                 progress.close()
                 raise Interrupted(signals[0], saved)

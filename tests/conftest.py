@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models built from a config and saved once per test session."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from qlora_trainer.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEXT = [
+    "the quick brown fox jumps over the lazy dog",
+    "a tiny model learns to count one two three four five",
+    "hello world, this is a small text for a small tokenizer",
+] * 20 + [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 20
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int = 300) -> None:
+    """A byte-level BPE tokenizer trained on a few lines, saved as a transformers fast tokenizer."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TINY_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer GQA Llama (hidden 64) in bf16 safetensors with its tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=384, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder

@@ -1,0 +1,123 @@
+"""The training recipe end to end on a tiny NF4 model: metrics, PEFT output, adapters, resume, data order."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from qlora_trainer.checkpoint import CHECKPOINTS
+from qlora_trainer.cli import main
+from qlora_trainer.config import config_from_dict
+from qlora_trainer.errors import UserError
+from qlora_trainer.train import micro_batches, train
+
+ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(8) for b in range(8)]
+
+
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "add.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return path
+
+
+def run_config(model_dir, data_path, out_dir, **training):
+    training = {"max_steps": 6, "learning_rate": 5e-3, "micro_batch_size": 4, "max_seq_len": 96,
+                "save_steps": 3, "save_total_limit": 5, "logging_steps": 1, "lr_scheduler": "cosine",
+                "warmup_steps": 1, **training}
+    return config_from_dict({
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data_path), "format": "alpaca"},
+        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+        "training": training,
+        "output": {"dir": str(out_dir)},
+    })
+
+
+def test_micro_batches_are_seeded_and_resumable():
+    stream = micro_batches(10, 3, seed=7, start_example=0)
+    flat = [i for _ in range(7) for i in next(stream)]  # 21 examples: two epoch boundaries crossed
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # a new permutation each epoch
+    resumed = micro_batches(10, 2, seed=7, start_example=9)  # re-entered mid-epoch with another batch size
+    assert [i for _ in range(3) for i in next(resumed)] == flat[9:15]
+
+
+def test_training_writes_metrics_and_a_plain_peft_adapter(tiny_llama_dir, alpaca_file, tmp_path):
+    config = run_config(tiny_llama_dir, alpaca_file, tmp_path / "run", max_steps=8)
+    result = train(config, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("loss", "learning_rate", "tokens_per_second", "peak_vram_bytes"):
+        assert all(key in r for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert [r["loss"] for r in records] == pytest.approx(result.losses)
+
+    adapter_dir = tmp_path / "run" / "adapter"
+    assert {p.name for p in adapter_dir.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    # loads with plain transformers + peft, no qlora_trainer code, and changes the model's output
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, dtype=torch.bfloat16)
+    x = torch.randint(0, 300, (1, 12))
+    base_logits = base(input_ids=x).logits
+    tuned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    assert not torch.allclose(tuned(input_ids=x).logits, base_logits)
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    final_ckpt = load_file(str(tmp_path / "run" / CHECKPOINTS / "step-0000008" / "adapter" /
+                               "adapter_model.safetensors"))
+    assert saved.keys() == final_ckpt.keys()
+    assert all(torch.equal(saved[k], final_ckpt[k]) for k in saved)
+
+
+@pytest.mark.parametrize("adapter_type", ["loha", "lokr"])
+def test_loha_and_lokr_train(tiny_llama_dir, alpaca_file, tmp_path, adapter_type):
+    config = run_config(tiny_llama_dir, alpaca_file, tmp_path / adapter_type, max_steps=8, save_steps=0)
+    config.adapter.type = adapter_type
+    config.adapter.r = 4
+    config.adapter.alpha = 4
+    config.training.learning_rate = 1e-2
+    result = train(config, show_progress=False)
+    assert sum(result.losses[-3:]) / 3 < result.losses[0]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, alpaca_file, tmp_path):
+    full = train(run_config(tiny_llama_dir, alpaca_file, tmp_path / "full"), show_progress=False)
+    # A run that died right after its step-3 checkpoint: the same folder without anything written later.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "full", broken)
+    shutil.rmtree(broken / CHECKPOINTS / "step-0000006")
+    shutil.rmtree(broken / "adapter")
+    resumed = train(run_config(tiny_llama_dir, alpaca_file, broken), resume=True, show_progress=False)
+    assert resumed.losses == full.losses[3:]  # bit-identical on the CPU
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(broken / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, 7))
+
+
+def test_existing_run_is_not_overwritten(tiny_llama_dir, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    train(run_config(tiny_llama_dir, alpaca_file, out, max_steps=1), show_progress=False)
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="output.dir: .* already holds a run"):
+        train(run_config(tiny_llama_dir, alpaca_file, out, max_steps=1), show_progress=False)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_cli_train_runs_and_reports(tiny_llama_dir, alpaca_file, tmp_path, capsys):
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(json.dumps({
+        "model": {"path": str(tiny_llama_dir)}, "data": {"path": str(alpaca_file)},
+        "adapter": {"r": 4, "target_modules": "attn"}, "training": {"max_steps": 2, "max_seq_len": 96},
+    }))
+    code = main(["train", "--config", str(config_path), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trainable params:" in out and "[k_proj, o_proj, q_proj, v_proj]" in out
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
