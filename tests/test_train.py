@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from qlora_trainer.cli import main
 from qlora_trainer.config import config_from_dict
 from qlora_trainer.errors import UserError
 from qlora_trainer.train import micro_batches, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(8) for b in range(8)]
 
@@ -121,3 +124,15 @@ def test_cli_train_runs_and_reports(tiny_llama_dir, alpaca_file, tmp_path, capsy
     assert code == 0
     assert "trainable params:" in out and "[k_proj, o_proj, q_proj, v_proj]" in out
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_config_trains_and_the_loss_clearly_falls(tmp_path):
+    """The README's first command, shortened: the bundled model and data with the demo config."""
+    from qlora_trainer.config import load_config
+
+    config = load_config(REPO / "configs" / "demo-tiny.yaml", ["training.max_steps=30", "training.save_steps=0"],
+                         output_dir=str(tmp_path / "demo"))
+    result = train(config, show_progress=False)
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert result.eval_loss is not None and result.eval_loss < 0.6 * result.losses[0]
