@@ -19,6 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from qlora_trainer.config import config_from_dict
+from qlora_trainer.planner import load_model_config, plan_from_run_config
+from qlora_trainer.planner.memory import estimate_memory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_checkpoint import write_synthetic_text  # noqa: E402
 
@@ -66,6 +70,7 @@ def measure_case(case: dict, timeout_s: int) -> dict:
     metrics_path = output_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     steps = [s for s in steps if "loss" in s]
+    record.update(predicted(config))
     if process.returncode != 0:
         record["error"] = (process.stderr.strip().splitlines() or ["?"])[-1][:300]
     if steps:
@@ -78,6 +83,16 @@ def measure_case(case: dict, timeout_s: int) -> dict:
             losses=[round(s["loss"], 4) for s in steps],
         )
     return record
+
+
+def predicted(config: dict) -> dict:
+    """The planner's prediction for the same run config, as the trainer would see it on a bf16 GPU."""
+    run_config = config_from_dict(config)
+    model_config = load_model_config(run_config.model.path)
+    estimate = estimate_memory(model_config, plan_from_run_config(run_config, "bfloat16"))
+    return {"predicted_peak_bytes": estimate.predicted_peak_bytes,
+            "predicted_peak_allocated_bytes": estimate.predicted_peak_allocated_bytes,
+            "predicted_breakdown": estimate.breakdown, "predicted_phase": estimate.phase}
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-from accelerate import init_empty_weights
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.loha.layer import Linear as LoHaLinear
 from peft.tuners.lokr.layer import Linear as LoKrLinear
@@ -108,8 +107,11 @@ def resolve_targets(model: nn.Module, requested: Union[str, list[str]]) -> tuple
 
 
 def meta_model(model_config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
-    """The architecture with no weights allocated, to read shapes before loading anything."""
-    with init_empty_weights():
+    """The architecture with no weights allocated, to read shapes before loading anything.
+
+    torch's meta device rather than accelerate's init_empty_weights, which loses weight tying in transformers 5.
+    """
+    with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 

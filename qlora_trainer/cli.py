@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
     from qlora_trainer.train import Interrupted, train  # heavy imports only once the config is valid
 
     try:
-        result = train(config, resume=args.resume, show_progress=not args.no_progress)
+        result = train(config, resume=args.resume, show_progress=not args.no_progress, force=args.force)
     except Interrupted as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
@@ -57,9 +57,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_memory(args: argparse.Namespace) -> int:
+    from qlora_trainer.planner.report import run_plan_memory
+
+    return run_plan_memory(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from qlora_trainer.planner.report import add_plan_memory_arguments
+
     parser = argparse.ArgumentParser(prog="qlora-trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan-memory", help="predict peak VRAM and pick a plan that fits a GPU (no GPU needed)")
+    add_plan_memory_arguments(plan)
+    plan.set_defaults(func=_plan_memory)
 
     train = sub.add_parser("train", help="train an adapter on a 4-bit base")
     train.add_argument("--config", required=True, help="run config (YAML)")
@@ -69,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.add_argument("--force", action="store_true", help="train even when the planner predicts it will not fit")
     train.set_defaults(func=_train)
 
     merge = sub.add_parser("merge", help="merge an adapter into a dequantized 16-bit copy of the base")
@@ -94,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Growable segments instead of fixed blocks: less reserved-but-unused memory, and a predictable peak.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

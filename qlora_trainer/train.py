@@ -21,6 +21,10 @@ from transformers import get_scheduler, set_seed
 from qlora_trainer import adapters, checkpoint, data, model as model_loading
 from qlora_trainer.config import RunConfig, config_to_dict
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
+from qlora_trainer.hardware import detect_gpu
+from qlora_trainer.planner import apply_planned_choices, fixed_choices, plan_from_run_config
+from qlora_trainer.planner.memory import estimate_memory, model_shape
+from qlora_trainer.planner.search import search_plan, usable
 from qlora_trainer.loss import causal_lm_loss
 
 METRICS = "metrics.jsonl"
@@ -221,7 +225,40 @@ def _oom_advice(config: RunConfig) -> str:
     return "; or ".join(hints) + " (training.oom_retry: halve-micro-batch does the first for you)"
 
 
-def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+def _memory_budget(tcfg) -> tuple[Optional[int], str]:
+    """The bytes this run may use on the GPU at hand (its cap, or the card's usable memory), or None on the CPU."""
+    gpu = detect_gpu()
+    if gpu is None:
+        return None, "cpu"
+    if tcfg.memory_cap_gib > 0:
+        return min(int(tcfg.memory_cap_gib * 2**30), gpu.usable_bytes), f"{gpu.name} capped at {tcfg.memory_cap_gib:g} GiB"
+    return gpu.usable_bytes, gpu.name
+
+
+def check_plan(config: RunConfig, model_config, force: bool) -> RunConfig:
+    """Run the planner before loading anything: fill the choices left open (training.plan: auto), and refuse a
+    run predicted not to fit the GPU unless forced."""
+    budget, gpu_name = _memory_budget(config.training)
+    if budget is None:
+        return config
+    gpu = detect_gpu()
+    compute_dtype = "bfloat16" if gpu.supports_bf16 else "float16"
+    shape = model_shape(model_config)
+    if config.training.plan == "auto":
+        config = apply_planned_choices(config, search_plan(
+            shape, budget, plan_from_run_config(config, compute_dtype), fixed_choices(config),
+            config.training.micro_batch_size * config.training.gradient_accumulation_steps))
+    estimate = estimate_memory(shape, plan_from_run_config(config, compute_dtype))
+    print(f"planner: predicted peak {estimate.predicted_peak_bytes / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB "
+          f"on {gpu_name}")
+    if estimate.predicted_peak_bytes > usable(budget) and not force:
+        advice = search_plan(shape, budget, plan_from_run_config(config, compute_dtype), fixed_choices(config)).advice
+        raise UserError(f"training: predicted peak {estimate.predicted_peak_bytes / 2**30:.2f} GiB does not fit "
+                        f"{gpu_name} ({budget / 2**30:.2f} GiB); planner: {advice}; --force trains anyway")
+    return config
+
+
+def train(config: RunConfig, resume: bool = False, show_progress: bool = True, force: bool = False) -> TrainResult:
     """Run the whole recipe for `config`; returns the losses and measurements of this process's steps."""
     tcfg = config.training
     output_dir = Path(config.output.dir)
@@ -229,6 +266,8 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True) -
 
     # 1. Everything that can be checked without weights, before the slow load.
     model_config = model_loading.load_model_config(config.model)
+    config = check_plan(config, model_config, force)
+    tcfg = config.training
     target_keys, target_layers = adapters.resolve_targets(
         adapters.meta_model(model_config, config.model.trust_remote_code), config.adapter.target_modules
     )

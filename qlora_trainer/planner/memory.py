@@ -1,0 +1,427 @@
+"""Peak GPU memory of one training step of our trainer, component by component: a pure function of (model shape, plan).
+
+No weights and no torch.cuda calls: shapes come from the model built on the meta device. What is stored
+(base weights, adapters, gradients, optimizer states) is counted tensor by tensor exactly as bitsandbytes,
+peft and torch allocate it, each rounded up to the CUDA caching allocator's 512-byte blocks. Activations
+follow what autograd keeps for our forward (checked tensor by tensor on the CPU, see tests/test_planner_memory.py);
+the few constants that only a GPU can tell are in `Calibration`.
+
+bitsandbytes 0.50 storage of one quantized nn.Linear of n = d_in x d_out weights (d_out rows):
+  4-bit (nf4 / fp4), blocks of 64 (Params4bit blocksize, nn/modules.py:231):
+    packed codes          ceil(n / 2) uint8        (backends/cuda/ops.py:392, two codes per byte)
+    quant_state.code      16 fp32                  (functional.get_4bit_type, a fresh tensor per layer)
+    without double quant: absmax fp32 per block    (ceil(n / 64))
+    with double quant (functional.py:939-940: absmax - mean, quantize_blockwise(blocksize=256)):
+      absmax              ceil(n / 64) uint8
+      offset              1 fp32 (the mean)
+      state2.absmax       ceil(ceil(n / 64) / 256) fp32
+      state2.code         256 fp32                 (functional.py:677, `code.to(device, copy=True)` per layer)
+  8-bit (LLM.int8): int8 weight n bytes + SCB fp32 per output row (Int8Params._quantize, nn/modules.py:743).
+  The bias stays a plain parameter in the compute dtype.
+On the CPU, a 4-bit layer that runs a no-grad forward in eval mode on a CPU with AVX512-BF16 is repacked for
+the CPU kernel (Linear4bit.forward, nn/modules.py:612-619, support flag from nn/modules.py:573): the
+double-quantized absmax is expanded back into a bf16 absmax and `quant_state.nested` becomes False
+(functional._convert_weight_packed_for_cpu, functional.py:1709-1726). That never happens on a GPU, nor on the
+CPU while training; the layout above is what a GPU holds.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.tuners.lokr.layer import factorization
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from qlora_trainer.adapters import find_linear_layers, linear_shape, meta_model, resolve_targets
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every block up to 512 bytes (CUDACachingAllocator kMinBlockSize)
+NF4_BLOCK = 64  # Params4bit blocksize
+NESTED_BLOCK = 256  # double quantization of the absmax: quantize_blockwise(blocksize=256)
+OPTIM8_BLOCK = 256  # 8-bit optimizer state blocks (Optimizer2State.init_state, optim/optimizer.py:524)
+OPTIM8_MIN_NUMEL = 4096  # smaller tensors keep fp32 states in 8-bit optimizers (min_8bit_size default)
+PAGED_MIN_NUMEL = 100_000  # smaller states are not paged (Optimizer8bit.get_state_buffer, optim/optimizer.py:383)
+# Output projections read their block's own intermediate; every other linear of a block reads the block's
+# normalised input (q/k/v, gate/up): one tensor that several adapters may keep.
+OUTPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "dense", "c_proj", "down_proj", "fc2", "w2", "wo",
+                                "dense_4h_to_h"})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every constant of the estimate that only a GPU measurement can set; nothing else in the planner is a guess.
+
+    Each is global (one value for all models and plans), never fitted per configuration.
+    """
+
+    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now the size a fresh
+    # PyTorch process shows in nvidia-smi before allocating, 0.5-0.6 GiB on Ampere/Hopper with lazy loading)
+    cuda_context_bytes: int = 600 * 2**20
+    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured): reserved - allocated at
+    # the peak, as a share of the allocated peak, plus a constant (small-pool segments, cuBLAS workspaces).
+    # cli.py sets expandable_segments, which keeps this small.
+    allocator_overhead_fraction: float = 0.02
+    allocator_overhead_bytes: int = 64 * 2**20
+    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now from counting the
+    # chunk's backward in loss.py: fp32 log-softmax output + its fp32 gradient + the fp32 gradient of the logits)
+    loss_bytes_per_logit: float = 12.0
+    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now from counting the
+    # SwiGLU backward: gradient of act*up, of act and of up alive together): gradient buffers alive while one
+    # decoder layer runs backward, in units of the layer's widest activation (compute dtype, per token)
+    backward_gradient_widths: float = 3.0
+    # from measurement: benchmarks/results/planner-accuracy-h100.md (to be measured): the largest relative
+    # under-prediction seen, plus headroom; the search keeps this share of the budget free
+    safety_margin_fraction: float = 0.05
+
+
+CALIBRATION = Calibration()
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str  # full module path, e.g. model.layers.0.self_attn.q_proj
+    d_in: int
+    d_out: int
+    has_bias: bool
+    kind: Optional[str]  # "attn" / "mlp" inside decoder blocks, None elsewhere
+    layer_index: Optional[int]  # decoder layer number, None outside the layer stack
+    reads_block_input: bool  # True for q/k/v, gate/up; False for the block's output projection
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    gated_mlp: bool  # SwiGLU / GeGLU: act(gate) * up
+    linears: tuple[LinearShape, ...]  # every nn.Linear / Conv1D but the output embedding: what bitsandbytes quantizes
+    other_param_numels: tuple[int, ...]  # every other parameter (embeddings, norms, lm_head when untied, biases)
+    buffer_bytes: tuple[int, ...]  # buffers as the model holds them (rotary inv_freq, fp32)
+    total_params: int
+    meta_model: nn.Module = field(compare=False, repr=False)  # to resolve target names as the trainer does
+    _targets: dict = field(default_factory=dict, compare=False, repr=False)  # cache: spec -> target linears
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def targets(self, spec: Union[str, tuple[str, ...]]) -> tuple[LinearShape, ...]:
+        """The linear layers an adapter on `spec` (attn / mlp / all-linear / module names) wraps, as the trainer
+        resolves them (adapters.resolve_targets); a ConfigError names a module that matches nothing."""
+        if spec not in self._targets:
+            _, hits = resolve_targets(self.meta_model, spec if isinstance(spec, str) else list(spec))
+            by_name = {linear.name: linear for linear in self.linears}
+            self._targets[spec] = tuple(by_name[hit.name] for hit in hits)
+        return self._targets[spec]
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def model_shape(model_config: PretrainedConfig) -> ModelShape:
+    """Exact parameter layout of the architecture, from its config alone (built on the meta device)."""
+    model = meta_model(model_config)
+    config = model.config
+    output = model.get_output_embeddings()
+    block_kinds = {layer.name: layer.kind for layer in find_linear_layers(model)}
+    linears, quantized = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is output:
+            continue
+        d_in, d_out = linear_shape(module)
+        index = _LAYER_INDEX.search(name)
+        linears.append(LinearShape(
+            name=name, d_in=d_in, d_out=d_out, has_bias=module.bias is not None, kind=block_kinds.get(name),
+            layer_index=int(index.group(1)) if index else None,
+            reads_block_input=name.rsplit(".", 1)[-1] not in OUTPUT_PROJECTIONS,
+        ))
+        quantized.add(id(module.weight))
+    params = {id(p): p for p in model.parameters()}  # tied weights once
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    first_mlp = [l for l in linears if l.layer_index == 0 and l.kind == "mlp"]
+    mlp_out = [l for l in first_mlp if not l.reads_block_input]
+    intermediate = mlp_out[0].d_in if mlp_out else getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return ModelShape(
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=intermediate,
+        num_heads=num_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        gated_mlp=sum(l.d_out for l in first_mlp if l.reads_block_input) == 2 * intermediate,
+        linears=tuple(linears),
+        other_param_numels=tuple(p.numel() for key, p in params.items() if key not in quantized),
+        buffer_bytes=tuple(b.numel() * b.element_size() for b in model.buffers()),
+        total_params=sum(p.numel() for p in params.values()),
+        meta_model=model,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One run's memory-relevant choices (what a RunConfig sets; see planner.plan_from_run_config)."""
+
+    rank: int = 16
+    lora_alpha: float = 32.0
+    adapter_type: str = "lora"  # lora | loha | lokr
+    target_modules: Union[str, tuple[str, ...]] = "all-linear"  # attn | mlp | all-linear | module names
+    gradient_checkpointing: bool = True
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seq_len: int = 512
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
+    quant: str = "nf4"  # nf4 | fp4 | int8 | none
+    compute_dtype: str = "bfloat16"
+    adapter_dtype: str = "float32"
+    lora_dropout: float = 0.05
+    loss_chunk_tokens: int = 1024
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    double_quant: bool = True
+    upcast_non_quantized: bool = False  # embeddings, norms, lm_head in fp32
+    use_dora: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    breakdown: dict[str, int]  # component -> bytes at the predicted peak; sums to predicted_peak_bytes
+    predicted_peak_allocated_bytes: int  # what torch.cuda.max_memory_allocated() will read
+    predicted_peak_bytes: int  # what torch.cuda.max_memory_reserved() will read
+    cuda_context_bytes: int  # outside PyTorch's pool, on the card all the same
+    paged_optimizer_bytes: int  # paged 8-bit states in unified memory, outside PyTorch's pool; evictable to CPU RAM
+    trainable_params: int
+    total_params: int  # base + adapter
+    target_layers: int
+    phase: str  # where the peak happens: "layer backward", "loss" or "optimizer step"
+
+    @property
+    def predicted_device_bytes(self) -> int:
+        """What the card must hold: PyTorch's pool plus the CUDA context (paged states can move out)."""
+        return self.predicted_peak_bytes + self.cuda_context_bytes
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator takes for a tensor of `nbytes`."""
+    return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+
+
+def quantized_weight_tensor_bytes(d_in: int, d_out: int, quant: str, double_quant: bool) -> tuple[int, ...]:
+    """Bytes of each tensor bitsandbytes keeps for one quantized d_in -> d_out weight (layout in the docstring)."""
+    n = d_in * d_out
+    if quant in ("nf4", "fp4"):
+        blocks = -(-n // NF4_BLOCK)
+        common = ((n + 1) // 2, 16 * 4)  # packed codes, quant_state.code
+        if not double_quant:
+            return common + (blocks * 4,)
+        return common + (blocks, 4, -(-blocks // NESTED_BLOCK) * 4, 256 * 4)
+    if quant == "int8":
+        return (n, d_out * 4)
+    raise ValueError(f"not a quantized mode: {quant}")
+
+
+def base_weight_tensor_bytes(shape: ModelShape, plan: TrainingPlan) -> list[int]:
+    """Bytes of every tensor of the loaded base: quantized linears, the other parameters and the buffers."""
+    compute = DTYPE_BYTES[plan.compute_dtype]
+    other = 4 if plan.upcast_non_quantized else compute
+    sizes = []
+    for linear in shape.linears:
+        if plan.quant == "none":
+            sizes.append(linear.d_in * linear.d_out * other)
+        else:
+            sizes.extend(quantized_weight_tensor_bytes(linear.d_in, linear.d_out, plan.quant, plan.double_quant))
+    sizes.extend(n * other for n in shape.other_param_numels)
+    sizes.extend(shape.buffer_bytes)
+    return sizes
+
+
+def adapter_tensor_numels(adapter_type: str, r: int, d_in: int, d_out: int, use_dora: bool = False
+                          ) -> tuple[int, ...]:
+    """Element counts of the trainable tensors one adapter adds to a d_in -> d_out layer, as peft creates them
+    (the optimizer keeps state per tensor, so the split matters, not only the sum)."""
+    if adapter_type == "lora":  # lora_A (r x d_in), lora_B (d_out x r) [, DoRA magnitude (d_out)]
+        return (r * d_in, d_out * r) + ((d_out,) if use_dora else ())
+    if adapter_type == "loha":  # hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b
+        return (d_out * r, r * d_in) * 2
+    if adapter_type == "lokr":  # lokr_w1 (out_l x in_m) and lokr_w2, low-rank when r < max(out_k, in_n) / 2
+        in_m, in_n = factorization(d_in, -1)
+        out_l, out_k = factorization(d_out, -1)
+        w2 = (out_k * r, r * in_n) if r < max(out_k, in_n) / 2 else (out_k * in_n,)
+        return (out_l * in_m,) + w2
+    raise ValueError(f"unknown adapter type: {adapter_type}")
+
+
+@dataclass(frozen=True)
+class OptimizerStates:
+    pooled: tuple[int, ...]  # bytes of each state tensor in PyTorch's pool
+    paged: tuple[int, ...]  # bytes of each paged state tensor (unified memory, outside the pool)
+    step_temporaries: tuple[int, ...]  # bytes of each tensor the step itself allocates and frees
+
+
+def optimizer_state_tensors(optimizer: str, numels: list[int], param_bytes: int) -> OptimizerStates:
+    """The optimizer's state tensors for trainable tensors of `numels` elements, as the optimizer allocates them."""
+    if optimizer == "adamw":
+        # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype (`step` stays on the CPU unless capturable);
+        # the foreach step makes one temporary per parameter (the sqrt of exp_avg_sq)
+        per_param = tuple(n * param_bytes for n in numels)
+        return OptimizerStates(per_param * 2, (), per_param)
+    pooled, paged = [256 * 4, 256 * 4], []  # the signed and unsigned quantile maps, once per optimizer
+    for n in numels:
+        if n < OPTIM8_MIN_NUMEL:
+            pooled += [n * 4, n * 4]
+            continue
+        pooled += [-(-n // OPTIM8_BLOCK) * 4] * 2  # fp32 absmax per block of each state
+        states = paged if optimizer == "paged_adamw8bit" and n >= PAGED_MIN_NUMEL else pooled
+        states += [n, n]  # two uint8 states
+    return OptimizerStates(tuple(pooled), tuple(paged), ())
+
+
+def _attention_bytes_per_token(shape: ModelShape, plan: TrainingPlan, compute: int) -> int:
+    """What autograd keeps of one attention block per token, beyond its norm and its linears' inputs."""
+    q, kv, heads = shape.q_dim, shape.kv_dim, shape.num_heads
+    if plan.attn_implementation == "eager":
+        # query and the repeated keys/values (repeat_kv), fp32 softmax output and bf16 probabilities
+        return 3 * compute * q + heads * plan.seq_len * (4 + compute)
+    # SDPA / flash: query, keys, values, output, fp32 logsumexp per head. With padding in the batch
+    # (micro-batch > 1), SDPA gets a mask, so transformers repeats the kv heads instead of using GQA.
+    padded_sdpa = plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1
+    keys_values = 2 * q if padded_sdpa else 2 * kv
+    return compute * (2 * q + keys_values) + 4 * heads
+
+
+def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: int, targets: list[LinearShape],
+                            tokens: int) -> int:
+    """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
+    compute, adapter = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.adapter_dtype]
+    hidden, inter = shape.hidden_size, shape.intermediate_size
+    per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
+    per_token += _attention_bytes_per_token(shape, plan, compute)
+    per_token += (3 if shape.gated_mlp else 1) * compute * inter  # act input [act output, up] for act(gate) * up
+    constant = 0
+    kept_inputs = {}  # (kind, reads_block_input) -> width of a linear input that is kept as is
+    if plan.quant == "int8":  # MatMul8bitLt keeps its input for the backward (ctx.tensors = (CAt, subA, A))
+        for linear in shape.linears:
+            if linear.layer_index == layer_index and linear.kind:
+                kept_inputs[(linear.kind, linear.reads_block_input)] = linear.d_in
+    for target in targets:
+        group = (target.kind, target.reads_block_input)
+        if plan.adapter_type == "lora":
+            per_token += compute * plan.rank  # A's output, kept by B
+            if plan.lora_dropout > 0:
+                per_token += (compute + 1) * target.d_in  # each adapter's own dropped-out input + its bool mask
+            else:
+                kept_inputs[group] = target.d_in  # A keeps the shared input itself
+            if plan.use_dora:
+                per_token += 2 * compute * target.d_out  # base and adapter outputs, kept by the magnitude scaling
+            if adapter != compute:  # autocast's compute-dtype copies of A and B, kept for the backward
+                constant += compute * sum(adapter_tensor_numels("lora", plan.rank, target.d_in, target.d_out))
+        else:  # LoHa / LoKr build the full delta weight and run F.linear with it
+            constant += compute * target.d_in * target.d_out
+            if adapter != compute:
+                per_token += compute * target.d_in  # each adapter's own cast of its input
+            else:
+                kept_inputs[group] = target.d_in
+    if plan.attn_implementation != "eager":
+        # SDPA / flash return their output in (batch, seq, heads, dim) memory: o_proj's input is that same tensor
+        kept_inputs.pop(("attn", False), None)
+    per_token += compute * sum(kept_inputs.values())
+    return tokens * per_token + constant
+
+
+def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], plan: TrainingPlan,
+                    calibration: Calibration = CALIBRATION) -> MemoryEstimate:
+    """Predicted peak of one training step of our trainer (train.py with loss.py's chunked loss) under `plan`."""
+    shape = (model_config_or_shape if isinstance(model_config_or_shape, ModelShape)
+             else model_shape(model_config_or_shape))
+    cal = calibration
+    compute, adapter_bytes = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.adapter_dtype]
+    hidden = shape.hidden_size
+    tokens = plan.micro_batch_size * plan.seq_len
+
+    # What is stored: the base, the adapter, its gradients (same dtype and size), the optimizer states.
+    weights = sum(cuda_block_bytes(b) for b in base_weight_tensor_bytes(shape, plan))
+    targets = shape.targets(plan.target_modules)
+    numels = [n for t in targets
+              for n in adapter_tensor_numels(plan.adapter_type, plan.rank, t.d_in, t.d_out, plan.use_dora)]
+    adapter = sum(cuda_block_bytes(n * adapter_bytes) for n in numels)
+    gradients = adapter  # kept from the first backward to the optimizer step, across accumulation
+    states = optimizer_state_tensors(plan.optimizer, numels, adapter_bytes)
+    optimizer = sum(cuda_block_bytes(b) for b in states.pooled)
+    step_temporaries = sum(cuda_block_bytes(b) for b in states.step_temporaries)
+    static = weights + adapter + gradients + optimizer
+
+    # Activations: per decoder layer, then the whole stack with or without checkpointing.
+    by_layer: dict[int, list[LinearShape]] = {i: [] for i in range(shape.num_layers)}
+    for target in targets:
+        by_layer[target.layer_index].append(target)
+    layer_bytes = [layer_activation_bytes(shape, plan, index, layer_targets, tokens)
+                   for index, layer_targets in by_layer.items()]
+    # batch (input_ids, attention_mask, labels int64), rotary cos/sin, final norm (fp32 input + rsqrt), the
+    # gathered hidden states of the labelled tokens and their two int64 indices (loss.py)
+    head = tokens * (3 * 8 + 2 * compute * shape.head_dim + 4 * hidden + 4 + compute * hidden + 2 * 8)
+    if plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1:
+        head += tokens * plan.seq_len  # the bool padding mask, batch x seq x seq
+    elif plan.attn_implementation == "eager":
+        head += tokens * plan.seq_len * compute  # the additive float mask
+    if plan.gradient_checkpointing:
+        saved = shape.num_layers * tokens * hidden * compute + head  # each layer's input
+        recomputed = max(layer_bytes)  # one layer at a time, during its backward
+    else:
+        saved = sum(layer_bytes) + head
+        recomputed = 0
+    widest = max(shape.intermediate_size, shape.q_dim + 2 * shape.kv_dim, hidden)
+    backward = int(cal.backward_gradient_widths * compute * widest * tokens)
+    if plan.attn_implementation == "eager":
+        backward += tokens * shape.num_heads * plan.seq_len * (4 + compute)  # gradient of the probabilities
+    # one weight-sized buffer at a time: the dequantized base weight in each matmul, the LoHa/LoKr delta and its
+    # gradient, the DoRA weight norm
+    largest_weight = max(l.d_in * l.d_out for l in shape.linears)
+    largest_target = max(t.d_in * t.d_out for t in targets)
+    transient = compute * largest_weight if plan.quant != "none" else 0
+    if plan.adapter_type != "lora":
+        transient = max(transient, 2 * adapter_bytes * largest_target)
+    if plan.use_dora:
+        transient = max(transient, (4 + compute) * largest_target)
+    layer_phase = saved + recomputed + backward + transient
+    # the loss: one chunk of logits at a time (loss.py), and the gradient of the gathered hidden states
+    chunk_logits = int(min(plan.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit)
+    loss_phase = saved + chunk_logits + 2 * compute * hidden * tokens
+
+    phases = {"layer backward": layer_phase, "loss": loss_phase, "optimizer step": step_temporaries}
+    phase = max(phases, key=phases.get)
+    allocated = static + phases[phase]
+    overhead = int(cal.allocator_overhead_fraction * allocated + cal.allocator_overhead_bytes)
+    breakdown = {
+        "weights": weights,
+        "adapter": adapter,
+        "gradients": gradients,
+        "optimizer": optimizer + (step_temporaries if phase == "optimizer step" else 0),
+        "activations": {"layer backward": layer_phase, "loss": loss_phase - chunk_logits}.get(phase, 0),
+        "logits": chunk_logits if phase == "loss" else 0,
+        "overhead": overhead,
+    }
+    trainable = sum(numels)
+    return MemoryEstimate(
+        breakdown=breakdown,
+        predicted_peak_allocated_bytes=allocated,
+        predicted_peak_bytes=allocated + overhead,
+        cuda_context_bytes=cal.cuda_context_bytes,
+        paged_optimizer_bytes=sum(states.paged),
+        trainable_params=trainable,
+        total_params=shape.total_params + trainable,
+        target_layers=len(targets),
+        phase=phase,
+    )
