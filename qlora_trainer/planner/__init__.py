@@ -63,6 +63,7 @@ def plan_from_run_config(config: RunConfig, compute_dtype: str) -> TrainingPlan:
         double_quant=config.quantization.double_quant,
         upcast_non_quantized=config.model.upcast_non_quantized,
         use_dora=config.adapter.use_dora,
+        packed=config.data.packing,
     )
 
 

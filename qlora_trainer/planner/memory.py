@@ -25,7 +25,6 @@ double-quantized absmax is expanded back into a bf16 absmax and `quant_state.nes
 CPU while training; the layout above is what a GPU holds.
 """
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -60,19 +59,21 @@ class Calibration:
     # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now the size a fresh
     # PyTorch process shows in nvidia-smi before allocating, 0.5-0.6 GiB on Ampere/Hopper with lazy loading)
     cuda_context_bytes: int = 600 * 2**20
-    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured): reserved - allocated at
-    # the peak, as a share of the allocated peak, plus a constant (small-pool segments, cuBLAS workspaces).
-    # cli.py sets expandable_segments, which keeps this small.
-    allocator_overhead_fraction: float = 0.02
+    # from measurement: benchmarks/results/planner-accuracy-h100.md: reserved - allocated at the peak. The
+    # caching allocator keeps what the optimizer step's temporaries took (about one adapter's bytes, for AdamW's
+    # foreach ops) and a few dequantization buffers of the largest base weight, plus small-pool segments.
+    # Fitted once over the whole grid (8 rows, 3 models); cli.py sets expandable_segments.
+    allocator_adapter_factor: float = 1.0
+    allocator_weight_buffers: float = 4.0
     allocator_overhead_bytes: int = 64 * 2**20
     # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now from counting the
     # chunk's backward in loss.py: fp32 log-softmax output + its fp32 gradient + the fp32 gradient of the logits)
     loss_bytes_per_logit: float = 12.0
-    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now from counting the
-    # SwiGLU backward: gradient of act*up, of act and of up alive together): gradient buffers alive while one
-    # decoder layer runs backward, in units of the layer's widest activation (compute dtype, per token)
-    backward_gradient_widths: float = 3.0
-    # from measurement: benchmarks/results/planner-accuracy-h100.md (to be measured): the largest relative
+    # from measurement: benchmarks/results/planner-accuracy-h100.md (counting the SwiGLU backward gives up to 3;
+    # the grid's peaks, which grow with tokens, fit 1.5 across all three models): gradient buffers alive while
+    # one decoder layer runs backward, in units of the layer's widest activation (compute dtype, per token)
+    backward_gradient_widths: float = 1.5
+    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured): the largest relative
     # under-prediction seen, plus headroom; the search keeps this share of the budget free
     safety_margin_fraction: float = 0.05
 
@@ -85,7 +86,6 @@ class LinearShape:
     name: str  # full module path, e.g. model.layers.0.self_attn.q_proj
     d_in: int
     d_out: int
-    has_bias: bool
     kind: Optional[str]  # "attn" / "mlp" inside decoder blocks, None elsewhere
     layer_index: Optional[int]  # decoder layer number, None outside the layer stack
     reads_block_input: bool  # True for q/k/v, gate/up; False for the block's output projection
@@ -143,7 +143,7 @@ def model_shape(model_config: PretrainedConfig) -> ModelShape:
         d_in, d_out = linear_shape(module)
         index = _LAYER_INDEX.search(name)
         linears.append(LinearShape(
-            name=name, d_in=d_in, d_out=d_out, has_bias=module.bias is not None, kind=block_kinds.get(name),
+            name=name, d_in=d_in, d_out=d_out, kind=block_kinds.get(name),
             layer_index=int(index.group(1)) if index else None,
             reads_block_input=name.rsplit(".", 1)[-1] not in OUTPUT_PROJECTIONS,
         ))
@@ -194,6 +194,7 @@ class TrainingPlan:
     double_quant: bool = True
     upcast_non_quantized: bool = False  # embeddings, norms, lm_head in fp32
     use_dora: bool = False
+    packed: bool = False  # data.packing: every row full, so SDPA gets no padding mask even at micro-batch > 1
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ def _attention_bytes_per_token(shape: ModelShape, plan: TrainingPlan, compute: i
         return 3 * compute * q + heads * plan.seq_len * (4 + compute)
     # SDPA / flash: query, keys, values, output, fp32 logsumexp per head. With padding in the batch
     # (micro-batch > 1), SDPA gets a mask, so transformers repeats the kv heads instead of using GQA.
-    padded_sdpa = plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1
+    padded_sdpa = plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1 and not plan.packed
     keys_values = 2 * q if padded_sdpa else 2 * kv
     return compute * (2 * q + keys_values) + 4 * heads
 
@@ -356,12 +357,16 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     targets = shape.targets(plan.target_modules)
     numels = [n for t in targets
               for n in adapter_tensor_numels(plan.adapter_type, plan.rank, t.d_in, t.d_out, plan.use_dora)]
+    trainable = sum(numels)
     adapter = sum(cuda_block_bytes(n * adapter_bytes) for n in numels)
     gradients = adapter  # kept from the first backward to the optimizer step, across accumulation
     states = optimizer_state_tensors(plan.optimizer, numels, adapter_bytes)
     optimizer = sum(cuda_block_bytes(b) for b in states.pooled)
     step_temporaries = sum(cuda_block_bytes(b) for b in states.step_temporaries)
-    static = weights + adapter + gradients + optimizer
+    static = weights + adapter + optimizer
+    # Gradients appear layer by layer during backward (zero_grad sets them to None after each step); only with
+    # gradient accumulation do they all exist from the second micro-batch on (measured: planner-accuracy-h100.md).
+    accumulating = plan.gradient_accumulation_steps > 1
 
     # Activations: per decoder layer, then the whole stack with or without checkpointing.
     by_layer: dict[int, list[LinearShape]] = {i: [] for i in range(shape.num_layers)}
@@ -372,7 +377,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # batch (input_ids, attention_mask, labels int64), rotary cos/sin, final norm (fp32 input + rsqrt), the
     # gathered hidden states of the labelled tokens and their two int64 indices (loss.py)
     head = tokens * (3 * 8 + 2 * compute * shape.head_dim + 4 * hidden + 4 + compute * hidden + 2 * 8)
-    if plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1:
+    if plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1 and not plan.packed:
         head += tokens * plan.seq_len  # the bool padding mask, batch x seq x seq
     elif plan.attn_implementation == "eager":
         head += tokens * plan.seq_len * compute  # the additive float mask
@@ -395,25 +400,45 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         transient = max(transient, 2 * adapter_bytes * largest_target)
     if plan.use_dora:
         transient = max(transient, (4 + compute) * largest_target)
-    layer_phase = saved + recomputed + backward + transient
+    if accumulating:
+        layer_grads = gradients
+        layer_phase = saved + gradients + recomputed + backward + transient
+    else:
+        # backward of layer i (last to first): inputs of layers 0..i are still kept, gradients of layers i..L-1
+        # exist; both are linear in i, so the peak is at the first or the last layer processed
+        layers = shape.num_layers
+        kept_per_layer, grads_per_layer = (saved - head) / layers, gradients / layers
+        at_last = layers * kept_per_layer + grads_per_layer
+        at_first = kept_per_layer + layers * grads_per_layer
+        layer_grads = int(grads_per_layer) if at_last >= at_first else gradients
+        layer_phase = int(head + recomputed + backward + transient + max(at_last, at_first))
     # the loss: one chunk of logits at a time (loss.py), and the gradient of the gathered hidden states
     chunk_logits = int(min(plan.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit)
-    loss_phase = saved + chunk_logits + 2 * compute * hidden * tokens
+    loss_phase = saved + chunk_logits + 2 * compute * hidden * tokens + (gradients if accumulating else 0)
+    if plan.gradient_checkpointing and plan.adapter_type == "lora" and adapter_bytes != compute:
+        # autocast caches its compute-dtype copy of every LoRA weight until the forward (loss included) ends;
+        # without checkpointing the layers' saved tensors already hold them
+        loss_phase += compute * trainable
 
     phases = {"layer backward": layer_phase, "loss": loss_phase, "optimizer step": step_temporaries}
     phase = max(phases, key=phases.get)
+    grads_at_peak = {"layer backward": layer_grads, "loss": gradients if accumulating else 0,
+                     "optimizer step": gradients}[phase]
+    if phase == "optimizer step":
+        phases[phase] += gradients
     allocated = static + phases[phase]
-    overhead = int(cal.allocator_overhead_fraction * allocated + cal.allocator_overhead_bytes)
+    overhead = int(cal.allocator_adapter_factor * adapter + cal.allocator_weight_buffers * transient
+                   + cal.allocator_overhead_bytes)
     breakdown = {
         "weights": weights,
         "adapter": adapter,
-        "gradients": gradients,
+        "gradients": grads_at_peak,
         "optimizer": optimizer + (step_temporaries if phase == "optimizer step" else 0),
-        "activations": {"layer backward": layer_phase, "loss": loss_phase - chunk_logits}.get(phase, 0),
+        "activations": {"layer backward": layer_phase, "loss": loss_phase - chunk_logits}.get(phase, 0)
+        - (grads_at_peak if phase != "optimizer step" else 0),
         "logits": chunk_logits if phase == "loss" else 0,
         "overhead": overhead,
     }
-    trainable = sum(numels)
     return MemoryEstimate(
         breakdown=breakdown,
         predicted_peak_allocated_bytes=allocated,

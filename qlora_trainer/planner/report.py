@@ -4,14 +4,14 @@ import argparse
 import json
 from typing import Optional, Union
 
-from qlora_trainer.errors import UserError
+from qlora_trainer.adapters import SHORTHANDS
+from qlora_trainer.errors import ConfigError, UserError
 from qlora_trainer.hardware import GPU_CATALOGUE, GpuSpec, budget_gpu, detect_gpu, lookup_gpu
 from qlora_trainer.planner import load_model_config, preset_names
 from qlora_trainer.planner.memory import TrainingPlan, model_shape
 from qlora_trainer.planner.search import FixedChoices, PlanResult, search_plan
 
 GIB = 2**30
-SHORTHANDS = ("attn", "mlp", "all-linear")
 
 
 def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +76,10 @@ def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
     )
     base = TrainingPlan(seq_len=args.seq_len, quant=args.quant, adapter_type=args.adapter,
                         adapter_dtype=args.adapter_dtype, compute_dtype="bfloat16" if gpu.supports_bf16 else "float16")
-    return search_plan(shape, gpu.usable_bytes, base, fixed, args.batch_size), gpu
+    try:
+        return search_plan(shape, gpu.usable_bytes, base, fixed, args.batch_size), gpu
+    except ConfigError as err:  # target names that match no layer, worded for the command line
+        raise UserError(str(err).replace("adapter.target_modules", "--targets", 1)) from None
 
 
 def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
@@ -122,14 +125,13 @@ def _gib(nbytes: int) -> str:
 def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
     estimate, plan = result.estimate, result.plan
     targets = plan.target_modules if isinstance(plan.target_modules, str) else ",".join(plan.target_modules)
-    rows = [(name, value) for name, value in estimate.breakdown.items()]
     lines = [f"{model} on {gpu.name} ({result.budget_bytes / GIB:.2f} GiB)", "",
              f"{'component':<34}{'GiB':>8}"]
-    lines += [f"  {name:<32}{_gib(value)}" for name, value in rows]
+    lines += [f"  {name:<32}{_gib(value)}" for name, value in estimate.breakdown.items()]
+    margin = result.budget_bytes - result.usable_bytes - estimate.cuda_context_bytes
     lines += [f"{'peak reserved by PyTorch':<34}{_gib(estimate.predicted_peak_bytes)}   (at the {estimate.phase})",
-              f"  {'CUDA context':<32}{_gib(estimate.cuda_context_bytes)}",
-              f"{'on the GPU':<34}{_gib(estimate.predicted_device_bytes)}",
-              f"{'usable (budget less safety margin)':<34}{_gib(result.usable_bytes + estimate.cuda_context_bytes)}"]
+              f"{'PyTorch may reserve':<34}{_gib(result.usable_bytes)}   ({result.budget_bytes / GIB:.2f} GiB less "
+              f"{margin / GIB:.2f} GiB margin and {estimate.cuda_context_bytes / GIB:.2f} GiB CUDA context)"]
     if estimate.paged_optimizer_bytes:
         lines.append(f"  + {estimate.paged_optimizer_bytes / GIB:.2f} GiB of paged optimizer states in unified "
                      "memory (moved to CPU RAM when the GPU runs short)")

@@ -76,14 +76,23 @@ def _batch_splits(effective_batch: int, fixed_micro: Optional[int]) -> list[tupl
             if effective_batch % micro == 0]
 
 
-def candidate_plans(base: TrainingPlan, fixed: FixedChoices, effective_batch: int) -> list[TrainingPlan]:
+def _ranks(shape: ModelShape, base: TrainingPlan, targets: Union[str, tuple[str, ...]]) -> list[int]:
+    """RANKS, less those a LoRA cannot have: above the smaller dimension of a target (adapters.check_rank)."""
+    if base.adapter_type != "lora":
+        return list(RANKS)
+    limit = min(min(t.d_in, t.d_out) for t in shape.targets(targets))
+    return [rank for rank in RANKS if rank <= limit] or [limit]
+
+
+def candidate_plans(shape: ModelShape, base: TrainingPlan, fixed: FixedChoices, effective_batch: int
+                    ) -> list[TrainingPlan]:
     """Every plan the search considers, best first under the objective above."""
     def choices(value, default):
         return [value] if value is not None else list(default)
 
     plans = []
     for targets in choices(fixed.target_modules, TARGET_ORDER):
-        for rank in choices(fixed.rank, RANKS):
+        for rank in choices(fixed.rank, _ranks(shape, base, targets)):
             for optimizer in choices(fixed.optimizer, OPTIMIZER_ORDER):
                 for checkpointing in choices(fixed.gradient_checkpointing, (False, True)):
                     for micro, accumulation in _batch_splits(effective_batch, fixed.micro_batch_size):
@@ -137,7 +146,7 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], budget_bytes: int, b
     effective_batch = effective_batch or base.micro_batch_size * base.gradient_accumulation_steps
     limit = usable(budget_bytes, calibration)
     leanest: Optional[tuple[TrainingPlan, MemoryEstimate]] = None
-    for plan in candidate_plans(base, fixed, effective_batch):
+    for plan in candidate_plans(shape, base, fixed, effective_batch):
         estimate = estimate_memory(shape, plan, calibration)
         if estimate.predicted_peak_bytes <= limit:
             advice = (f"{describe(plan)}: predicted {_gib(estimate.predicted_peak_bytes)} of "

@@ -1,0 +1,91 @@
+"""`qlora-trainer plan-memory`: the JSON and the table, exit 0 / 1 for fits / does not fit, exit 2 for bad input."""
+
+import json
+
+import pytest
+
+from qlora_trainer.cli import main
+from qlora_trainer.hardware import GIB, GPU_CATALOGUE, GpuSpec
+from qlora_trainer.planner import report
+
+BREAKDOWN = {"weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead"}
+PLAN = {"rank", "lora_alpha", "target_modules", "gradient_checkpointing", "micro_batch_size",
+        "gradient_accumulation_steps", "seq_len", "optimizer", "compute_dtype", "adapter_dtype"}
+
+
+def _json(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["plan-memory", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_json_on_a_catalogue_gpu(capsys):
+    code, out = _json(capsys, "--model", "llama-2-7b", "--gpu", "T4", "--seq-len", "1024")
+    assert code == 0 and out["fits"] is True
+    assert out["budget_bytes"] == GPU_CATALOGUE["T4"].usable_bytes
+    assert BREAKDOWN <= set(out["breakdown"]) and PLAN <= set(out["plan"])
+    assert sum(out["breakdown"].values()) == out["predicted_peak_bytes"] <= out["usable_bytes"]
+    assert out["plan"]["compute_dtype"] == "float16"  # a T4 has no bf16
+    assert out["plan"]["micro_batch_size"] * out["plan"]["gradient_accumulation_steps"] == 16
+    assert out["total_params"] == 6_738_415_616 + out["trainable_params"]
+
+
+def test_fixed_choices_from_the_command_line_are_kept(capsys):
+    code, out = _json(capsys, "--model", "mistral-7b", "--vram", "24", "--rank", "8", "--targets", "q_proj,v_proj",
+                      "--grad-ckpt", "on", "--optimizer", "adamw8bit", "--batch-size", "8", "--seq-len", "512")
+    assert code == 0
+    plan = out["plan"]
+    assert (plan["rank"], plan["lora_alpha"], plan["target_modules"], plan["gradient_checkpointing"],
+            plan["optimizer"]) == (8, 16.0, ["q_proj", "v_proj"], True, "adamw8bit")
+    assert out["trainable_params"] == 32 * 8 * (4096 + 4096 + 4096 + 1024)  # q: 4096 -> 4096, v: 4096 -> 1024
+
+
+def test_a_model_folder_with_only_config_json(tiny_llama_dir, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    code, out = _json(capsys, "--model", str(tmp_path), "--vram", "1")
+    assert code == 0 and out["fits"]
+    assert out["plan"]["rank"] == 32  # not 64: k_proj's 32 outputs cap a LoRA's rank
+
+
+def test_nothing_fits_exits_1_with_the_smallest_budget(capsys):
+    code, out = _json(capsys, "--model", "llama-3-8b", "--vram", "4")
+    assert code == 1 and out["fits"] is False
+    assert out["smallest_fitting_budget_bytes"] > 4 * GIB and "nothing fits" in out["advice"]
+
+
+def test_table(capsys):
+    code = main(["plan-memory", "--model", "tinyllama-1.1b", "--gpu", "L4"])
+    table = capsys.readouterr().out
+    assert code == 0
+    for text in ("tinyllama-1.1b on L4", "weights", "logits", "peak reserved by PyTorch", "CUDA context",
+                 "training.micro_batch_size", "fits: targets all-linear, rank 64"):
+        assert text in table
+
+
+def test_the_detected_gpu_is_the_default_budget(monkeypatch, capsys):
+    monkeypatch.setattr(report, "detect_gpu", lambda: GpuSpec("NVIDIA A10G", 24 * GIB, 22 * GIB, True, (8, 6)))
+    code, out = _json(capsys, "--model", "tinyllama-1.1b")
+    assert code == 0 and out["budget_bytes"] == 22 * GIB and out["gpu"] == "NVIDIA A10G"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "llama-2-7b", "--gpu", "B200"], "error: --gpu B200: unknown GPU; choose one of T4"),
+    (["--model", "llama-9b", "--gpu", "T4"], "error: --model llama-9b: not a model folder nor a preset; presets: "),
+    (["--model", "llama-2-7b", "--vram", "-1"], "error: --vram -1: not allowed"),
+    (["--model", "llama-2-7b", "--vram", "16", "--seq-len", "0"], "error: --seq-len 0: not allowed"),
+    (["--model", "llama-2-7b", "--vram", "16", "--targets", "qq_proj"], "error: --targets: 'qq_proj' matches no"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, args, message):
+    assert main(["plan-memory", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_no_gpu_and_no_budget_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(report, "detect_gpu", lambda: None)
+    assert main(["plan-memory", "--model", "llama-2-7b"]) == 2
+    assert "no GPU here; name one (--gpu T4) or give its memory (--vram 15.5)" in capsys.readouterr().err
+
+
+def test_a_folder_without_config_json_exits_2(tmp_path, capsys):
+    assert main(["plan-memory", "--model", str(tmp_path), "--vram", "16"]) == 2
+    assert "has no config.json" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+"""The memory model against the real pieces on the CPU: parameter counts, bitsandbytes storage, peft adapter
+tensors, optimizer states and the activations autograd keeps for a decoder layer."""
+
+import pytest
+import torch
+import bitsandbytes as bnb
+from transformers import (AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, GemmaConfig, GPT2Config,
+                          LlamaConfig, Phi3Config, Qwen2Config)
+
+from qlora_trainer import adapters
+from qlora_trainer.config import AdapterConfig
+from qlora_trainer.planner import load_model_config, preset_names
+from qlora_trainer.planner.memory import (TrainingPlan, adapter_tensor_numels, base_weight_tensor_bytes,
+                                          estimate_memory, layer_activation_bytes, model_shape,
+                                          optimizer_state_tensors)
+
+PRESET_PARAMS = {  # the published parameter counts of these checkpoints
+    "llama-2-7b": 6_738_415_616,
+    "llama-3-8b": 8_030_261_248,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-7b": 7_615_616_512,
+    "gemma-7b": 8_537_680_896,
+    "phi-3-mini": 3_821_079_552,
+    "tinyllama-1.1b": 1_100_048_384,
+}
+TINY = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+TINY_CONFIGS = {  # hidden 40 and intermediate 100: weights that end in a partial 64-value block
+    "llama": LlamaConfig(hidden_size=40, intermediate_size=100, num_key_value_heads=2, **TINY),
+    "qwen2": Qwen2Config(hidden_size=64, intermediate_size=96, num_key_value_heads=2, **TINY),  # q/k/v biases
+    "gemma": GemmaConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=1, head_dim=32, **TINY),  # tied
+    "phi3": Phi3Config(hidden_size=64, intermediate_size=96, num_key_value_heads=4, pad_token_id=0, **TINY),
+    "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=64, bos_token_id=0,
+                       eos_token_id=0),  # Conv1D
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_PARAMS))
+def test_preset_builds_with_the_published_parameter_count(name):
+    config = load_model_config(name)
+    assert isinstance(config, type(AutoConfig.for_model(config.model_type)))
+    assert model_shape(config).total_params == PRESET_PARAMS[name]
+
+
+def test_every_shipped_preset_is_checked():
+    assert set(preset_names()) == set(PRESET_PARAMS)
+
+
+def test_preset_shapes_read_gqa_head_dim_and_fused_projections():
+    llama3 = model_shape(load_model_config("llama-3-8b"))
+    assert (llama3.num_kv_heads, llama3.kv_dim, llama3.intermediate_size, llama3.gated_mlp) == (8, 1024, 14336, True)
+    gemma = model_shape(load_model_config("gemma-7b"))
+    assert (gemma.q_dim, gemma.hidden_size) == (4096, 3072)
+    phi3 = model_shape(load_model_config("phi-3-mini"))  # fused qkv_proj and gate_up_proj
+    assert phi3.gated_mlp and phi3.intermediate_size == 8192 and len(phi3.linears) == 4 * 32
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_parameter_count_matches_the_real_model(arch):
+    config = TINY_CONFIGS[arch]
+    model = AutoModelForCausalLM.from_config(config)
+    shape = model_shape(config)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    real_linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    assert len(shape.linears) == len(real_linears) - 1  # all but lm_head
+
+
+def _held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct storage the loaded model keeps: parameters, quantization state, buffers."""
+    storages = {}
+
+    def add(tensor):
+        if isinstance(tensor, torch.Tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+
+    for param in model.parameters():
+        add(param)
+        add(getattr(param, "SCB", None))
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            add(state.absmax), add(state.code), add(state.offset)
+            if state.nested:
+                add(state.state2.absmax), add(state.state2.code)
+    for buffer in model.buffers():
+        add(buffer)
+    return sum(storages.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> dict:
+    folders = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]).to(torch.bfloat16).save_pretrained(folder)
+        folders[arch] = folder
+    return folders
+
+
+def _bnb_config(quant: str, double_quant: bool):
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "none":
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+
+
+@pytest.mark.parametrize("arch, quant, double_quant", [
+    ("llama", "nf4", True), ("llama", "nf4", False), ("llama", "fp4", True), ("llama", "int8", False),
+    ("llama", "none", False), ("qwen2", "nf4", True), ("gpt2", "nf4", True),
+])
+def test_base_weight_bytes_equal_what_bitsandbytes_allocates(tiny_checkpoints, arch, quant, double_quant):
+    folder = tiny_checkpoints[arch]
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=_bnb_config(quant, double_quant),
+                                                 dtype=torch.bfloat16)
+    if quant in ("nf4", "fp4"):  # the layout a GPU holds (no CPU-kernel repacking happened)
+        states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert states and all(state.nested == double_quant for state in states)
+    plan = TrainingPlan(quant=quant, double_quant=double_quant, compute_dtype="bfloat16")
+    predicted = base_weight_tensor_bytes(model_shape(AutoConfig.from_pretrained(folder)), plan)
+    assert sum(predicted) == _held_bytes(model)
+
+
+@pytest.mark.parametrize("adapter_type, rank", [("lora", 4), ("loha", 4), ("lokr", 2), ("lokr", 6)])
+def test_adapter_tensors_equal_what_peft_creates(adapter_type, rank):
+    config = TINY_CONFIGS["qwen2"]
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    keys, layers = adapters.resolve_targets(model, "all-linear")
+    peft_model, _ = adapters.attach_adapter(model, AdapterConfig(type=adapter_type, r=rank), keys, layers)
+    created = sorted(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    shape = model_shape(config)
+    predicted = sorted(n for t in shape.targets("all-linear")
+                       for n in adapter_tensor_numels(adapter_type, rank, t.d_in, t.d_out))
+    assert predicted == created
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "paged_adamw8bit"])
+def test_optimizer_states_equal_what_the_optimizer_allocates(optimizer):
+    from qlora_trainer.train import build_optimizer
+
+    numels = [1000, 5000, 300_000]  # fp32 states below 4096 elements, paged states from 100k (on a GPU)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in numels]
+    opt = build_optimizer(optimizer, params, lr=1e-3, weight_decay=0.0)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    opt.step()
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                for state in opt.state.values() for key, v in state.items()
+                if torch.is_tensor(v) and key != "step"}  # torch keeps `step` on the CPU unless capturable
+    states = optimizer_state_tensors(optimizer, numels, param_bytes=4)
+    assert sum(states.pooled) + sum(states.paged) == sum(storages.values())  # the CPU never pages
+    assert states.paged == ((300_000, 300_000) if optimizer == "paged_adamw8bit" else ())
+
+
+def _saved_storages(root) -> dict[int, tuple[int, str]]:
+    """data_ptr -> (bytes, saving node) of every tensor autograd saved in the graph behind `root`."""
+    found, seen, stack = {}, set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            value = getattr(node, attr)
+            for tensor in value if isinstance(value, tuple) else (value,):
+                if torch.is_tensor(tensor) and not (tensor.dtype == torch.float64 and tensor.dim() == 0):
+                    storage = tensor.untyped_storage()
+                    found.setdefault(storage.data_ptr(), (storage.nbytes(), f"{type(node).__name__}.{attr}"))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("adapter_type, attn, targets, batch, padded", [
+    ("lora", "sdpa", "all-linear", 1, False),  # GQA inside SDPA
+    ("lora", "sdpa", "all-linear", 2, True),  # a padding mask: keys and values repeated to every head
+    ("lora", "eager", "attn", 2, False),
+    ("lora", "sdpa", "mlp", 1, False),
+    ("loha", "sdpa", "all-linear", 1, False),  # the delta weight of every target
+    ("lokr", "sdpa", "all-linear", 2, True),
+])
+def test_layer_activations_equal_what_autograd_keeps(tiny_llama_dir, adapter_type, attn, targets, batch, padded):
+    """NF4 base, adapters in the compute dtype, no dropout: what the last decoder layer keeps for its backward."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_bnb_config("nf4", True),
+                                                 dtype=torch.bfloat16, attn_implementation=attn)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    keys, layers = adapters.resolve_targets(model, targets)
+    adapter = AdapterConfig(type=adapter_type, r=8, dropout=0.0, target_modules=keys, dtype="bfloat16")
+    peft_model, _ = adapters.attach_adapter(model, adapter, keys, layers)
+    peft_model.train()
+    decoder = peft_model.get_base_model().model
+    seen = {}
+    last = decoder.layers[-1]
+    hooks = [
+        last.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(input=kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True),
+        last.register_forward_hook(lambda m, args, output: seen.update(output=output)),
+        decoder.rotary_emb.register_forward_hook(lambda m, args, output: seen.update(rotary=output)),
+    ]
+    seq_len = 40
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    mask[-1, :5] = 0 if padded else 1
+    decoder(input_ids=torch.randint(0, 384, (batch, seq_len)), attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    output = seen["output"][0] if isinstance(seen["output"], tuple) else seen["output"]
+    # Not this layer's: what earlier layers saved, the weights, and cos/sin and the mask that all layers share.
+    shared = set(_saved_storages(seen["input"].grad_fn)) | {seen["input"].untyped_storage().data_ptr()}
+    shared |= {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    shared |= {t.untyped_storage().data_ptr() for t in seen["rotary"]}
+    kept = {ptr: found for ptr, found in _saved_storages(output.grad_fn).items()
+            if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
+    shape = model_shape(AutoConfig.from_pretrained(tiny_llama_dir))
+    plan = TrainingPlan(rank=8, adapter_type=adapter_type, target_modules=targets, micro_batch_size=batch,
+                        seq_len=seq_len, adapter_dtype="bfloat16", lora_dropout=0.0, attn_implementation=attn)
+    index = shape.num_layers - 1
+    layer_targets = [t for t in shape.targets(targets) if t.layer_index == index]
+    predicted = layer_activation_bytes(shape, plan, index, layer_targets, batch * seq_len)
+    assert predicted == sum(nbytes for nbytes, _ in kept.values())
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    return model_shape(load_model_config("llama-2-7b"))
+
+
+@pytest.mark.parametrize("rank, trainable", [(16, 39_976_960), (64, 159_907_840)])
+def test_trainable_params_of_all_linear_lora_on_llama2(llama2, rank, trainable):
+    assert estimate_memory(llama2, TrainingPlan(rank=rank)).trainable_params == trainable
+
+
+def test_breakdown_sums_to_the_reserved_peak(llama2):
+    estimate = estimate_memory(llama2, TrainingPlan(seq_len=2048, micro_batch_size=2))
+    assert sum(estimate.breakdown.values()) == estimate.predicted_peak_bytes
+    assert estimate.predicted_peak_bytes - estimate.predicted_peak_allocated_bytes == estimate.breakdown["overhead"]
+    assert estimate.predicted_device_bytes == estimate.predicted_peak_bytes + estimate.cuda_context_bytes
+
+
+def test_nf4_base_is_a_quarter_of_the_16_bit_one(llama2):
+    nf4 = estimate_memory(llama2, TrainingPlan(quant="nf4")).breakdown["weights"]
+    half = estimate_memory(llama2, TrainingPlan(quant="none")).breakdown["weights"]
+    linear_weights = sum(l.d_in * l.d_out for l in llama2.linears)
+    others = half - 2 * linear_weights  # embeddings and lm_head stay 16-bit in both
+    # 4 bits per weight + 8-bit absmax per 64 + fp32 absmax-of-absmax per 256 x 64: 4.127 bits per weight
+    assert (nf4 - others) / linear_weights * 8 == pytest.approx(4.127, abs=0.002)
+
+
+def test_checkpointing_keeps_layer_inputs_instead_of_layer_activations(llama2):
+    plan = TrainingPlan(seq_len=2048, micro_batch_size=1)
+    on = estimate_memory(llama2, plan).breakdown["activations"]
+    off = estimate_memory(llama2, TrainingPlan(seq_len=2048, micro_batch_size=1, gradient_checkpointing=False))
+    assert off.breakdown["activations"] > 5 * on
+
+
+def test_large_vocabulary_peaks_at_the_loss_chunk():
+    gemma = model_shape(load_model_config("gemma-7b"))  # 256k vocabulary
+    estimate = estimate_memory(gemma, TrainingPlan(seq_len=512, loss_chunk_tokens=1024))
+    assert estimate.phase == "loss"
+    assert estimate.breakdown["logits"] == 512 * 256_000 * 12  # one 512-token chunk: all the labelled tokens
+    smaller = estimate_memory(gemma, TrainingPlan(seq_len=512, loss_chunk_tokens=256))
+    assert smaller.breakdown["logits"] == estimate.breakdown["logits"] // 2
+
+
+def test_paged_optimizer_moves_the_8bit_states_out_of_the_pool(llama2):
+    eight_bit = estimate_memory(llama2, TrainingPlan(rank=64, optimizer="adamw8bit"))
+    paged = estimate_memory(llama2, TrainingPlan(rank=64, optimizer="paged_adamw8bit"))
+    # at rank 64 every LoRA tensor has >= 100k elements, so both uint8 states of each are paged
+    assert paged.paged_optimizer_bytes == 2 * eight_bit.trainable_params
+    assert eight_bit.breakdown["optimizer"] - paged.breakdown["optimizer"] == paged.paged_optimizer_bytes
