@@ -42,3 +42,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder
+
+
+DEMO_MODEL_DIR = REPO / "demo" / "tiny-llama"
+DEMO_DATA_DIR = REPO / "demo" / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The bundled demo's tokenizer (byte-level BPE with a chat template); tests that change it use a copy."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)

@@ -1,25 +1,24 @@
 """Data loading and formatting with real datasets and the bundled demo tokenizer: masks, sources, errors, packing."""
 
+import copy
 import json
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
+from conftest import DEMO_DATA_DIR, DEMO_MODEL_DIR
+from transformers import AutoModelForCausalLM
 
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import IGNORE_INDEX, alpaca_prompt, collate, pack, prepare_data
 from qlora_trainer.errors import UserError
 
-DEMO = Path(__file__).resolve().parents[1] / "demo"
 ROWS = [{"instruction": f"Add {a} and {b}.", "input": "" if a % 2 else "numbers", "output": str(a + b)}
         for a in range(5) for b in range(4)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEMO / "tiny-llama")
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2."},
+                {"role": "assistant", "content": "3"}, {"role": "user", "content": "And 2 and 2?"},
+                {"role": "assistant", "content": "4"}]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -27,109 +26,238 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def labelled_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+def labelled_runs(tokenizer, example) -> list[str]:
+    """The decoded text of each maximal run of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs, current = runs + [tokenizer.decode(current)], []
+    return runs + ([tokenizer.decode(current)] if current else [])
 
 
-def test_alpaca_labels_cover_exactly_the_response_and_eos(tokenizer, tmp_path):
-    data = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS))), tokenizer, 256, seed=0)
-    assert data.stats.train_examples == len(ROWS) and data.stats.rows_bad == 0
+def with_template(tokenizer, template):
+    changed = copy.deepcopy(tokenizer)
+    changed.chat_template = template
+    return changed
+
+
+def test_alpaca_labels_cover_exactly_the_response_and_eos(demo_tokenizer, tmp_path):
+    data = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS))), demo_tokenizer, 256, seed=0)
+    assert data.stats.train_examples == len(ROWS) and data.stats.rows_bad == 0 and data.eval == []
     for row, example in zip(ROWS, data.train):
-        assert labelled_text(tokenizer, example) == row["output"] + tokenizer.eos_token
-        prompt_ids = tokenizer(alpaca_prompt(row["instruction"], row["input"]))["input_ids"]
-        assert example["input_ids"][:len(prompt_ids)] == prompt_ids
-        assert set(example["labels"][:len(prompt_ids)]) == {IGNORE_INDEX}
+        prompt_ids = demo_tokenizer(alpaca_prompt(row["instruction"], row["input"]))["input_ids"]
+        response_ids = demo_tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+        assert example["input_ids"] == prompt_ids + response_ids + [demo_tokenizer.eos_token_id]
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [demo_tokenizer.eos_token_id]
+        assert labelled_runs(demo_tokenizer, example) == [row["output"] + demo_tokenizer.eos_token]
+    assert ("### Input:\nnumbers" in alpaca_prompt("x", "numbers")) and ("### Input" not in alpaca_prompt("x"))
 
 
-def test_mask_prompt_off_labels_everything(tokenizer, tmp_path):
+def test_mask_prompt_off_labels_everything(demo_tokenizer, tmp_path):
     config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS[:3])), mask_prompt=False)
-    for example in prepare_data(config, tokenizer, 256, seed=0).train:
+    for example in prepare_data(config, demo_tokenizer, 256, seed=0).train:
         assert example["labels"] == example["input_ids"]
 
 
-def test_every_source_kind_gives_the_same_examples(tokenizer, tmp_path):
-    reference = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS))), tokenizer, 256, 0).train
+def test_text_format_labels_every_token_of_the_chosen_field(demo_tokenizer, tmp_path):
+    texts = ["Add 1 and 2.\n3", "Uppercase the word. apple\nAPPLE"]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"body": text, "text": "other"} for text in texts])
+    data = prepare_data(DataConfig(path=str(path), format="text", text_field="body"), demo_tokenizer, 256, 0)
+    eos = demo_tokenizer.eos_token_id
+    assert [e["input_ids"] for e in data.train] == [demo_tokenizer(t)["input_ids"] + [eos] for t in texts]
+    assert all(e["labels"] == e["input_ids"] for e in data.train)
+
+
+def test_every_source_kind_gives_the_same_examples(demo_tokenizer, tmp_path):
+    reference = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS))), demo_tokenizer, 256, 0)
     table = datasets.Dataset.from_list(ROWS)
-    (tmp_path / "d.json").write_text(json.dumps(ROWS))
-    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    (tmp_path / "d.json").write_text(json.dumps(ROWS, indent=1))
+    table.to_csv(str(tmp_path / "d.csv"), index=False)  # the output column is read back as integers
     table.to_parquet(str(tmp_path / "d.parquet"))
     table.save_to_disk(str(tmp_path / "disk"))
     datasets.DatasetDict({"train": table, "test": table.select(range(2))}).save_to_disk(str(tmp_path / "dict"))
     for source in ("d.json", "d.csv", "d.parquet", "disk", "dict"):
-        loaded = prepare_data(DataConfig(path=str(tmp_path / source)), tokenizer, 256, 0).train
+        loaded = prepare_data(DataConfig(path=str(tmp_path / source)), demo_tokenizer, 256, 0)
         assert loaded == reference, source
-    with pytest.raises(UserError, match="data.split: 'validation' is not in"):
-        prepare_data(DataConfig(path=str(tmp_path / "dict"), split="validation"), tokenizer, 256, 0)
+    test_split = prepare_data(DataConfig(path=str(tmp_path / "dict"), split="test"), demo_tokenizer, 256, 0)
+    assert test_split.train == reference.train[:2]
+    with pytest.raises(UserError, match="data.split: 'validation' is not in .*; it has train, test"):
+        prepare_data(DataConfig(path=str(tmp_path / "dict"), split="validation"), demo_tokenizer, 256, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "d.json", "d.jsonl", "d.parquet", "dict", "disk"]
 
 
-def test_chat_labels_only_assistant_turns(tokenizer, tmp_path):
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2."},
-                    {"role": "assistant", "content": "3"}, {"role": "user", "content": "And 2 and 2?"},
-                    {"role": "assistant", "content": "4"}]
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}])
-    (example,) = prepare_data(DataConfig(path=str(path), format="chat"), tokenizer, 512, 0).train
-    full = tokenizer.apply_chat_template(conversation, tokenize=True)
-    full = full["input_ids"] if hasattr(full, "keys") else full
-    assert example["input_ids"] == list(full)
-    assert labelled_text(tokenizer, example) == f"3{tokenizer.eos_token}\n4{tokenizer.eos_token}\n"
+def test_csv_cells_are_text_as_written(demo_tokenizer, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,output\nSay it.,,NA\nSay nothing.,,\nAdd 1 and 2.,,3\n")
+    data = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, 0)
+    assert data.stats.bad_reasons == {"empty field 'output'": 1}
+    eos = demo_tokenizer.eos_token
+    assert [labelled_runs(demo_tokenizer, e) for e in data.train] == [["NA" + eos], ["3" + eos]]
 
 
-def test_bad_rows_are_counted_by_reason_or_raise_with_the_row_number(tokenizer, tmp_path):
-    bad = [{"instruction": "x"}, {"instruction": "", "output": "y"}, {"instruction": ["a"], "output": "y"}]
+def test_chat_labels_only_assistant_turns(demo_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
+    (example,) = prepare_data(DataConfig(path=str(path), format="chat"), demo_tokenizer, 512, 0).train
+    assert example["input_ids"] == list(demo_tokenizer.apply_chat_template(CONVERSATION, return_dict=False))
+    eos = demo_tokenizer.eos_token
+    assert labelled_runs(demo_tokenizer, example) == [f"3{eos}\n", f"4{eos}\n"]
+    unmasked = prepare_data(DataConfig(path=str(path), format="chat", mask_prompt=False), demo_tokenizer, 512, 0)
+    assert unmasked.train[0]["labels"] == example["input_ids"]
+
+
+def test_demo_chat_data_labels_each_assistant_reply(demo_tokenizer):
+    config = DataConfig(path=str(DEMO_DATA_DIR / "chat-tiny.jsonl"), format="chat")
+    data = prepare_data(config, demo_tokenizer, 128, 0)
+    rows = [json.loads(line) for line in (DEMO_DATA_DIR / "chat-tiny.jsonl").read_text().splitlines()]
+    assert (data.stats.rows_read, data.stats.train_examples, data.stats.rows_truncated) == (100, 100, 0)
+    for row, example in zip(rows, data.train):
+        assert labelled_runs(demo_tokenizer, example) == [row["messages"][-1]["content"] + demo_tokenizer.eos_token
+                                                          + "\n"]
+
+
+def test_chat_rows_with_bad_turns_are_counted_by_reason(demo_tokenizer, tmp_path):
+    user, reply = {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+    rows = [
+        {"messages": CONVERSATION},
+        {"messages": [user, user, reply]},
+        {"messages": [user, reply, {"role": "system", "content": "late"}, user, reply]},
+        {"messages": [{"role": "bot", "content": "a"}, reply]},
+        {"messages": [user, reply, user]},
+        {"messages": [user, {"role": "assistant", "content": " "}]},
+        {"messages": [user, {"role": "assistant", "content": 5}]},
+        {"messages": "a then b"},
+        {"messages": []},
+        {"conversation": [user, reply]},
+    ]
+    data = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "c.jsonl", rows)), format="chat"),
+                        demo_tokenizer, 256, 0)
+    assert (data.stats.rows_read, data.stats.train_examples) == (10, 1)
+    assert data.stats.bad_reasons == {
+        "roles out of order (want system?, then user/assistant alternating)": 2,
+        "unknown role 'bot'": 1,
+        "conversation does not end with an assistant turn": 1,
+        "message with empty 'content'": 1,
+        "message without text 'content'": 1,
+        "field 'messages' is not a list": 1,
+        "empty field 'messages'": 1,
+        "missing field 'messages'": 1,
+    }
+
+
+def test_chat_needs_a_template_that_extends_earlier_turns(demo_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}])
+    config = DataConfig(path=str(path), format="chat")
+    with pytest.raises(UserError, match="^data.format: chat needs a tokenizer with a chat template"):
+        prepare_data(config, with_template(demo_tokenizer, None), 256, 0)
+    # Adds a header once the conversation is long, so the first exchange renders differently after the second.
+    turns = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    unstable = "{% if messages | length > 3 %}[long]\n{% endif %}" + turns
+    data = prepare_data(config, with_template(demo_tokenizer, unstable), 256, 0)
+    assert data.stats.bad_reasons == {"chat template renders earlier turns differently once later turns follow": 1}
+    assert data.stats.train_examples == 1
+    strict = "{% if messages | length > 3 %}{{ raise_exception('at most one exchange') }}{% endif %}" + turns
+    with pytest.raises(UserError, match=r"row 1: chat template error: at most one exchange"):
+        prepare_data(DataConfig(path=str(path), format="chat", on_bad_row="error"),
+                     with_template(demo_tokenizer, strict), 256, 0)
+
+
+def test_bad_rows_are_counted_by_reason_or_raise_with_the_row_number(demo_tokenizer, tmp_path):
+    bad = [{"instruction": "x"}, {"instruction": "", "output": "y"}, {"instruction": ["a"], "output": "y"}, [1, 2]]
     path = write_jsonl(tmp_path / "d.jsonl", ROWS[:4] + bad)
-    data = prepare_data(DataConfig(path=str(path)), tokenizer, 256, 0)
-    assert data.stats.rows_read == 7 and data.stats.rows_bad == 3
+    with path.open("a") as file:
+        file.write('{"instruction": "unterminated\n\n')
+    data = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, 0)
+    assert (data.stats.rows_read, data.stats.rows_bad, data.stats.train_examples) == (9, 5, 4)
     assert data.stats.bad_reasons == {"missing field 'output'": 1, "empty field 'instruction'": 1,
-                                      "field 'instruction' is not text": 1}
-    with pytest.raises(UserError, match="row 5: missing field 'output'"):
-        prepare_data(DataConfig(path=str(path), on_bad_row="error"), tokenizer, 256, 0)
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
-                                                            {"role": "user", "content": "b"}]}])
-    with pytest.raises(UserError, match=r"none of the 1 rows .* \(roles out of order"):
-        prepare_data(DataConfig(path=str(chat), format="chat"), tokenizer, 256, 0)
+                                      "field 'instruction' is not text": 1, "row is not a JSON object": 1,
+                                      "line is not valid JSON": 1}
+    with pytest.raises(UserError, match=r"^data.path: row 5: missing field 'output' \(data.on_bad_row: skip"):
+        prepare_data(DataConfig(path=str(path), on_bad_row="error"), demo_tokenizer, 256, 0)
 
 
-def test_truncation_and_prompts_longer_than_max_seq_len(tokenizer, tmp_path):
-    long_output = {"instruction": "Say it.", "input": "", "output": "word " * 100}
+def test_no_usable_row_is_an_error_with_the_reason_counts(demo_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}] * 3 + [{"output": "c"}])
+    with pytest.raises(UserError, match=r"none of the 4 rows of .* is usable \(missing field 'instruction': 4\)"):
+        prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, 0)
+
+
+def test_truncation_and_prompts_longer_than_max_seq_len(demo_tokenizer, tmp_path):
+    long_output = {"instruction": "Say it.", "input": "", "output": "apple " * 100}
     path = write_jsonl(tmp_path / "d.jsonl", ROWS[:2] + [long_output])
-    data = prepare_data(DataConfig(path=str(path)), tokenizer, 60, 0)
-    assert data.stats.rows_truncated == 1 and max(len(e["input_ids"]) for e in data.train) == 60
-    with pytest.raises(UserError, match="prompt longer than max_seq_len=10"):
-        prepare_data(DataConfig(path=str(path)), tokenizer, 10, 0)
+    data = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 60, 0)
+    assert data.stats.rows_truncated == 1 and data.stats.rows_bad == 0
+    full = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 1024, 0).train
+    assert data.train[:2] == full[:2] and len(full[2]["input_ids"]) > 60
+    assert data.train[2] == {"input_ids": full[2]["input_ids"][:60], "labels": full[2]["labels"][:60]}
+    prompt_tokens = len(demo_tokenizer(alpaca_prompt("Say it."))["input_ids"])
+    alone = DataConfig(path=str(write_jsonl(tmp_path / "long.jsonl", [long_output, ROWS[0]])))
+    # One response token fits: it is a label, so the row is usable; without it the row is bad.
+    (example,) = prepare_data(alone, demo_tokenizer, prompt_tokens + 1, 0).train
+    assert labelled_runs(demo_tokenizer, example) == ["apple"]
+    with pytest.raises(UserError, match=rf"none of the 2 rows .*\(prompt longer than max_seq_len={prompt_tokens}: 2\)"):
+        prepare_data(alone, demo_tokenizer, prompt_tokens, 0)
 
 
-@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b'{"text": "caf\xe9"}\n', "not UTF-8"),
-                                              (b"[1, 2", "not valid JSON")])
-def test_unreadable_files(tokenizer, tmp_path, content, message):
-    path = tmp_path / "d.json"
+@pytest.mark.parametrize("name, content, message", [
+    ("d.json", b"", r"is empty$"),
+    ("d.jsonl", b'{"text": "caf\xe9"}\n', r"is not UTF-8 text \(bad byte at offset 13\)"),
+    ("d.csv", b"text\ncaf\xe9\n", r"is not UTF-8 text \(bad byte at offset 8\)"),
+    ("d.json", b"[1, 2", r"is not valid JSON \(line 1: Expecting ',' delimiter\)"),
+    ("d.json", b'{\n "instruction": "x",\n "output": "y"\n}\n', r"is neither a JSON list of rows nor JSON Lines"),
+    ("d.jsonl", b"\n\n", r"holds no rows"),
+    ("d.csv", b"instruction,output\n", r"holds no rows, only a header"),
+    ("d.parquet", b"not parquet", r"as .parquet: Parquet magic bytes not found"),
+])
+def test_unreadable_files_are_one_line_errors(demo_tokenizer, tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(UserError, match=message):
-        prepare_data(DataConfig(path=str(path)), tokenizer, 64, 0)
+    with pytest.raises(UserError, match=f"^data.path: .*{message}") as raised:
+        prepare_data(DataConfig(path=str(path)), demo_tokenizer, 64, 0)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_missing_file_and_unsupported_extension(tokenizer, tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        prepare_data(DataConfig(path=str(tmp_path / "none.jsonl")), tokenizer, 64, 0)
+def test_missing_file_folder_and_unsupported_extension(demo_tokenizer, tmp_path):
+    with pytest.raises(UserError, match="none.jsonl does not exist; give a .jsonl, .json, .csv, .parquet file"):
+        prepare_data(DataConfig(path=str(tmp_path / "none.jsonl")), demo_tokenizer, 64, 0)
     (tmp_path / "d.txt").write_text("hello")
-    with pytest.raises(UserError, match="unsupported extension; use .jsonl, .json, .csv, .parquet"):
-        prepare_data(DataConfig(path=str(tmp_path / "d.txt")), tokenizer, 64, 0)
+    with pytest.raises(UserError, match="unsupported extension; use .jsonl, .json, .csv, .parquet or a save_to_disk"):
+        prepare_data(DataConfig(path=str(tmp_path / "d.txt")), demo_tokenizer, 64, 0)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="folder is a folder but not a data set written by save_to_disk"):
+        prepare_data(DataConfig(path=str(tmp_path / "folder")), demo_tokenizer, 64, 0)
 
 
-def test_eval_split_is_seeded_and_disjoint(tokenizer, tmp_path):
+@pytest.mark.parametrize("rows, fraction, sizes", [(20, 0.25, (15, 5)), (20, 0.01, (19, 1)), (2, 0.9, (1, 1)),
+                                                   (1, 0.5, (1, 0)), (20, 0.0, (20, 0))])
+def test_eval_split_sizes(demo_tokenizer, tmp_path, rows, fraction, sizes):
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS[:rows])), eval_fraction=fraction)
+    data = prepare_data(config, demo_tokenizer, 256, 0)
+    assert (len(data.train), len(data.eval)) == (data.stats.train_examples, data.stats.eval_examples) == sizes
+
+
+def test_eval_split_is_seeded_disjoint_and_keeps_file_order(demo_tokenizer, tmp_path):
     config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS)), eval_fraction=0.25)
-    first, again, other = (prepare_data(config, tokenizer, 256, seed) for seed in (1, 1, 2))
-    assert (first.stats.train_examples, first.stats.eval_examples) == (15, 5)
-    assert first.eval == again.eval and first.eval != other.eval
-    assert not {tuple(e["input_ids"]) for e in first.eval} & {tuple(e["input_ids"]) for e in first.train}
+    everything = prepare_data(DataConfig(path=config.path), demo_tokenizer, 256, 0).train
+    first, again, other = (prepare_data(config, demo_tokenizer, 256, seed) for seed in (1, 1, 2))
+    assert first == again and first.eval != other.eval
+    assert [e for e in everything if e in first.eval] == first.eval
+    assert [e for e in everything if e not in first.eval] == first.train
 
 
-def test_packing_fills_rows_with_the_examples_in_order(tokenizer, tmp_path):
-    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS)), packing=True)
-    unpacked = prepare_data(DataConfig(path=config.path), tokenizer, 64, 0).train
-    packed = prepare_data(config, tokenizer, 64, 0).train
-    assert all(len(row["input_ids"]) == 64 for row in packed)
-    flat_labels = [label for example in unpacked for label in example["labels"]]
-    assert [label for row in packed for label in row["labels"]] == flat_labels[:64 * len(packed)]
+def test_packing_fills_rows_with_the_examples_in_order(demo_tokenizer, tmp_path):
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    unpacked = prepare_data(DataConfig(path=path, eval_fraction=0.2), demo_tokenizer, 64, 0)
+    packed = prepare_data(DataConfig(path=path, eval_fraction=0.2, packing=True), demo_tokenizer, 64, 0)
+    flat_ids = [token for example in unpacked.train for token in example["input_ids"]]
+    flat_labels = [label for example in unpacked.train for label in example["labels"]]
+    assert len(packed.train) == packed.stats.train_examples == len(flat_ids) // 64 > 1
+    assert all(len(row["input_ids"]) == len(row["labels"]) == 64 for row in packed.train)
+    assert [token for row in packed.train for token in row["input_ids"]] == flat_ids[:64 * len(packed.train)]
+    assert [label for row in packed.train for label in row["labels"]] == flat_labels[:64 * len(packed.train)]
+    assert packed.eval == unpacked.eval
     assert pack([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 8) == [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
 
 
@@ -139,4 +267,26 @@ def test_collate_pads_right_with_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["input_ids"].dtype == torch.long
+    assert {tensor.dtype for tensor in batch.values()} == {torch.long}
+
+
+@pytest.mark.parametrize("name, data_format, rows",
+                         [("alpaca-tiny.jsonl", "alpaca", 400), ("chat-tiny.jsonl", "chat", 100),
+                          ("text-tiny.jsonl", "text", 100)])
+def test_demo_data_is_clean_and_short(demo_tokenizer, name, data_format, rows):
+    data = prepare_data(DataConfig(path=str(DEMO_DATA_DIR / name), format=data_format), demo_tokenizer, 128, 0)
+    assert (data.stats.rows_read, data.stats.rows_bad, data.stats.rows_truncated) == (rows, 0, 0)
+    assert max(len(example["input_ids"]) for example in data.train) < 80
+
+
+def test_demo_model_matches_its_tokenizer(demo_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+    config = model.config
+    assert model.dtype == torch.bfloat16 and config.tie_word_embeddings is False
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (4, 4, 2)
+    assert config.hidden_size % 64 == 0 and config.intermediate_size % 64 == 0
+    assert config.vocab_size == len(demo_tokenizer)
+    assert (config.eos_token_id, config.pad_token_id) == (demo_tokenizer.eos_token_id, demo_tokenizer.pad_token_id)
+    prompt = demo_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                add_generation_prompt=True)
+    assert prompt == "<|user|>\nHi</s>\n<|assistant|>\n"
