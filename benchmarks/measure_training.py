@@ -19,12 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from qlora_trainer.bench.random_model import write_synthetic_text
 from qlora_trainer.config import config_from_dict
 from qlora_trainer.planner import load_model_config, plan_from_run_config
 from qlora_trainer.planner.memory import estimate_memory
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from random_checkpoint import write_synthetic_text  # noqa: E402
 
 WORK = Path(os.environ.get("QLORA_BENCH_WORK", tempfile.gettempdir()))
 
@@ -40,6 +38,10 @@ def run_config(model_dir: Path, data_path: Path, case: dict, output_dir: Path) -
                      "learning_rate": 1e-4, "logging_steps": 1},
         "output": {"dir": str(output_dir), "overwrite": True},
     }
+    if case.get("plan_auto"):  # leave the planner's choices open: only what the case itself sets is fixed
+        config["adapter"] = {"dropout": 0.0}
+        del config["training"]["micro_batch_size"]
+        config["training"]["plan"] = "auto"
     for section, values in case.get("config", {}).items():
         config.setdefault(section, {}).update(values)
     return config
@@ -48,8 +50,8 @@ def run_config(model_dir: Path, data_path: Path, case: dict, output_dir: Path) -
 def random_checkpoint(model: str) -> Path:
     """Build the checkpoint in its own process, so this one never holds a CUDA context beside the run."""
     out_dir = WORK / f"random-{Path(model).name}"
-    script = Path(__file__).resolve().parent / "random_checkpoint.py"
-    subprocess.run([sys.executable, str(script), "--model", model, "--out", str(out_dir)], check=True)
+    subprocess.run([sys.executable, "-m", "qlora_trainer.bench.random_model", "--model", model, "--out", str(out_dir)],
+                   check=True)
     return out_dir
 
 

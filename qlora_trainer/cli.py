@@ -63,7 +63,14 @@ def _plan_memory(args: argparse.Namespace) -> int:
     return run_plan_memory(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from qlora_trainer.bench.run import run_bench_command
+
+    return run_bench_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from qlora_trainer.bench.run import add_bench_arguments
     from qlora_trainer.planner.report import add_plan_memory_arguments
 
     parser = argparse.ArgumentParser(prog="qlora-trainer", description=__doc__)
@@ -72,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan-memory", help="predict peak VRAM and pick a plan that fits a GPU (no GPU needed)")
     add_plan_memory_arguments(plan)
     plan.set_defaults(func=_plan_memory)
+
+    bench = sub.add_parser("bench", help="measure full fine-tuning vs LoRA vs QLoRA and write a VRAM report")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="train an adapter on a 4-bit base")
     train.add_argument("--config", required=True, help="run config (YAML)")

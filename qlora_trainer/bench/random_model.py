@@ -3,35 +3,21 @@
 Memory and speed do not depend on the weights' values, so a model built from a config with random weights,
 saved and loaded the way users load theirs, measures what the real checkpoint would.
 
-    python benchmarks/random_checkpoint.py --model llama-2-7b --out /tmp/random-llama-2-7b
+    python -m qlora_trainer.bench.random_model --model llama-2-7b --out /tmp/random-llama-2-7b
 """
 
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parents[1]
-PRESETS = REPO / "configs" / "models"
+from qlora_trainer.planner import load_model_config
+
 _WORDS = [f"w{i}" for i in range(4000)]
-
-
-def preset_config(name: str):
-    """A model config from a local folder or a preset under configs/models/."""
-    folder = Path(name)
-    if (folder / "config.json").is_file():
-        return AutoConfig.from_pretrained(folder)
-    preset = PRESETS / f"{name}.json"
-    if not preset.is_file():
-        known = sorted(p.stem for p in PRESETS.glob("*.json"))
-        sys.exit(f"error: --model {name}: not a model folder or preset; presets: {', '.join(known)}")
-    raw = json.loads(preset.read_text())
-    return AutoConfig.for_model(**raw)
 
 
 def synthetic_lines(n_lines: int, words_per_line: int, seed: int = 0) -> list[str]:
@@ -56,7 +42,7 @@ def make_random_checkpoint(model: str, out_dir: Path) -> Path:
     """Build `model` with random bf16 weights (on the GPU when there is one) and save it as safetensors."""
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
-    config = preset_config(model)
+    config = load_model_config(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
