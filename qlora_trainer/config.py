@@ -76,6 +76,7 @@ class TrainingConfig:
     warmup_steps: int = 0  # linear warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     gradient_checkpointing: bool = True  # recompute activations in backward (non-reentrant)
+    checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
     loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
@@ -131,6 +132,7 @@ class RunConfig:
             "training.max_grad_norm": self.training.max_grad_norm,
             "training.eval_steps": self.training.eval_steps,
             "training.memory_cap_gib": self.training.memory_cap_gib,
+            "training.checkpointed_layers": self.training.checkpointed_layers or 0,
         }
         for key, value in non_negative.items():
             if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):

@@ -92,3 +92,13 @@ def detect_gpu() -> Optional[GpuSpec]:
         return GpuSpec(name, total, total, capability >= (8, 0), capability)
     except pynvml.NVMLError:  # no driver, or no device
         return None
+
+
+def apply_memory_cap(cap_gib: float) -> None:
+    """Hold this process to cap_gib of the GPU (to share a card, or to behave as a smaller one would)."""
+    import torch
+
+    if cap_gib <= 0 or not torch.cuda.is_available():
+        return
+    total_bytes = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total_bytes), 0)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_trainer.config import ModelConfig, QuantizationConfig
 from qlora_trainer.errors import ConfigError, UserError
@@ -101,16 +102,25 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing of every decoder layer (the method was renamed in transformers 5.2x)."""
+def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None) -> None:
+    """Non-reentrant checkpointing of the first `checkpointed_layers` decoder layers (None = all of them).
+
+    The last layers are the ones left out: backward reaches them first, so their kept activations are freed
+    before any checkpointed layer recomputes its own. (The method was renamed in transformers 5.2x.)
+    """
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointed_layers is None:
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < checkpointed_layers
 
 
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,
-              device: Optional[torch.device] = None) -> LoadedBase:
+              device: Optional[torch.device] = None, checkpointed_layers: Optional[int] = None) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters.
 
     Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
@@ -142,5 +152,5 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkp
     if model_cfg.upcast_non_quantized:
         upcast_non_quantized(model)
     if gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, checkpointed_layers)
     return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)

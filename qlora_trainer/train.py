@@ -20,8 +20,8 @@ from transformers import get_scheduler, set_seed
 
 from qlora_trainer import adapters, checkpoint, data, model as model_loading
 from qlora_trainer.config import RunConfig, config_to_dict
-from qlora_trainer.errors import OutOfMemoryAbort, UserError
-from qlora_trainer.hardware import detect_gpu
+from qlora_trainer.errors import ConfigError, OutOfMemoryAbort, UserError
+from qlora_trainer.hardware import apply_memory_cap, detect_gpu
 from qlora_trainer.planner import apply_planned_choices, fixed_choices, plan_from_run_config
 from qlora_trainer.planner.memory import estimate_memory, model_shape
 from qlora_trainer.planner.search import search_plan, usable
@@ -117,14 +117,6 @@ def stop_on_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def apply_memory_cap(cap_gib: float) -> None:
-    """Hold this process to cap_gib of the GPU (to share a card, or to behave as a smaller one would)."""
-    if cap_gib <= 0 or not torch.cuda.is_available():
-        return
-    total_bytes = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total_bytes), 0)
 
 
 def _peak_memory(device: torch.device) -> tuple[Optional[int], Optional[int]]:
@@ -272,12 +264,16 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True, f
         adapters.meta_model(model_config, config.model.trust_remote_code), config.adapter.target_modules
     )
     adapters.check_rank(config.adapter, target_layers)
+    if (tcfg.checkpointed_layers or 0) > model_config.num_hidden_layers:
+        raise ConfigError(f"training.checkpointed_layers: {tcfg.checkpointed_layers} is more than the model's "
+                          f"{model_config.num_hidden_layers} decoder layers; use 0 to {model_config.num_hidden_layers}")
     prepare_output_dir(output_dir, resume, config.output.overwrite)
 
     # 2. Load the base, the data and the adapter.
     set_seed(tcfg.seed)
     apply_memory_cap(tcfg.memory_cap_gib)
-    base = model_loading.load_base(config.model, config.quantization, tcfg.gradient_checkpointing)
+    base = model_loading.load_base(config.model, config.quantization, tcfg.gradient_checkpointing,
+                                   checkpointed_layers=tcfg.checkpointed_layers)
     tokenized = data.prepare_data(config.data, base.tokenizer, tcfg.max_seq_len, tcfg.seed)
     stats = tokenized.stats
     print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "

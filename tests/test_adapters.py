@@ -121,3 +121,26 @@ def test_upcast_non_quantized_on_request(nf4_base):
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert model.model.norm.weight.dtype == torch.float32
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8  # quantized weights untouched
+
+
+def test_partial_checkpointing_recomputes_only_the_first_layers_with_the_same_gradients(tiny_llama_dir):
+    meta = adapters.meta_model(load_model_config(ModelConfig(path=str(tiny_llama_dir))))
+    keys, layers = adapters.resolve_targets(meta, "attn")
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    gradients = {}
+    for checkpointed in (None, 1, 0):
+        base = load_base(ModelConfig(path=str(tiny_llama_dir)), QuantizationConfig(), True,
+                         checkpointed_layers=checkpointed).model
+        torch.manual_seed(0)
+        peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, dropout=0.0), keys, layers)
+        peft_model.train()
+        runs = [0, 0]
+        for index, layer in enumerate(base.model.layers):
+            layer.self_attn.register_forward_hook(lambda *_, index=index: runs.__setitem__(index, runs[index] + 1))
+        peft_model(input_ids=x).logits.float().square().mean().backward()
+        expected = {None: [2, 2], 1: [2, 1], 0: [1, 1]}[checkpointed]  # a checkpointed layer runs again in backward
+        assert runs == expected
+        gradients[checkpointed] = [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+    for checkpointed in (1, 0):
+        for got, want in zip(gradients[checkpointed], gradients[None]):
+            torch.testing.assert_close(got, want)

@@ -27,9 +27,24 @@ def test_the_chosen_plan_is_the_first_that_fits_in_objective_order(llama2, budge
     assert result.fits
     assert result.estimate.predicted_peak_bytes <= usable(budget_gib * GIB) == result.usable_bytes
     candidates = candidate_plans(llama2, BASE, FixedChoices(), 16)
-    chosen = candidates.index(result.plan)
+    chosen = candidates.index(dataclasses.replace(result.plan, checkpointed_layers=None))
     assert not any(fits(estimate_memory(llama2, plan), budget_gib * GIB) for plan in candidates[:chosen])
     assert result.plan.micro_batch_size * result.plan.gradient_accumulation_steps == 16
+
+
+@pytest.mark.parametrize("budget_gib", [8, 12, 15, 16, 24])
+def test_leftover_memory_goes_to_fewer_checkpointed_layers(llama2, budget_gib):
+    plan = search_plan(llama2, budget_gib * GIB, BASE).plan
+    assert plan.gradient_checkpointing
+    count = plan.checkpointed_layers if plan.checkpointed_layers is not None else llama2.num_layers
+    one_fewer = dataclasses.replace(plan, checkpointed_layers=count - 1)
+    assert fits(estimate_memory(llama2, plan), budget_gib * GIB)
+    assert not fits(estimate_memory(llama2, one_fewer), budget_gib * GIB)
+
+
+def test_fixed_checkpointed_layers_are_kept(llama2):
+    fixed = FixedChoices(gradient_checkpointing=True, checkpointed_layers=32)
+    assert search_plan(llama2, 24 * GIB, BASE, fixed).plan.checkpointed_layers == 32
 
 
 def test_objective_order_all_linear_then_rank_then_optimizer_then_speed(llama2):

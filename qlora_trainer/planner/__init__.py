@@ -50,6 +50,7 @@ def plan_from_run_config(config: RunConfig, compute_dtype: str) -> TrainingPlan:
         adapter_type=config.adapter.type,
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         gradient_checkpointing=config.training.gradient_checkpointing,
+        checkpointed_layers=config.training.checkpointed_layers,
         micro_batch_size=config.training.micro_batch_size,
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         seq_len=config.training.max_seq_len,
@@ -80,6 +81,7 @@ def fixed_choices(config: RunConfig) -> FixedChoices:
         gradient_checkpointing=given("training.gradient_checkpointing", config.training.gradient_checkpointing),
         micro_batch_size=given("training.micro_batch_size", config.training.micro_batch_size),
         optimizer=given("training.optimizer", config.training.optimizer),
+        checkpointed_layers=given("training.checkpointed_layers", config.training.checkpointed_layers),
     )
 
 
@@ -89,7 +91,8 @@ def apply_planned_choices(config: RunConfig, result: PlanResult) -> RunConfig:
     targets = plan.target_modules if isinstance(plan.target_modules, str) else list(plan.target_modules)
     adapter = dataclasses.replace(config.adapter, r=plan.rank, alpha=plan.lora_alpha, target_modules=targets)
     training = dataclasses.replace(
-        config.training, gradient_checkpointing=plan.gradient_checkpointing, micro_batch_size=plan.micro_batch_size,
+        config.training, gradient_checkpointing=plan.gradient_checkpointing,
+        checkpointed_layers=plan.checkpointed_layers, micro_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps, optimizer=plan.optimizer,
     )
     return dataclasses.replace(config, adapter=adapter, training=training)

@@ -56,25 +56,25 @@ class Calibration:
     Each is global (one value for all models and plans), never fitted per configuration.
     """
 
-    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now the size a fresh
-    # PyTorch process shows in nvidia-smi before allocating, 0.5-0.6 GiB on Ampere/Hopper with lazy loading)
-    cuda_context_bytes: int = 600 * 2**20
+    # from measurement: benchmarks/results/cuda-context-h100.json (benchmarks/cuda_context.py: NVML's used memory
+    # less PyTorch's reserved pool after an NF4 + LoRA + SDPA forward and backward, H100, torch 2.11 / CUDA 13)
+    cuda_context_bytes: int = 764 * 2**20
     # from measurement: benchmarks/results/planner-accuracy-h100.md: reserved - allocated at the peak. The
     # caching allocator keeps what the optimizer step's temporaries took (about one adapter's bytes, for AdamW's
     # foreach ops) and a few dequantization buffers of the largest base weight, plus small-pool segments.
-    # Fitted once over the whole grid (8 rows, 3 models); cli.py sets expandable_segments.
+    # Set once for the whole grid (3 models), never per row; cli.py sets expandable_segments.
     allocator_adapter_factor: float = 1.0
     allocator_weight_buffers: float = 4.0
     allocator_overhead_bytes: int = 64 * 2**20
-    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured; now from counting the
-    # chunk's backward in loss.py: fp32 log-softmax output + its fp32 gradient + the fp32 gradient of the logits)
+    # counted from the chunk's backward in loss.py (fp32 log-softmax output + its fp32 gradient + the fp32 gradient
+    # of the logits); the grid's rows that peak at the loss agree within 3% (planner-accuracy-h100.md)
     loss_bytes_per_logit: float = 12.0
     # from measurement: benchmarks/results/planner-accuracy-h100.md (counting the SwiGLU backward gives up to 3;
     # the grid's peaks, which grow with tokens, fit 1.5 across all three models): gradient buffers alive while
     # one decoder layer runs backward, in units of the layer's widest activation (compute dtype, per token)
     backward_gradient_widths: float = 1.5
-    # from measurement: benchmarks/results/planner-calibration-h100.md (to be measured): the largest relative
-    # under-prediction seen, plus headroom; the search keeps this share of the budget free
+    # from measurement: benchmarks/results/planner-accuracy-h100.md, whose largest under-prediction is 3.6%, plus
+    # headroom; the search keeps this share of the budget free
     safety_margin_fraction: float = 0.05
 
 
@@ -106,6 +106,8 @@ class ModelShape:
     other_param_numels: tuple[int, ...]  # every other parameter (embeddings, norms, lm_head when untied, biases)
     buffer_bytes: tuple[int, ...]  # buffers as the model holds them (rotary inv_freq, fp32)
     total_params: int
+    sliding_window: Optional[int]  # attention window of the sliding-window layers (Mistral, Phi-3), or None
+    sliding_layers: frozenset[int]  # indices of the decoder layers that use it
     meta_model: nn.Module = field(compare=False, repr=False)  # to resolve target names as the trainer does
     _targets: dict = field(default_factory=dict, compare=False, repr=False)  # cache: spec -> target linears
 
@@ -154,6 +156,10 @@ def model_shape(model_config: PretrainedConfig) -> ModelShape:
     first_mlp = [l for l in linears if l.layer_index == 0 and l.kind == "mlp"]
     mlp_out = [l for l in first_mlp if not l.reads_block_input]
     intermediate = mlp_out[0].d_in if mlp_out else getattr(config, "intermediate_size", 4 * config.hidden_size)
+    # transformers gives every layer a sliding window when the config has one, unless layer_types says which
+    sliding_window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    sliding_layers = frozenset(i for i, kind in enumerate(layer_types) if kind == "sliding_attention" and sliding_window)
     return ModelShape(
         model_type=config.model_type,
         num_layers=config.num_hidden_layers,
@@ -168,6 +174,8 @@ def model_shape(model_config: PretrainedConfig) -> ModelShape:
         other_param_numels=tuple(p.numel() for key, p in params.items() if key not in quantized),
         buffer_bytes=tuple(b.numel() * b.element_size() for b in model.buffers()),
         total_params=sum(p.numel() for p in params.values()),
+        sliding_window=sliding_window,
+        sliding_layers=sliding_layers,
         meta_model=model,
     )
 
@@ -181,6 +189,7 @@ class TrainingPlan:
     adapter_type: str = "lora"  # lora | loha | lokr
     target_modules: Union[str, tuple[str, ...]] = "all-linear"  # attn | mlp | all-linear | module names
     gradient_checkpointing: bool = True
+    checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     seq_len: int = 512
@@ -290,17 +299,37 @@ def optimizer_state_tensors(optimizer: str, numels: list[int], param_bytes: int)
     return OptimizerStates(tuple(pooled), tuple(paged), ())
 
 
-def _attention_bytes_per_token(shape: ModelShape, plan: TrainingPlan, compute: int) -> int:
+def checkpointed_layer_count(shape: ModelShape, plan: TrainingPlan) -> int:
+    """How many decoder layers (the first ones) recompute their activations in backward."""
+    if not plan.gradient_checkpointing:
+        return 0
+    return shape.num_layers if plan.checkpointed_layers is None else min(plan.checkpointed_layers, shape.num_layers)
+
+
+def sdpa_gets_mask(shape: ModelShape, plan: TrainingPlan, layer_index: int) -> bool:
+    """Whether transformers hands SDPA an explicit mask for this layer rather than `is_causal`: with padding in
+    the batch (micro-batch > 1, not packed), or in a sliding-window layer once the sequence reaches the window
+    (masking_utils._ignore_causal_mask_sdpa)."""
+    if plan.attn_implementation != "sdpa":
+        return False
+    padded = plan.micro_batch_size > 1 and not plan.packed
+    windowed = layer_index in shape.sliding_layers and plan.seq_len >= shape.sliding_window
+    return padded or windowed
+
+
+def _attention_bytes_per_token(shape: ModelShape, plan: TrainingPlan, compute: int, masked: bool) -> int:
     """What autograd keeps of one attention block per token, beyond its norm and its linears' inputs."""
     q, kv, heads = shape.q_dim, shape.kv_dim, shape.num_heads
     if plan.attn_implementation == "eager":
         # query and the repeated keys/values (repeat_kv), fp32 softmax output and bf16 probabilities
         return 3 * compute * q + heads * plan.seq_len * (4 + compute)
-    # SDPA / flash: query, keys, values, output, fp32 logsumexp per head. With padding in the batch
-    # (micro-batch > 1), SDPA gets a mask, so transformers repeats the kv heads instead of using GQA.
-    padded_sdpa = plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1 and not plan.packed
-    keys_values = 2 * q if padded_sdpa else 2 * kv
-    return compute * (2 * q + keys_values) + 4 * heads
+    # SDPA / flash: query, keys, values, output, fp32 logsumexp per head. Given a mask, transformers repeats
+    # the kv heads instead of using GQA, and SDPA turns the bool mask into an additive one in the compute dtype
+    # (batch x 1 x seq x seq) that its memory-efficient kernel keeps for the backward, in every layer
+    # (measured: Mistral-7B, whose 4096 window masks seq 4096, benchmarks/results/planner-accuracy-h100.md).
+    if masked:
+        return compute * (4 * q + plan.seq_len) + 4 * heads
+    return compute * (2 * q + 2 * kv) + 4 * heads
 
 
 def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: int, targets: list[LinearShape],
@@ -309,7 +338,7 @@ def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: i
     compute, adapter = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.adapter_dtype]
     hidden, inter = shape.hidden_size, shape.intermediate_size
     per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
-    per_token += _attention_bytes_per_token(shape, plan, compute)
+    per_token += _attention_bytes_per_token(shape, plan, compute, sdpa_gets_mask(shape, plan, layer_index))
     per_token += (3 if shape.gated_mlp else 1) * compute * inter  # act input [act output, up] for act(gate) * up
     constant = 0
     kept_inputs = {}  # (kind, reads_block_input) -> width of a linear input that is kept as is
@@ -377,16 +406,15 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # batch (input_ids, attention_mask, labels int64), rotary cos/sin, final norm (fp32 input + rsqrt), the
     # gathered hidden states of the labelled tokens and their two int64 indices (loss.py)
     head = tokens * (3 * 8 + 2 * compute * shape.head_dim + 4 * hidden + 4 + compute * hidden + 2 * 8)
-    if plan.attn_implementation == "sdpa" and plan.micro_batch_size > 1 and not plan.packed:
-        head += tokens * plan.seq_len  # the bool padding mask, batch x seq x seq
+    if any(sdpa_gets_mask(shape, plan, index) for index in range(shape.num_layers)):
+        head += tokens * plan.seq_len  # the bool mask, batch x seq x seq
     elif plan.attn_implementation == "eager":
         head += tokens * plan.seq_len * compute  # the additive float mask
-    if plan.gradient_checkpointing:
-        saved = shape.num_layers * tokens * hidden * compute + head  # each layer's input
-        recomputed = max(layer_bytes)  # one layer at a time, during its backward
-    else:
-        saved = sum(layer_bytes) + head
-        recomputed = 0
+    # A checkpointed layer keeps only its input and recomputes the rest during its own backward; the others
+    # keep everything from the forward on.
+    checkpointed = checkpointed_layer_count(shape, plan)
+    kept = [tokens * hidden * compute if index < checkpointed else full for index, full in enumerate(layer_bytes)]
+    saved = sum(kept) + head
     widest = max(shape.intermediate_size, shape.q_dim + 2 * shape.kv_dim, hidden)
     backward = int(cal.backward_gradient_widths * compute * widest * tokens)
     if plan.attn_implementation == "eager":
@@ -400,22 +428,20 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         transient = max(transient, 2 * adapter_bytes * largest_target)
     if plan.use_dora:
         transient = max(transient, (4 + compute) * largest_target)
-    if accumulating:
-        layer_grads = gradients
-        layer_phase = saved + gradients + recomputed + backward + transient
-    else:
-        # backward of layer i (last to first): inputs of layers 0..i are still kept, gradients of layers i..L-1
-        # exist; both are linear in i, so the peak is at the first or the last layer processed
-        layers = shape.num_layers
-        kept_per_layer, grads_per_layer = (saved - head) / layers, gradients / layers
-        at_last = layers * kept_per_layer + grads_per_layer
-        at_first = kept_per_layer + layers * grads_per_layer
-        layer_grads = int(grads_per_layer) if at_last >= at_first else gradients
-        layer_phase = int(head + recomputed + backward + transient + max(at_last, at_first))
+    # Backward of layer i (last to first): what layers 0..i keep is still alive, a checkpointed layer i holds its
+    # recomputed activations as well, and the gradients of layers i..L-1 exist (all of them while accumulating).
+    layers = shape.num_layers
+    layer_phase, layer_grads = 0, 0
+    for index in range(layers):
+        grads = gradients if accumulating else gradients * (layers - index) // layers
+        recomputed = layer_bytes[index] if index < checkpointed else 0
+        memory = head + sum(kept[:index + 1]) + recomputed + grads + backward + transient
+        if memory > layer_phase:
+            layer_phase, layer_grads = memory, grads
     # the loss: one chunk of logits at a time (loss.py), and the gradient of the gathered hidden states
     chunk_logits = int(min(plan.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit)
     loss_phase = saved + chunk_logits + 2 * compute * hidden * tokens + (gradients if accumulating else 0)
-    if plan.gradient_checkpointing and plan.adapter_type == "lora" and adapter_bytes != compute:
+    if checkpointed and plan.adapter_type == "lora" and adapter_bytes != compute:
         # autocast caches its compute-dtype copy of every LoRA weight until the forward (loss included) ends;
         # without checkpointing the layers' saved tensors already hold them
         loss_phase += compute * trainable

@@ -101,6 +101,7 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
             "target_modules": plan.target_modules if isinstance(plan.target_modules, str)
             else list(plan.target_modules),
             "gradient_checkpointing": plan.gradient_checkpointing,
+            "checkpointed_layers": plan.checkpointed_layers,
             "micro_batch_size": plan.micro_batch_size,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
             "seq_len": plan.seq_len,
@@ -129,6 +130,8 @@ def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
              f"{'component':<34}{'GiB':>8}"]
     lines += [f"  {name:<32}{_gib(value)}" for name, value in estimate.breakdown.items()]
     margin = result.budget_bytes - result.usable_bytes - estimate.cuda_context_bytes
+    checkpointed = "all" if plan.gradient_checkpointing and plan.checkpointed_layers is None else (
+        plan.checkpointed_layers if plan.gradient_checkpointing else 0)
     lines += [f"{'peak reserved by PyTorch':<34}{_gib(estimate.predicted_peak_bytes)}   (at the {estimate.phase})",
               f"{'PyTorch may reserve':<34}{_gib(result.usable_bytes)}   ({result.budget_bytes / GIB:.2f} GiB less "
               f"{margin / GIB:.2f} GiB margin and {estimate.cuda_context_bytes / GIB:.2f} GiB CUDA context)"]
@@ -139,6 +142,7 @@ def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
               f"  adapter.type / target_modules        {plan.adapter_type} / {targets}",
               f"  adapter.r / adapter.alpha            {plan.rank} / {plan.lora_alpha:g}",
               f"  training.gradient_checkpointing      {str(plan.gradient_checkpointing).lower()}",
+              f"  training.checkpointed_layers         {checkpointed}",
               f"  training.micro_batch_size            {plan.micro_batch_size}",
               f"  training.gradient_accumulation_steps {plan.gradient_accumulation_steps}",
               f"  training.max_seq_len                 {plan.seq_len}",

@@ -6,7 +6,9 @@ Objective, in order (lexicographic; the first plan that fits wins):
   2. the highest rank (64, 32, 16, 8), lora_alpha = 2 x rank unless fixed;
   3. 32-bit AdamW, then paged 8-bit AdamW (QLoRA's optimizer; its paged states can move to CPU RAM);
   4. gradient checkpointing off (a third less compute), then on;
-  5. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest.
+  5. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest;
+  6. with checkpointing on, as few checkpointed layers as the memory left over allows: each layer that keeps its
+     activations is not recomputed in backward, so the budget the micro-batch leaves buys speed.
 A plan fits when PyTorch's predicted reserved peak stays within the budget less the safety margin and the
 CUDA context (`usable`). When nothing fits, the result carries the leanest plan, the smallest budget it fits
 and the longest sequence it fits at this budget.
@@ -39,6 +41,7 @@ class FixedChoices:
     gradient_checkpointing: Optional[bool] = None
     micro_batch_size: Optional[int] = None
     optimizer: Optional[str] = None
+    checkpointed_layers: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -101,15 +104,22 @@ def candidate_plans(shape: ModelShape, base: TrainingPlan, fixed: FixedChoices, 
                             lora_alpha=fixed.lora_alpha if fixed.lora_alpha is not None else 2.0 * rank,
                             optimizer=optimizer, gradient_checkpointing=checkpointing,
                             micro_batch_size=micro, gradient_accumulation_steps=accumulation,
+                            checkpointed_layers=fixed.checkpointed_layers if checkpointing else None,
                         ))
     return plans
+
+
+def describe_checkpointing(plan: TrainingPlan) -> str:
+    if not plan.gradient_checkpointing:
+        return "off"
+    return "on" if plan.checkpointed_layers is None else f"on for the first {plan.checkpointed_layers} layers"
 
 
 def describe(plan: TrainingPlan) -> str:
     """The searched choices of a plan, in a few words."""
     targets = plan.target_modules if isinstance(plan.target_modules, str) else ",".join(plan.target_modules)
     return (f"targets {targets}, rank {plan.rank} (alpha {plan.lora_alpha:g}), "
-            f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, micro-batch {plan.micro_batch_size} "
+            f"checkpointing {describe_checkpointing(plan)}, micro-batch {plan.micro_batch_size} "
             f"x {plan.gradient_accumulation_steps} accumulation, {plan.optimizer}")
 
 
@@ -134,6 +144,27 @@ def _longest_seq_len(shape: ModelShape, plan: TrainingPlan, budget_bytes: int, c
     return low * SEQ_LEN_STEP or None
 
 
+def fewest_checkpointed_layers(shape: ModelShape, plan: TrainingPlan, limit: int, calibration: Calibration
+                               ) -> tuple[TrainingPlan, MemoryEstimate]:
+    """`plan` (which fits `limit` with every layer checkpointed) with as few checkpointed layers as still fit.
+
+    Memory falls as more layers are checkpointed, so a binary search over the count finds the fewest.
+    """
+    def estimate_with(count: int) -> MemoryEstimate:
+        return estimate_memory(shape, dataclasses.replace(plan, checkpointed_layers=count), calibration)
+
+    low, high = 1, shape.num_layers  # fits with `high` layers checkpointed
+    while low < high:
+        middle = (low + high) // 2
+        if estimate_with(middle).predicted_peak_bytes <= limit:
+            high = middle
+        else:
+            low = middle + 1
+    if high == shape.num_layers:
+        return plan, estimate_memory(shape, plan, calibration)
+    return dataclasses.replace(plan, checkpointed_layers=high), estimate_with(high)
+
+
 def search_plan(model: Union[ModelShape, PretrainedConfig], budget_bytes: int, base: TrainingPlan,
                 fixed: FixedChoices = FixedChoices(), effective_batch: Optional[int] = None,
                 calibration: Calibration = CALIBRATION) -> PlanResult:
@@ -149,6 +180,8 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], budget_bytes: int, b
     for plan in candidate_plans(shape, base, fixed, effective_batch):
         estimate = estimate_memory(shape, plan, calibration)
         if estimate.predicted_peak_bytes <= limit:
+            if plan.gradient_checkpointing and fixed.checkpointed_layers is None:
+                plan, estimate = fewest_checkpointed_layers(shape, plan, limit, calibration)
             advice = (f"{describe(plan)}: predicted {_gib(estimate.predicted_peak_bytes)} of "
                       f"{_gib(limit)} usable")
             return PlanResult(True, plan, estimate, budget_bytes, limit, budget_needed(estimate, calibration), None,
