@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora_trainer.bench.random_model import write_synthetic_text
+from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess, write_synthetic_text
 from qlora_trainer.config import config_from_dict
 from qlora_trainer.planner import load_model_config, plan_from_run_config
 from qlora_trainer.planner.memory import estimate_memory
@@ -47,16 +47,8 @@ def run_config(model_dir: Path, data_path: Path, case: dict, output_dir: Path) -
     return config
 
 
-def random_checkpoint(model: str) -> Path:
-    """Build the checkpoint in its own process, so this one never holds a CUDA context beside the run."""
-    out_dir = WORK / f"random-{Path(model).name}"
-    subprocess.run([sys.executable, "-m", "qlora_trainer.bench.random_model", "--model", model, "--out", str(out_dir)],
-                   check=True)
-    return out_dir
-
-
 def measure_case(case: dict, timeout_s: int) -> dict:
-    model_dir = random_checkpoint(case["model"])
+    model_dir = random_checkpoint_in_subprocess(case["model"], WORK / f"random-{Path(case['model']).name}")
     data_path = write_synthetic_text(WORK / "synthetic-text.jsonl", n_docs=4000, words_per_doc=400)
     output_dir = WORK / "bench-run"
     config = run_config(model_dir, data_path, case, output_dir)
@@ -72,6 +64,14 @@ def measure_case(case: dict, timeout_s: int) -> dict:
     metrics_path = output_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     steps = [s for s in steps if "loss" in s]
+    ran_config = output_dir / "run_config.json"  # the config as the trainer ran it, after training.plan: auto
+    if ran_config.exists():
+        config = json.loads(ran_config.read_text())
+        training, adapter = config["training"], config["adapter"]
+        record["plan"] = {key: training[key] for key in ("micro_batch_size", "gradient_accumulation_steps",
+                                                          "gradient_checkpointing", "checkpointed_layers",
+                                                          "optimizer")}
+        record["plan"].update(rank=adapter["r"], target_modules=adapter["target_modules"])
     record.update(predicted(config))
     if process.returncode != 0:
         record["error"] = (process.stderr.strip().splitlines() or ["?"])[-1][:300]

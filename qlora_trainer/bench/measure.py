@@ -21,7 +21,8 @@ from qlora_trainer import adapters
 from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
 from qlora_trainer.loss import causal_lm_loss
 from qlora_trainer.model import enable_activation_checkpointing, load_base, load_model_config, pick_device
-from qlora_trainer.train import apply_memory_cap, build_optimizer
+from qlora_trainer.hardware import apply_memory_cap
+from qlora_trainer.train import build_optimizer
 
 METHODS = ("full", "full-8bit", "lora", "qlora", "loha", "lokr")
 ADAPTER_METHODS = {"lora": ("lora", "none"), "qlora": ("lora", "nf4"), "loha": ("loha", "nf4"), "lokr": ("lokr", "nf4")}
@@ -74,7 +75,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(_tensor_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
 
 
-def _load(spec: MethodSpec, device: torch.device):
+def load_method(spec: MethodSpec, device: torch.device):
     """The model with its trainable parameters and optimizer name, for one method."""
     if spec.method in ("full", "full-8bit"):
         dtype = torch.float32 if spec.method == "full" else torch.bfloat16
@@ -94,7 +95,7 @@ def _load(spec: MethodSpec, device: torch.device):
 def measure(spec: MethodSpec) -> Measurement:
     """Train `spec.steps` steps on random tokens and read what the method costs."""
     device = pick_device()
-    model, causal_lm, optimizer_name = _load(spec, device)
+    model, causal_lm, optimizer_name = load_method(spec, device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(optimizer_name, trainable, lr=1e-5, weight_decay=0.0)

@@ -9,6 +9,8 @@ saved and loaded the way users load theirs, measures what the real checkpoint wo
 import argparse
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -53,6 +55,14 @@ def make_random_checkpoint(model: str, out_dir: Path) -> Path:
     del network
     if device == "cuda":
         torch.cuda.empty_cache()
+    return out_dir
+
+
+def random_checkpoint_in_subprocess(model: str, out_dir: Path) -> Path:
+    """make_random_checkpoint in a process of its own, so the caller never holds a CUDA context beside the runs
+    it measures."""
+    subprocess.run([sys.executable, "-m", "qlora_trainer.bench.random_model", "--model", model, "--out",
+                    str(out_dir)], check=True)
     return out_dir
 
 

@@ -49,6 +49,11 @@ def _gib(value: Optional[int]) -> str:
     return "—" if value is None else f"{value / GIB:.2f}"
 
 
+def human_bytes(value: int) -> str:
+    """GiB for large figures, MiB for the small ones a tiny model gives."""
+    return f"{value / GIB:.2f} GiB" if value >= GIB // 4 else f"{value / 2**20:.2f} MiB"
+
+
 def _ratio(full: Optional[int], value: Optional[int]) -> str:
     if not full or not value:
         return "—"
@@ -64,10 +69,16 @@ def markdown(report: BenchReport) -> str:
         f"Device: {report.device}. Budget: {_gib(report.budget_bytes)} GiB. Date: {report.date}.",
         f"Command: `{report.command}`",
         "",
-        "Rows marked *estimated* were not run (they would not fit the budget, or no GPU was present); their "
-        "figures are the planner's predictions. *Measured* rows come from real training steps.",
+        "Rows marked *estimated* were not run (the planner predicted they would not fit the budget, or they ran "
+        "out of memory); their figures are the planner's predictions. *Measured* rows come from real training "
+        "steps.",
+    ]
+    if report.device == "cpu":
+        lines += ["", "**CPU run**: parameter counts, optimizer-state bytes and tokens/s are measured on the CPU; "
+                  "there is no VRAM to measure, so the only memory figures are the planner's predictions."]
+    lines += [
         "",
-        "| method | status | trainable params | optimizer states GiB | peak reserved GiB | peak allocated GiB "
+        "| method | status | trainable params | optimizer states | peak reserved GiB | peak allocated GiB "
         "| predicted peak GiB | tokens/s | optimizer-state saving | peak VRAM saving |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -75,7 +86,7 @@ def markdown(report: BenchReport) -> str:
         peak = row.peak_reserved_bytes or row.predicted_peak_bytes
         tps = "—" if row.tokens_per_second is None else f"{row.tokens_per_second:,.0f}"
         lines.append(
-            f"| {row.method} | {row.status} | {row.trainable_params:,} | {_gib(row.optimizer_state_bytes)} "
+            f"| {row.method} | {row.status} | {row.trainable_params:,} | {human_bytes(row.optimizer_state_bytes)} "
             f"| {_gib(row.peak_reserved_bytes)} | {_gib(row.peak_allocated_bytes)} | {_gib(row.predicted_peak_bytes)} "
             f"| {tps} | {_ratio(baseline.optimizer_state_bytes, row.optimizer_state_bytes)} "
             f"| {_ratio(base_peak, peak)} |"
@@ -94,8 +105,8 @@ def reading(report: BenchReport) -> list[str]:
     qlora = by_method.get("qlora")
     if full and qlora:
         sentences.append(
-            f"QLoRA keeps {qlora.optimizer_state_bytes / GIB:.2f} GiB of optimizer state against "
-            f"{full.optimizer_state_bytes / GIB:.1f} GiB for full fine-tuning "
+            f"QLoRA keeps {human_bytes(qlora.optimizer_state_bytes)} of optimizer state against "
+            f"{human_bytes(full.optimizer_state_bytes)} for full fine-tuning "
             f"({full.optimizer_state_bytes / max(qlora.optimizer_state_bytes, 1):,.0f}x less): only the adapters "
             "have AdamW moments."
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from qlora_trainer.bench.measure import ADAPTER_METHODS, METHODS, MethodSpec
-from qlora_trainer.bench.random_model import make_random_checkpoint
+from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess
 from qlora_trainer.bench.report import BenchReport, BenchRow, write_report
 from qlora_trainer.errors import UserError
 from qlora_trainer.hardware import detect_gpu
@@ -120,7 +120,8 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
         raise UserError("--seq-len, --batch-size and --steps must be positive")
     model_config = load_model_config(args.model)
     if args.random_weights:
-        model_path = make_random_checkpoint(args.model, Path(tempfile.gettempdir()) / f"random-{Path(args.model).name}")
+        model_path = random_checkpoint_in_subprocess(args.model,
+                                                     Path(tempfile.gettempdir()) / f"random-{Path(args.model).name}")
     elif (Path(args.model) / "config.json").is_file():
         model_path = Path(args.model)
     else:
@@ -164,12 +165,15 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
+    import qlora_trainer
+
     found = {}
-    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-trainer"):
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             found[package] = "not installed"
+    found["qlora-trainer"] = qlora_trainer.__version__  # also when run from a checkout that is not installed
     return found
 
 

@@ -1,0 +1,65 @@
+"""Planner accuracy table: measured peaks (a JSONL from measure_training.py) beside the current planner's prediction.
+
+The predictions are recomputed from each case's config with the planner as it is in this checkout, so the table
+always shows the committed model against the committed measurements.
+
+    python benchmarks/accuracy_table.py --results benchmarks/results/planner-accuracy-h100.jsonl \
+        --cases benchmarks/cases/planner-accuracy.yaml --out benchmarks/results/planner-accuracy-h100.md
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_training import predicted, run_config  # noqa: E402
+
+GIB = 2**30
+
+
+def case_config(case: dict, record: dict) -> dict:
+    """The run config of a case on the preset's architecture, with the choices the planner made where it chose."""
+    config = run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out"))
+    plan = record.get("plan")
+    if plan:
+        config["training"].update({k: v for k, v in plan.items() if k not in ("rank", "target_modules")})
+        config["adapter"].update(r=plan["rank"], alpha=2 * plan["rank"], target_modules=plan["target_modules"])
+        config["training"]["plan"] = "off"
+    return config
+
+
+def table(records: list[dict], cases: dict[str, dict]) -> str:
+    lines = ["| case | peak reserved GiB (measured) | predicted GiB | error | peak phase | tokens/s |",
+             "|---|---:|---:|---:|---|---:|"]
+    worst = 0.0
+    for record in records:
+        prediction = predicted(case_config(cases[record["name"]], record))
+        measured = record["peak_reserved_bytes"]
+        error = prediction["predicted_peak_bytes"] / measured - 1
+        worst = max(worst, abs(error))
+        lines.append(f"| {record['name']} | {measured / GIB:.2f} | {prediction['predicted_peak_bytes'] / GIB:.2f} "
+                     f"| {error:+.1%} | {prediction['predicted_phase']} | {record['tokens_per_second']:,.0f} |")
+    lines += ["", f"Largest error: {worst:.1%} over {len(records)} rows."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, type=Path, help="JSONL written by measure_training.py")
+    parser.add_argument("--cases", required=True, type=Path, nargs="+", help="the case files the results came from")
+    parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
+    args = parser.parse_args()
+    cases = {case["name"]: case for path in args.cases for case in yaml.safe_load(path.read_text())}
+    records = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    text = table([r for r in records if r.get("peak_reserved_bytes")], cases)
+    if args.out:
+        args.out.write_text(args.out.read_text().split("<!-- table -->")[0] + "<!-- table -->\n" + text
+                            if args.out.exists() else text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
