@@ -146,10 +146,14 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint whose files all match their checksums; broken ones are skipped with a warning."""
+    """The newest checkpoint whose files all match their checksums; broken ones are skipped with a warning, and
+    temp folders of unfinished writes are removed with one."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return None
+    for unfinished in root.glob(f"{_TMP_PREFIX}*"):  # a process killed while writing: never renamed, never used
+        warnings.warn(f"checkpoint {unfinished} ignored and removed: its write did not finish", stacklevel=2)
+        shutil.rmtree(unfinished, ignore_errors=True)
     candidates = sorted(
         (p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)),
         key=lambda p: int(p.name[len(_PREFIX):]),

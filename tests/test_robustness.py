@@ -251,6 +251,47 @@ def test_sigkill_leaves_the_newest_complete_checkpoint_and_resume_matches(tiny_l
     assert _same_adapter(out, reference_run)
 
 
+# Runs the trainer with the second checkpoint's write paused after its files are written and before its manifest
+# and rename, so that the test can SIGKILL the process in the middle of that write (only the moment is arranged).
+_PAUSE_IN_SECOND_CHECKPOINT = """
+import pathlib, sys, time
+import qlora_trainer.checkpoint as checkpoint
+marker, calls, real = pathlib.Path(sys.argv[1]), [], checkpoint.write_manifest
+def paused(folder):
+    calls.append(folder)
+    if len(calls) == 2:
+        marker.write_text(str(folder))
+        time.sleep(300)
+    real(folder)
+checkpoint.write_manifest = paused
+from qlora_trainer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_matches(
+        tiny_llama_dir, alpaca_file, tmp_path, reference_run):
+    out = tmp_path / "out"
+    config_path = write_config(tmp_path, base_raw(tiny_llama_dir, alpaca_file, out, save_steps=2))
+    marker = tmp_path / "writing"
+    process = subprocess.Popen([sys.executable, "-c", _PAUSE_IN_SECOND_CHECKPOINT, str(marker), "train", "--config",
+                                str(config_path), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    half_written = Path(marker.read_text())
+    process.kill()
+    process.communicate(timeout=60)
+    assert half_written.name.startswith(".tmp-step-0000004") and any(half_written.rglob("*.safetensors"))
+    assert [p.name for p in (out / CHECKPOINTS).iterdir() if p.name.startswith("step-")] == ["step-0000002"]
+    with pytest.warns(UserWarning, match="ignored"):
+        code = main(["train", "--config", str(config_path), "--resume", "--no-progress"])
+    assert code == 0
+    assert _losses(out / "metrics.jsonl") == _losses(reference_run / "metrics.jsonl")
+    assert _same_adapter(out, reference_run)
+
+
 # --- 3. out of memory and 4. numerical faults (the GPU fault is raised from a hooked step) -------------------
 
 def _fail_on_calls(monkeypatch, failing_calls: set[int], make_failure):
