@@ -136,3 +136,43 @@ def test_demo_config_trains_and_the_loss_clearly_falls(tmp_path):
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
     assert result.eval_loss is not None and result.eval_loss < 0.6 * result.losses[0]
+
+
+def _pretend_gpu(monkeypatch, budget_bytes: int) -> None:
+    """A GPU of `budget_bytes` as detection would report it (the run itself stays on the CPU)."""
+    from qlora_trainer import train as train_module
+    from qlora_trainer.hardware import GpuSpec
+
+    monkeypatch.setattr(train_module, "detect_gpu", lambda: GpuSpec("pretend GPU", budget_bytes, budget_bytes, True,
+                                                                     (8, 0)))
+
+
+def test_a_run_predicted_not_to_fit_is_refused_before_loading_unless_forced(tiny_llama_dir, alpaca_file, tmp_path,
+                                                                             monkeypatch, capsys):
+    _pretend_gpu(monkeypatch, 2**20)  # 1 MiB: less than the CUDA context alone
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(json.dumps({"model": {"path": str(tiny_llama_dir)}, "data": {"path": str(alpaca_file)},
+                                       "training": {"max_steps": 1, "max_seq_len": 96}}))
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config_path), "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit pretend GPU" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything was loaded or written
+    assert main(["train", "--config", str(config_path), "--output-dir", str(out), "--no-progress", "--force"]) == 0
+
+
+def test_plan_auto_fills_the_open_choices_so_the_run_fits(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    from qlora_trainer.planner import load_model_config, plan_from_run_config
+    from qlora_trainer.planner.memory import estimate_memory
+    from qlora_trainer.planner.search import usable
+
+    budget = 2 * 2**30
+    _pretend_gpu(monkeypatch, budget)
+    config = run_config(tiny_llama_dir, alpaca_file, tmp_path / "out", max_steps=1, plan="auto")
+    config.explicit_keys = frozenset({"adapter.type"})  # everything else open to the planner
+    train(config, show_progress=False)
+    ran = config_from_dict(json.loads((tmp_path / "out" / "run_config.json").read_text()))
+    assert (ran.adapter.target_modules, ran.adapter.r) == ("all-linear", 32)  # the highest rank the layers allow
+    assert ran.training.micro_batch_size * ran.training.gradient_accumulation_steps == 4  # effective batch kept
+    estimate = estimate_memory(load_model_config(str(tiny_llama_dir)), plan_from_run_config(ran, "bfloat16"))
+    assert estimate.predicted_peak_bytes <= usable(budget)
