@@ -2,7 +2,7 @@
 
 Each stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint,
 random tokens from the same seed, LoRA r=16 alpha 32 dropout 0 on q/k/v/o, NF4 + double quantization, bf16,
-gradient checkpointing, torch AdamW. Two modes:
+gradient checkpointing, torch AdamW; ours-offload is ours with checkpointed inputs in pinned CPU memory. Modes:
   speed:   tokens/s (median of the timed steps after two warm-up steps) and peak allocated / reserved VRAM
            at --seq-len, micro-batch 1;
   longest: the longest sequence (micro-batch 1, a multiple of 1024) that trains one step without running out of
@@ -29,7 +29,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
 
-STACKS = ("plain", "unsloth", "ours")
+STACKS = ("plain", "unsloth", "ours", "ours-offload")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SEQ_STEP = 1024
 
@@ -63,14 +63,14 @@ def build_unsloth(model_dir: str, seq_len: int):
     return model, lambda tokens: model(input_ids=tokens, labels=tokens).loss
 
 
-def build_ours(model_dir: str, seq_len: int):
+def build_ours(model_dir: str, seq_len: int, offload: bool = False):
     import torch
 
     from qlora_trainer.bench.measure import MethodSpec, load_method
     from qlora_trainer.loss import causal_lm_loss
 
     spec = MethodSpec(method="qlora", model_path=model_dir, seq_len=seq_len, micro_batch_size=1, rank=16,
-                      target_modules="attn")
+                      target_modules="attn", offload_checkpoints=offload)
     model, causal_lm, _ = load_method(spec, torch.device("cuda", 0))
 
     def loss(tokens):
@@ -81,7 +81,8 @@ def build_ours(model_dir: str, seq_len: int):
     return model, loss
 
 
-BUILDERS = {"plain": build_plain, "unsloth": build_unsloth, "ours": build_ours}
+BUILDERS = {"plain": build_plain, "unsloth": build_unsloth, "ours": build_ours,
+            "ours-offload": lambda model_dir, seq_len: build_ours(model_dir, seq_len, offload=True)}
 
 
 def train_step(model, loss_fn: Callable, optimizer, tokens) -> float:

@@ -77,6 +77,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     gradient_checkpointing: bool = True  # recompute activations in backward (non-reentrant)
     checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
+    offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned CPU memory (less VRAM, host RAM)
     loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)

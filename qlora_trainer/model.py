@@ -11,6 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_trainer.config import ModelConfig, QuantizationConfig
 from qlora_trainer.errors import ConfigError, UserError
+from qlora_trainer.offload import offloaded_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -102,8 +103,10 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None) -> None:
-    """Non-reentrant checkpointing of the first `checkpointed_layers` decoder layers (None = all of them).
+def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
+                                    offload: bool = False) -> None:
+    """Non-reentrant checkpointing of the first `checkpointed_layers` decoder layers (None = all of them), their
+    inputs kept in pinned CPU memory when `offload` (offload.py).
 
     The last layers are the ones left out: backward reaches them first, so their kept activations are freed
     before any checkpointed layer recomputes its own. (The method was renamed in transformers 5.2x.)
@@ -112,15 +115,18 @@ def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optio
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if checkpointed_layers is None:
-        return
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index < checkpointed_layers
+        layer.gradient_checkpointing = checkpointed_layers is None or index < checkpointed_layers
+        if offload:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+    if offload:  # a reentrant checkpoint runs its backward only when its input requires grad
+        model.enable_input_require_grads()
 
 
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,
-              device: Optional[torch.device] = None, checkpointed_layers: Optional[int] = None) -> LoadedBase:
+              device: Optional[torch.device] = None, checkpointed_layers: Optional[int] = None,
+              offload_checkpoints: bool = False) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters.
 
     Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
@@ -152,5 +158,5 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkp
     if model_cfg.upcast_non_quantized:
         upcast_non_quantized(model)
     if gradient_checkpointing:
-        enable_activation_checkpointing(model, checkpointed_layers)
+        enable_activation_checkpointing(model, checkpointed_layers, offload_checkpoints)
     return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)

@@ -273,7 +273,8 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True, f
     set_seed(tcfg.seed)
     apply_memory_cap(tcfg.memory_cap_gib)
     base = model_loading.load_base(config.model, config.quantization, tcfg.gradient_checkpointing,
-                                   checkpointed_layers=tcfg.checkpointed_layers)
+                                   checkpointed_layers=tcfg.checkpointed_layers,
+                                   offload_checkpoints=tcfg.offload_checkpoints)
     tokenized = data.prepare_data(config.data, base.tokenizer, tcfg.max_seq_len, tcfg.seed)
     stats = tokenized.stats
     print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "

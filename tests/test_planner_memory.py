@@ -1,6 +1,7 @@
 """The memory model against the real pieces on the CPU: parameter counts, bitsandbytes storage, peft adapter
 tensors, optimizer states and the activations autograd keeps for a decoder layer."""
 
+import dataclasses
 import pytest
 import torch
 import bitsandbytes as bnb
@@ -271,6 +272,18 @@ def test_partial_checkpointing_lies_between_none_and_all(llama2):
     partial = [peak(checkpointed_layers=count) for count in range(1, 33)]
     assert all(a >= b for a, b in zip(partial, partial[1:]))  # more checkpointed layers, less memory
     assert nothing > partial[0] and partial[-1] == everything
+
+
+def test_offloaded_checkpoints_leave_one_layer_input_on_the_gpu(llama2):
+    # with accumulation every layer's gradient exists throughout, so both peak at the last layer's backward
+    plan = TrainingPlan(seq_len=16384, micro_batch_size=1, gradient_accumulation_steps=2, packed=True,
+                        lora_dropout=0.0)
+    kept = estimate_memory(llama2, plan)
+    offloaded = estimate_memory(llama2, dataclasses.replace(plan, offload_checkpoints=True))
+    layer_input = 16384 * 4096 * 2
+    assert kept.phase == offloaded.phase == "layer backward"
+    # 32 inputs kept on the GPU, against the one copied back for the layer in backward
+    assert kept.predicted_peak_allocated_bytes - offloaded.predicted_peak_allocated_bytes == 31 * layer_input
 
 
 def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():

@@ -127,3 +127,13 @@ def test_plan_auto_fills_what_the_user_left_out(llama2):
     assert planned.adapter.r == 8 and planned.training.micro_batch_size == 2  # fixed
     assert planned.adapter.target_modules == "all-linear" and planned.training.gradient_accumulation_steps == 8
     assert plan_from_run_config(planned, "float16") == result.plan
+
+
+def test_offloading_is_the_last_resort_that_keeps_targets_and_rank(llama2):
+    base = TrainingPlan(seq_len=32768, micro_batch_size=1, packed=True, lora_dropout=0.0)
+    fixed = FixedChoices(target_modules="all-linear", rank=16)
+    result = search_plan(llama2, 15 * GIB, base, fixed)
+    assert result.fits and result.plan.offload_checkpoints and result.plan.gradient_checkpointing
+    without = search_plan(llama2, 15 * GIB, base, dataclasses.replace(fixed, offload_checkpoints=False))
+    assert not without.fits
+    assert not search_plan(llama2, 15 * GIB, dataclasses.replace(base, seq_len=2048), fixed).plan.offload_checkpoints

@@ -37,6 +37,7 @@ class MethodSpec:
     rank: int = 16
     target_modules: str = "all-linear"
     steps: int = 6
+    offload_checkpoints: bool = False  # adapter methods: checkpointed inputs in CPU memory
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def load_method(spec: MethodSpec, device: torch.device):
         return model, model, "adamw" if spec.method == "full" else "adamw8bit"
     adapter_type, quant = ADAPTER_METHODS[spec.method]
     model_cfg = ModelConfig(path=spec.model_path)
-    base = load_base(model_cfg, QuantizationConfig(mode=quant), gradient_checkpointing=True, device=device)
+    base = load_base(model_cfg, QuantizationConfig(mode=quant), gradient_checkpointing=True, device=device,
+                     offload_checkpoints=spec.offload_checkpoints)
     keys, layers = adapters.resolve_targets(adapters.meta_model(load_model_config(model_cfg)), spec.target_modules)
     adapter = AdapterConfig(type=adapter_type, r=spec.rank, alpha=2 * spec.rank, dropout=0.0, target_modules=keys)
     peft_model, _ = adapters.attach_adapter(base.model, adapter, keys, layers)

@@ -51,6 +51,7 @@ def plan_from_run_config(config: RunConfig, compute_dtype: str) -> TrainingPlan:
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         gradient_checkpointing=config.training.gradient_checkpointing,
         checkpointed_layers=config.training.checkpointed_layers,
+        offload_checkpoints=config.training.offload_checkpoints,
         micro_batch_size=config.training.micro_batch_size,
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         seq_len=config.training.max_seq_len,
@@ -82,6 +83,7 @@ def fixed_choices(config: RunConfig) -> FixedChoices:
         micro_batch_size=given("training.micro_batch_size", config.training.micro_batch_size),
         optimizer=given("training.optimizer", config.training.optimizer),
         checkpointed_layers=given("training.checkpointed_layers", config.training.checkpointed_layers),
+        offload_checkpoints=given("training.offload_checkpoints", config.training.offload_checkpoints),
     )
 
 
@@ -92,7 +94,8 @@ def apply_planned_choices(config: RunConfig, result: PlanResult) -> RunConfig:
     adapter = dataclasses.replace(config.adapter, r=plan.rank, alpha=plan.lora_alpha, target_modules=targets)
     training = dataclasses.replace(
         config.training, gradient_checkpointing=plan.gradient_checkpointing,
-        checkpointed_layers=plan.checkpointed_layers, micro_batch_size=plan.micro_batch_size,
+        checkpointed_layers=plan.checkpointed_layers, offload_checkpoints=plan.offload_checkpoints,
+        micro_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps, optimizer=plan.optimizer,
     )
     return dataclasses.replace(config, adapter=adapter, training=training)

@@ -190,6 +190,7 @@ class TrainingPlan:
     target_modules: Union[str, tuple[str, ...]] = "all-linear"  # attn | mlp | all-linear | module names
     gradient_checkpointing: bool = True
     checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
+    offload_checkpoints: bool = False  # checkpointed layers' inputs wait in CPU memory (offload.py)
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     seq_len: int = 512
@@ -410,10 +411,13 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         head += tokens * plan.seq_len  # the bool mask, batch x seq x seq
     elif plan.attn_implementation == "eager":
         head += tokens * plan.seq_len * compute  # the additive float mask
-    # A checkpointed layer keeps only its input and recomputes the rest during its own backward; the others
-    # keep everything from the forward on.
+    # A checkpointed layer keeps only its input (in CPU memory when offloaded) and recomputes the rest during its
+    # own backward; the others keep everything from the forward on.
     checkpointed = checkpointed_layer_count(shape, plan)
-    kept = [tokens * hidden * compute if index < checkpointed else full for index, full in enumerate(layer_bytes)]
+    layer_input = tokens * hidden * compute
+    offloaded = plan.offload_checkpoints and checkpointed > 0
+    kept = [(0 if offloaded else layer_input) if index < checkpointed else full
+            for index, full in enumerate(layer_bytes)]
     saved = sum(kept) + head
     widest = max(shape.intermediate_size, shape.q_dim + 2 * shape.kv_dim, hidden)
     backward = int(cal.backward_gradient_widths * compute * widest * tokens)
@@ -429,12 +433,13 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     if plan.use_dora:
         transient = max(transient, (4 + compute) * largest_target)
     # Backward of layer i (last to first): what layers 0..i keep is still alive, a checkpointed layer i holds its
-    # recomputed activations as well, and the gradients of layers i..L-1 exist (all of them while accumulating).
+    # recomputed activations as well (and its input, copied back, when offloaded), and the gradients of layers
+    # i..L-1 exist (all of them while accumulating).
     layers = shape.num_layers
     layer_phase, layer_grads = 0, 0
     for index in range(layers):
         grads = gradients if accumulating else gradients * (layers - index) // layers
-        recomputed = layer_bytes[index] if index < checkpointed else 0
+        recomputed = layer_bytes[index] + (layer_input if offloaded else 0) if index < checkpointed else 0
         memory = head + sum(kept[:index + 1]) + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads

@@ -8,7 +8,9 @@ Objective, in order (lexicographic; the first plan that fits wins):
   4. gradient checkpointing off (a third less compute), then on;
   5. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest;
   6. with checkpointing on, as few checkpointed layers as the memory left over allows: each layer that keeps its
-     activations is not recomputed in backward, so the budget the micro-batch leaves buys speed.
+     activations is not recomputed in backward, so the budget the micro-batch leaves buys speed;
+  7. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
+     (slower, but it keeps the adapter's targets and rank).
 A plan fits when PyTorch's predicted reserved peak stays within the budget less the safety margin and the
 CUDA context (`usable`). When nothing fits, the result carries the leanest plan, the smallest budget it fits
 and the longest sequence it fits at this budget.
@@ -42,6 +44,7 @@ class FixedChoices:
     micro_batch_size: Optional[int] = None
     optimizer: Optional[str] = None
     checkpointed_layers: Optional[int] = None
+    offload_checkpoints: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,21 @@ def candidate_plans(shape: ModelShape, base: TrainingPlan, fixed: FixedChoices, 
     def choices(value, default):
         return [value] if value is not None else list(default)
 
+    # (checkpointing, offloading) in the objective's order: off, on, on with inputs in CPU memory
+    memory_modes = [(checkpointing, offload)
+                    for checkpointing, offload in ((False, False), (True, False), (True, True))
+                    if fixed.gradient_checkpointing in (None, checkpointing)
+                    and fixed.offload_checkpoints in (None, offload)]
     plans = []
     for targets in choices(fixed.target_modules, TARGET_ORDER):
         for rank in choices(fixed.rank, _ranks(shape, base, targets)):
             for optimizer in choices(fixed.optimizer, OPTIMIZER_ORDER):
-                for checkpointing in choices(fixed.gradient_checkpointing, (False, True)):
+                for checkpointing, offload in memory_modes:
                     for micro, accumulation in _batch_splits(effective_batch, fixed.micro_batch_size):
                         plans.append(dataclasses.replace(
                             base, target_modules=targets, rank=rank,
                             lora_alpha=fixed.lora_alpha if fixed.lora_alpha is not None else 2.0 * rank,
-                            optimizer=optimizer, gradient_checkpointing=checkpointing,
+                            optimizer=optimizer, gradient_checkpointing=checkpointing, offload_checkpoints=offload,
                             micro_batch_size=micro, gradient_accumulation_steps=accumulation,
                             checkpointed_layers=fixed.checkpointed_layers if checkpointing else None,
                         ))
@@ -112,7 +120,8 @@ def candidate_plans(shape: ModelShape, base: TrainingPlan, fixed: FixedChoices, 
 def describe_checkpointing(plan: TrainingPlan) -> str:
     if not plan.gradient_checkpointing:
         return "off"
-    return "on" if plan.checkpointed_layers is None else f"on for the first {plan.checkpointed_layers} layers"
+    layers = "on" if plan.checkpointed_layers is None else f"on for the first {plan.checkpointed_layers} layers"
+    return layers + (", inputs offloaded to CPU memory" if plan.offload_checkpoints else "")
 
 
 def describe(plan: TrainingPlan) -> str:

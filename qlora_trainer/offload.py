@@ -1,0 +1,54 @@
+"""Checkpointed decoder layers whose inputs wait in pinned CPU memory between forward and backward.
+
+Gradient checkpointing keeps one tensor per layer on the GPU, the layer's input (layers x tokens x hidden x 2 bytes:
+4 GiB for a 7B model at 16k tokens). With offloading, that input is copied to pinned host memory during the
+forward and copied back when backward reaches the layer, which then recomputes its activations as usual. It is
+a reentrant checkpoint: the layer runs without autograd in the forward and again, with autograd, inside this
+function's backward, under the forward's autocast and RNG state so that dropout masks match.
+"""
+
+from typing import Callable
+
+import torch
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run_function: Callable, hidden_states: torch.Tensor):
+        ctx.run_function = run_function
+        ctx.device = hidden_states.device
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device.type), torch.get_autocast_dtype(ctx.device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+        if ctx.device.type == "cuda":
+            ctx.stored = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
+            ctx.stored.copy_(hidden_states, non_blocking=True)
+        else:
+            ctx.stored = hidden_states.detach()
+        with torch.no_grad():
+            return run_function(hidden_states)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        hidden_states = ctx.stored.to(ctx.device, non_blocking=True).requires_grad_(True)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                outputs = ctx.run_function(hidden_states)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if torch.is_tensor(o) and o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.stored = None
+        return None, hidden_states.grad
+
+
+def offloaded_checkpoint(function: Callable, hidden_states: torch.Tensor, *args, **kwargs):
+    """Drop-in for a decoder layer's `_gradient_checkpointing_func(function, hidden_states)`."""
+    if args or kwargs:
+        raise TypeError("offloaded checkpointing takes the layer's hidden states as its only positional input")
+    return _OffloadedCheckpoint.apply(function, hidden_states)
