@@ -60,8 +60,12 @@ def test_a_method_over_the_budget_is_estimated_never_measured(tiny_llama_dir, tm
     budget = (qlora_peak + full_peak) // 2
     monkeypatch.setattr(bench_run, "detect_gpu", lambda: GpuSpec("pretend GPU", budget, budget, True, (8, 0)))
     measured_methods = []
-    monkeypatch.setattr(bench_run, "_measure_in_subprocess",
-                        lambda spec, cap, timeout_s: (measured_methods.append(spec.method) or measure(spec).__dict__, ""))
+
+    def measure_here(spec, cap_gib, timeout_s):  # in this process: the same measurement, without a subprocess
+        measured_methods.append(spec.method)
+        return measure(spec).__dict__, ""
+
+    monkeypatch.setattr(bench_run, "_measure_in_subprocess", measure_here)
     report = bench_run.run_bench(bench_args(tiny_llama_dir, tmp_path, "full,qlora"), "qlora-trainer bench")
     rows = {row.method: row for row in report.rows}
     assert measured_methods == ["qlora"]  # full was never run
@@ -73,7 +77,8 @@ def test_a_method_over_the_budget_is_estimated_never_measured(tiny_llama_dir, tm
     markdown = written[0].read_text()
     assert "| full | estimated |" in markdown and "| qlora | measured |" in markdown
     full_line = next(line for line in markdown.splitlines() if line.startswith("| full |"))
-    assert full_line.split("|")[5].strip() == "—" and full_line.split("|")[8].strip() == "—"  # no measured peak, no speed
+    cells = [cell.strip() for cell in full_line.split("|")]
+    assert cells[5] == "—" and cells[8] == "—"  # no measured peak, no speed
 
 
 def test_unknown_method_is_a_one_line_error(tiny_llama_dir, tmp_path, monkeypatch, capsys):

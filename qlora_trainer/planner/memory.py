@@ -159,7 +159,8 @@ def model_shape(model_config: PretrainedConfig) -> ModelShape:
     # transformers gives every layer a sliding window when the config has one, unless layer_types says which
     sliding_window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
-    sliding_layers = frozenset(i for i, kind in enumerate(layer_types) if kind == "sliding_attention" and sliding_window)
+    sliding_layers = frozenset(index for index, kind in enumerate(layer_types)
+                               if kind == "sliding_attention" and sliding_window)
     return ModelShape(
         model_type=config.model_type,
         num_layers=config.num_hidden_layers,
@@ -436,11 +437,12 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # recomputed activations as well (and its input, copied back, when offloaded), and the gradients of layers
     # i..L-1 exist (all of them while accumulating).
     layers = shape.num_layers
-    layer_phase, layer_grads = 0, 0
+    layer_phase, layer_grads, kept_so_far = 0, 0, 0
     for index in range(layers):
+        kept_so_far += kept[index]
         grads = gradients if accumulating else gradients * (layers - index) // layers
         recomputed = layer_bytes[index] + (layer_input if offloaded else 0) if index < checkpointed else 0
-        memory = head + sum(kept[:index + 1]) + recomputed + grads + backward + transient
+        memory = head + kept_so_far + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads
     # the loss: one chunk of logits at a time (loss.py), and the gradient of the gathered hidden states
