@@ -138,13 +138,12 @@ def chart(report: BenchReport, path: Path) -> None:
         if row.status == "estimated":
             axes.bar(names[index], bottoms[index], fill=False, hatch="//", edgecolor="#333333", linewidth=0)
     if report.budget_bytes:
-        axes.axhline(report.budget_bytes / GIB, color="black", linestyle="--", linewidth=1)
-        axes.text(len(names) - 0.5, report.budget_bytes / GIB, f" budget {report.budget_bytes / GIB:.1f} GiB",
-                  va="bottom", ha="right", fontsize=8)
+        axes.axhline(report.budget_bytes / GIB, color="black", linestyle="--", linewidth=1,
+                     label=f"budget {report.budget_bytes / GIB:.1f} GiB")
     axes.set_ylabel("peak GPU memory (GiB)")
     axes.set_title(f"{report.model}, seq {report.seq_len}, micro-batch {report.micro_batch_size} — {report.device}",
                    fontsize=9)
-    axes.legend(fontsize=8, loc="upper right")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
