@@ -434,14 +434,16 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     if plan.use_dora:
         transient = max(transient, (4 + compute) * largest_target)
     # Backward of layer i (last to first): what layers 0..i keep is still alive, a checkpointed layer i holds its
-    # recomputed activations as well (and its input, copied back, when offloaded), and the gradients of layers
-    # i..L-1 exist (all of them while accumulating).
+    # recomputed activations as well, and the gradients of layers i..L-1 exist (all of them while accumulating).
+    # An offloaded layer (offload.py, a reentrant checkpoint) also holds its input copied back, and the gradient
+    # of its output stays alive through the inner backward beside the gradient of its input (measured:
+    # the offloaded Llama-2-7B rows of planner-accuracy-h100.md, whose shortfall grew by 2 inputs' bytes/token).
     layers = shape.num_layers
     layer_phase, layer_grads, kept_so_far = 0, 0, 0
     for index in range(layers):
         kept_so_far += kept[index]
         grads = gradients if accumulating else gradients * (layers - index) // layers
-        recomputed = layer_bytes[index] + (layer_input if offloaded else 0) if index < checkpointed else 0
+        recomputed = layer_bytes[index] + (3 * layer_input if offloaded else 0) if index < checkpointed else 0
         memory = head + kept_so_far + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads
