@@ -70,7 +70,7 @@ def measure_case(case: dict, timeout_s: int) -> dict:
         training, adapter = config["training"], config["adapter"]
         record["plan"] = {key: training[key] for key in ("micro_batch_size", "gradient_accumulation_steps",
                                                           "gradient_checkpointing", "checkpointed_layers",
-                                                          "optimizer")}
+                                                          "offload_checkpoints", "optimizer")}
         record["plan"].update(rank=adapter["r"], target_modules=adapter["target_modules"])
     record.update(predicted(config))
     if process.returncode != 0:

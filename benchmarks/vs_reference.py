@@ -201,8 +201,7 @@ def main() -> None:
         return
     from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess
 
-    model_dir = random_checkpoint_in_subprocess(args.model,
-                                                Path(tempfile.gettempdir()) / f"random-{Path(args.model).name}")
+    model_dir = random_checkpoint_in_subprocess(args.model)
     for stack in args.stacks.split(","):
         record = run_stack(stack, args, model_dir) | {"model": args.model}
         if args.out:

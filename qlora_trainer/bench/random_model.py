@@ -11,7 +11,9 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,9 +60,10 @@ def make_random_checkpoint(model: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def random_checkpoint_in_subprocess(model: str, out_dir: Path) -> Path:
+def random_checkpoint_in_subprocess(model: str, out_dir: Optional[Path] = None) -> Path:
     """make_random_checkpoint in a process of its own, so the caller never holds a CUDA context beside the runs
-    it measures."""
+    it measures. By default the checkpoint goes to (and is reused from) the temp folder."""
+    out_dir = out_dir or Path(tempfile.gettempdir()) / f"random-{Path(model).name}"
     subprocess.run([sys.executable, "-m", "qlora_trainer.bench.random_model", "--model", model, "--out",
                     str(out_dir)], check=True)
     return out_dir

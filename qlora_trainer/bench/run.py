@@ -120,8 +120,7 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
         raise UserError("--seq-len, --batch-size and --steps must be positive")
     model_config = load_model_config(args.model)
     if args.random_weights:
-        model_path = random_checkpoint_in_subprocess(args.model,
-                                                     Path(tempfile.gettempdir()) / f"random-{Path(args.model).name}")
+        model_path = random_checkpoint_in_subprocess(args.model)
     elif (Path(args.model) / "config.json").is_file():
         model_path = Path(args.model)
     else:
