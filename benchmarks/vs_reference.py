@@ -2,7 +2,8 @@
 
 Each stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint,
 random tokens from the same seed, LoRA r=16 alpha 32 dropout 0 on q/k/v/o, NF4 + double quantization, bf16,
-gradient checkpointing, torch AdamW; ours-offload is ours with checkpointed inputs in pinned CPU memory. Modes:
+gradient checkpointing, torch AdamW. `ours` is our trainer's defaults; ours-offload keeps checkpointed inputs in
+pinned CPU memory, ours-eager skips torch.compile, ours-peft-lora also uses peft's LoRA forward. Modes:
   speed:   tokens/s (median of the timed steps after two warm-up steps) and peak allocated / reserved VRAM
            at --seq-len, micro-batch 1;
   longest: the longest sequence (micro-batch 1, a multiple of 1024) that trains one step without running out of
@@ -29,7 +30,10 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
 
-STACKS = ("plain", "unsloth", "ours", "ours-offload")
+# our trainer's defaults, then the same with one option changed
+OURS = {"ours": {}, "ours-offload": {"offload_checkpoints": True}, "ours-eager": {"compile_layers": "off"},
+        "ours-peft-lora": {"compile_layers": "off", "fused_lora": False}}
+STACKS = ("plain", "unsloth", *OURS)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SEQ_STEP = 1024
 
@@ -63,14 +67,14 @@ def build_unsloth(model_dir: str, seq_len: int):
     return model, lambda tokens: model(input_ids=tokens, labels=tokens).loss
 
 
-def build_ours(model_dir: str, seq_len: int, offload: bool = False):
+def build_ours(model_dir: str, seq_len: int, options: dict):
     import torch
 
     from qlora_trainer.bench.measure import MethodSpec, load_method
     from qlora_trainer.loss import causal_lm_loss
 
     spec = MethodSpec(method="qlora", model_path=model_dir, seq_len=seq_len, micro_batch_size=1, rank=16,
-                      target_modules="attn", offload_checkpoints=offload)
+                      target_modules="attn", **options)
     model, causal_lm, _ = load_method(spec, torch.device("cuda", 0))
 
     def loss(tokens):
@@ -81,8 +85,20 @@ def build_ours(model_dir: str, seq_len: int, offload: bool = False):
     return model, loss
 
 
-BUILDERS = {"plain": build_plain, "unsloth": build_unsloth, "ours": build_ours,
-            "ours-offload": lambda model_dir, seq_len: build_ours(model_dir, seq_len, offload=True)}
+BUILDERS = {"plain": build_plain, "unsloth": build_unsloth,
+            **{name: (lambda model_dir, seq_len, options=options: build_ours(model_dir, seq_len, options))
+               for name, options in OURS.items()}}
+
+
+def predicted(model_config, seq_len: int, options: dict) -> dict:
+    """The planner's peaks for one of our stacks (its plan is build_ours's)."""
+    from qlora_trainer.planner.memory import TrainingPlan, estimate_memory, model_shape
+
+    plan = TrainingPlan(rank=16, lora_alpha=32, target_modules=tuple(TARGETS), seq_len=seq_len, lora_dropout=0.0,
+                        offload_checkpoints=options.get("offload_checkpoints", False))
+    estimate = estimate_memory(model_shape(model_config), plan)
+    return {"predicted_allocated_bytes": estimate.predicted_peak_allocated_bytes,
+            "predicted_reserved_bytes": estimate.predicted_peak_bytes}
 
 
 def train_step(model, loss_fn: Callable, optimizer, tokens) -> float:
@@ -122,6 +138,8 @@ def worker(stack: str, model_dir: str, mode: str, seq_len: int, steps: int, cap_
             torch.cuda.synchronize()
         table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
         return record | {"seq_len": seq_len, "profile": table}
+    if stack in OURS and mode == "speed":
+        record |= predicted(model.config, seq_len, OURS[stack])
     if mode == "speed":
         torch.cuda.reset_peak_memory_stats()
         speeds, losses = [], []
@@ -133,6 +151,7 @@ def worker(stack: str, model_dir: str, mode: str, seq_len: int, steps: int, cap_
             torch.cuda.synchronize()
             speeds.append(seq_len / (time.perf_counter() - started))
         return record | {"seq_len": seq_len, "tokens_per_second": statistics.median(speeds[2:] or speeds),
+                         "first_step_s": seq_len / speeds[0],  # includes torch.compile's compilation
                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "losses": losses}
 
@@ -164,12 +183,16 @@ def worker(stack: str, model_dir: str, mode: str, seq_len: int, steps: int, cap_
 
 
 def run_stack(stack: str, args: argparse.Namespace, model_dir: Path) -> dict:
+    from qlora_trainer.hardware import ALLOCATOR_SETTINGS
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--worker", stack, "--model-dir", str(model_dir), "--mode", args.mode,
                    "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--cap-gib", str(args.cap_gib),
                    "--max-seq-len", str(args.max_seq_len), "--out", str(out)]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+        if stack in OURS:  # the allocator settings our command line sets
+            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
         process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, env=env)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from qlora_trainer.errors import UserError
+from qlora_trainer.hardware import configure_allocator
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -118,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Growable segments instead of fixed blocks: less reserved-but-unused memory, and a predictable peak.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    configure_allocator()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

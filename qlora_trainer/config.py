@@ -79,6 +79,8 @@ class TrainingConfig:
     checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
     offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned CPU memory (less VRAM, host RAM)
     loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
+    fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (fused_lora.py)
+    compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto = on CUDA GPUs
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
     resume: Literal["off", "auto"] = "off"  # auto = continue from the newest complete checkpoint

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
-from qlora_trainer import adapters, checkpoint, data, model as model_loading
+from qlora_trainer import adapters, checkpoint, compiled_layers, data, fused_lora, model as model_loading
 from qlora_trainer.config import RunConfig, config_to_dict
 from qlora_trainer.errors import ConfigError, OutOfMemoryAbort, UserError
 from qlora_trainer.hardware import apply_memory_cap, detect_gpu
@@ -281,6 +281,10 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True, f
           f"{stats.rows_bad} bad rows skipped {dict(stats.bad_reasons) or ''}".rstrip())
     peft_model, summary = adapters.attach_adapter(base.model, config.adapter, target_keys, target_layers)
     print(summary.line())
+    if tcfg.fused_lora:
+        fused_lora.use_fused_lora(peft_model)
+    if compiled_layers.should_compile(tcfg.compile_layers, base.device):
+        compiled_layers.compile_decoder_layers(peft_model)
     (output_dir / RUN_CONFIG).write_text(json.dumps(config_to_dict(config), indent=1))
 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer import adapters
+from qlora_trainer import adapters, fused_lora
+from qlora_trainer.compiled_layers import compile_decoder_layers, should_compile
 from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
 from qlora_trainer.loss import causal_lm_loss
 from qlora_trainer.model import enable_activation_checkpointing, load_base, load_model_config, pick_device
@@ -38,6 +39,8 @@ class MethodSpec:
     target_modules: str = "all-linear"
     steps: int = 6
     offload_checkpoints: bool = False  # adapter methods: checkpointed inputs in CPU memory
+    fused_lora: bool = True  # LoRA methods: fused_lora.py's forward (training.fused_lora)
+    compile_layers: str = "auto"  # adapter methods: torch.compile each decoder layer (training.compile_layers)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ def load_method(spec: MethodSpec, device: torch.device):
     keys, layers = adapters.resolve_targets(adapters.meta_model(load_model_config(model_cfg)), spec.target_modules)
     adapter = AdapterConfig(type=adapter_type, r=spec.rank, alpha=2 * spec.rank, dropout=0.0, target_modules=keys)
     peft_model, _ = adapters.attach_adapter(base.model, adapter, keys, layers)
+    if spec.fused_lora:
+        fused_lora.use_fused_lora(peft_model)
+    if should_compile(spec.compile_layers, device):
+        compile_decoder_layers(peft_model)
     return peft_model, peft_model.get_base_model(), "adamw"
 
 
