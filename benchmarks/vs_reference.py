@@ -3,7 +3,8 @@
 Each stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint,
 random tokens from the same seed, LoRA r=16 alpha 32 dropout 0 on q/k/v/o, NF4 + double quantization, bf16,
 gradient checkpointing, torch AdamW. `ours` is our trainer's defaults; ours-offload keeps checkpointed inputs in
-pinned CPU memory, ours-eager skips torch.compile, ours-peft-lora also uses peft's LoRA forward. Modes:
+pinned CPU memory, ours-long adds MLPs 2,048 tokens at a time and 512-token loss chunks (for long sequences),
+ours-eager skips torch.compile, ours-peft-lora also uses peft's LoRA forward. Modes:
   speed:   tokens/s (median of the timed steps after two warm-up steps) and peak allocated / reserved VRAM
            at --seq-len, micro-batch 1;
   longest: the longest sequence (micro-batch 1, a multiple of 1024) that trains one step without running out of
@@ -31,7 +32,9 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
 
 # our trainer's defaults, then the same with one option changed
-OURS = {"ours": {}, "ours-offload": {"offload_checkpoints": True}, "ours-eager": {"compile_layers": "off"},
+OURS = {"ours": {}, "ours-offload": {"offload_checkpoints": True},
+        "ours-long": {"offload_checkpoints": True, "mlp_chunk_tokens": 2048, "loss_chunk_tokens": 512},
+        "ours-eager": {"compile_layers": "off"},
         "ours-peft-lora": {"compile_layers": "off", "fused_lora": False}}
 STACKS = ("plain", "unsloth", *OURS)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -73,6 +76,8 @@ def build_ours(model_dir: str, seq_len: int, options: dict):
     from qlora_trainer.bench.measure import MethodSpec, load_method
     from qlora_trainer.loss import causal_lm_loss
 
+    options = dict(options)
+    chunk_tokens = options.pop("loss_chunk_tokens", 1024)
     spec = MethodSpec(method="qlora", model_path=model_dir, seq_len=seq_len, micro_batch_size=1, rank=16,
                       target_modules="attn", **options)
     model, causal_lm, _ = load_method(spec, torch.device("cuda", 0))
@@ -80,7 +85,7 @@ def build_ours(model_dir: str, seq_len: int, options: dict):
     def loss(tokens):
         batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            parts = causal_lm_loss(causal_lm, batch, 1024)
+            parts = causal_lm_loss(causal_lm, batch, chunk_tokens)
         return parts.loss_sum / parts.label_tokens
     return model, loss
 
@@ -95,7 +100,9 @@ def predicted(model_config, seq_len: int, options: dict) -> dict:
     from qlora_trainer.planner.memory import TrainingPlan, estimate_memory, model_shape
 
     plan = TrainingPlan(rank=16, lora_alpha=32, target_modules=tuple(TARGETS), seq_len=seq_len, lora_dropout=0.0,
-                        offload_checkpoints=options.get("offload_checkpoints", False))
+                        offload_checkpoints=options.get("offload_checkpoints", False),
+                        mlp_chunk_tokens=options.get("mlp_chunk_tokens", 0),
+                        loss_chunk_tokens=options.get("loss_chunk_tokens", 1024))
     estimate = estimate_memory(model_shape(model_config), plan)
     return {"predicted_allocated_bytes": estimate.predicted_peak_allocated_bytes,
             "predicted_reserved_bytes": estimate.predicted_peak_bytes}

@@ -81,6 +81,7 @@ class TrainingConfig:
     loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
     fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (fused_lora.py)
     compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto = on CUDA GPUs
+    mlp_chunk_tokens: int = 0  # > 0: MLPs run this many tokens at a time, each chunk recomputed (long sequences)
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
     resume: Literal["off", "auto"] = "off"  # auto = continue from the newest complete checkpoint
@@ -136,6 +137,7 @@ class RunConfig:
             "training.eval_steps": self.training.eval_steps,
             "training.memory_cap_gib": self.training.memory_cap_gib,
             "training.checkpointed_layers": self.training.checkpointed_layers or 0,
+            "training.mlp_chunk_tokens": self.training.mlp_chunk_tokens,
         }
         for key, value in non_negative.items():
             if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):

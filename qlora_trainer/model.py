@@ -1,6 +1,7 @@
 """Load the frozen base model: NF4 / FP4 / 8-bit / 16-bit, compute dtype, tokenizer, gradient checkpointing."""
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_trainer.config import ModelConfig, QuantizationConfig
 from qlora_trainer.errors import ConfigError, UserError
-from qlora_trainer.offload import offloaded_checkpoint
+from qlora_trainer.offload import layer_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -103,25 +104,41 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
+class _CheckpointedLayer:
+    """Mixed into a decoder layer's class: its call runs under offload.py's checkpoint.
+
+    The checkpoint wraps the module call from outside, so a compiled layer (compiled_layers.py) compiles the
+    layer alone, whichever way the installed transformers hooks its own checkpointing in.
+    """
+
+    offload_checkpoint: bool
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args or not (self.training and torch.is_grad_enabled()):
+            return nn.Module.__call__(self, hidden_states, *args, **kwargs)
+        run = partial(nn.Module.__call__, self, **kwargs)
+        return layer_checkpoint(run, hidden_states, offload=self.offload_checkpoint)
+
+
 def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
                                     offload: bool = False) -> None:
-    """Non-reentrant checkpointing of the first `checkpointed_layers` decoder layers (None = all of them), their
-    inputs kept in pinned CPU memory when `offload` (offload.py).
+    """Checkpointing of the first `checkpointed_layers` decoder layers (None = all of them) with offload.py's
+    reentrant checkpoint, their inputs kept in pinned CPU memory when `offload`.
 
     The last layers are the ones left out: backward reaches them first, so their kept activations are freed
-    before any checkpointed layer recomputes its own. (The method was renamed in transformers 5.2x.)
+    before any checkpointed layer recomputes its own. transformers' own checkpointing stays off.
     """
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    checkpointed_class = {}  # one class per layer class: a compiled graph is shared by layers of one class
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = checkpointed_layers is None or index < checkpointed_layers
-        if offload:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
-    if offload:  # a reentrant checkpoint runs its backward only when its input requires grad
-        model.enable_input_require_grads()
+        layer.gradient_checkpointing = False
+        if checkpointed_layers is None or index < checkpointed_layers:
+            base = type(layer)
+            if base not in checkpointed_class:
+                checkpointed_class[base] = type(f"Checkpointed{base.__name__}", (_CheckpointedLayer, base), {})
+            layer.__class__ = checkpointed_class[base]
+            layer.offload_checkpoint = offload
+    model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad
 
 
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,

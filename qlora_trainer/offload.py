@@ -1,11 +1,16 @@
-"""Checkpointed decoder layers whose inputs wait in pinned CPU memory between forward and backward.
+"""Checkpointed decoder layers (a reentrant checkpoint), their inputs kept on the GPU or in pinned CPU memory.
 
 Gradient checkpointing keeps one tensor per layer on the GPU, the layer's input (layers x tokens x hidden x 2 bytes:
 4 GiB for a 7B model at 16k tokens). With offloading, that input is copied to pinned host memory during the
 forward and copied back when backward reaches the layer, which then recomputes its activations as usual. It is
 a reentrant checkpoint: the layer runs without autograd in the forward and again, with autograd, inside this
 function's backward, under the forward's autocast and RNG state so that dropout masks match.
+
+Without offloading it is also our default checkpoint: its no-grad forward skips the saved-tensor hooks that
+torch's non-reentrant checkpoint runs for every tensor, which measured faster at micro-batch 1 (Llama-2-7B,
+benchmarks/results/vs-reference-h100.md).
 """
+
 
 from typing import Callable
 
@@ -14,13 +19,13 @@ import torch
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run_function: Callable, hidden_states: torch.Tensor):
+    def forward(ctx, run_function: Callable, offload: bool, hidden_states: torch.Tensor):
         ctx.run_function = run_function
         ctx.device = hidden_states.device
         ctx.autocast = (torch.is_autocast_enabled(ctx.device.type), torch.get_autocast_dtype(ctx.device.type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
-        if ctx.device.type == "cuda":
+        if offload and ctx.device.type == "cuda":
             ctx.stored = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
             ctx.stored.copy_(hidden_states, non_blocking=True)
         else:
@@ -44,11 +49,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                  if torch.is_tensor(o) and o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.stored = None
-        return None, hidden_states.grad
+        return None, None, hidden_states.grad
 
 
-def offloaded_checkpoint(function: Callable, hidden_states: torch.Tensor, *args, **kwargs):
-    """Drop-in for a decoder layer's `_gradient_checkpointing_func(function, hidden_states)`."""
-    if args or kwargs:
-        raise TypeError("offloaded checkpointing takes the layer's hidden states as its only positional input")
-    return _OffloadedCheckpoint.apply(function, hidden_states)
+def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False) -> torch.Tensor:
+    """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload`."""
+    return _OffloadedCheckpoint.apply(function, offload, hidden_states)

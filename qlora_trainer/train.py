@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from qlora_trainer import adapters, checkpoint, compiled_layers, data, fused_lora, model as model_loading
+from qlora_trainer.chunked_mlp import chunk_mlps
 from qlora_trainer.config import RunConfig, config_to_dict
 from qlora_trainer.errors import ConfigError, OutOfMemoryAbort, UserError
 from qlora_trainer.hardware import apply_memory_cap, detect_gpu
@@ -283,6 +284,8 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True, f
     print(summary.line())
     if tcfg.fused_lora:
         fused_lora.use_fused_lora(peft_model)
+    if tcfg.mlp_chunk_tokens:
+        chunk_mlps(peft_model, tcfg.mlp_chunk_tokens)
     if compiled_layers.should_compile(tcfg.compile_layers, base.device):
         compiled_layers.compile_decoder_layers(peft_model)
     (output_dir / RUN_CONFIG).write_text(json.dumps(config_to_dict(config), indent=1))

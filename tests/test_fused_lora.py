@@ -102,7 +102,8 @@ def test_disabled_and_merged_adapters_take_peft_path(tiny_llama_dir):
 
 
 def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_dir):
-    """compile_decoder_layers under checkpointing: one graph for all layers, no graph break, eager's gradients.
+    """compile_decoder_layers under checkpointing: one graph for all layers in each of the checkpoint's two passes
+    (the no-grad forward, the recomputation with grad), no graph break, eager's gradients.
 
     aot_eager runs the captured graphs without generating kernels, so this checks what torch.compile traces
     (the fused LoRA function and bitsandbytes' dequantization included) in seconds rather than a C++ build.
@@ -120,7 +121,27 @@ def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_d
     counters.clear()
     assert compile_decoder_layers(model, backend="aot_eager") == 2
     got_logits, got = _grads(model, x, autocast=False)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llama_dir):
+    """8-token chunks of a 24-token sequence: the MLPs only ever see 8 tokens, and the results equal the unchunked
+    model's. (How often a chunk reruns in backward is up to torch's nested non-reentrant checkpoints.)"""
+    from qlora_trainer.chunked_mlp import chunk_mlps
+
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    want_logits, want = _grads(model, x, autocast=False)
+    assert chunk_mlps(model, chunk_tokens=8) == 2
+    mlp_calls = []
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda module, args, out: mlp_calls.append(args[0].shape[1]))
+    got_logits, got = _grads(model, x, autocast=False)
+    assert set(mlp_calls) == {8} and len(mlp_calls) > 3 * 2  # 3 chunks x 2 layers in the forward, more in backward
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)

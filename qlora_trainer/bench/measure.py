@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qlora_trainer import adapters, fused_lora
+from qlora_trainer.chunked_mlp import chunk_mlps
 from qlora_trainer.compiled_layers import compile_decoder_layers, should_compile
 from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
 from qlora_trainer.loss import causal_lm_loss
@@ -41,6 +42,7 @@ class MethodSpec:
     offload_checkpoints: bool = False  # adapter methods: checkpointed inputs in CPU memory
     fused_lora: bool = True  # LoRA methods: fused_lora.py's forward (training.fused_lora)
     compile_layers: str = "auto"  # adapter methods: torch.compile each decoder layer (training.compile_layers)
+    mlp_chunk_tokens: int = 0  # adapter methods: MLPs a chunk of tokens at a time (training.mlp_chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def load_method(spec: MethodSpec, device: torch.device):
     peft_model, _ = adapters.attach_adapter(base.model, adapter, keys, layers)
     if spec.fused_lora:
         fused_lora.use_fused_lora(peft_model)
+    if spec.mlp_chunk_tokens:
+        chunk_mlps(peft_model, spec.mlp_chunk_tokens)
     if should_compile(spec.compile_layers, device):
         compile_decoder_layers(peft_model)
     return peft_model, peft_model.get_base_model(), "adamw"

@@ -61,6 +61,7 @@ def plan_from_run_config(config: RunConfig, compute_dtype: str) -> TrainingPlan:
         adapter_dtype=config.adapter.dtype,
         lora_dropout=config.adapter.dropout,
         loss_chunk_tokens=config.training.loss_chunk_tokens,
+        mlp_chunk_tokens=config.training.mlp_chunk_tokens,
         attn_implementation=config.model.attn_implementation,
         double_quant=config.quantization.double_quant,
         upcast_non_quantized=config.model.upcast_non_quantized,

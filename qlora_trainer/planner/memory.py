@@ -201,6 +201,7 @@ class TrainingPlan:
     adapter_dtype: str = "float32"
     lora_dropout: float = 0.05
     loss_chunk_tokens: int = 1024
+    mlp_chunk_tokens: int = 0  # > 0: MLPs run that many tokens at a time, each chunk checkpointed (chunked_mlp.py)
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
     double_quant: bool = True
     upcast_non_quantized: bool = False  # embeddings, norms, lm_head in fp32
@@ -334,6 +335,11 @@ def _attention_bytes_per_token(shape: ModelShape, plan: TrainingPlan, compute: i
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
+def mlp_chunked(plan: TrainingPlan) -> bool:
+    """Whether chunked_mlp.py splits this plan's sequences (only those longer than the chunk)."""
+    return 0 < plan.mlp_chunk_tokens < plan.seq_len
+
+
 def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: int, targets: list[LinearShape],
                             tokens: int) -> int:
     """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
@@ -341,7 +347,7 @@ def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: i
     hidden, inter = shape.hidden_size, shape.intermediate_size
     per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
     per_token += _attention_bytes_per_token(shape, plan, compute, sdpa_gets_mask(shape, plan, layer_index))
-    per_token += (3 if shape.gated_mlp else 1) * compute * inter  # act input [act output, up] for act(gate) * up
+    mlp_per_token = (3 if shape.gated_mlp else 1) * compute * inter  # act input [act output, up] for act(gate) * up
     constant = 0
     kept_inputs = {}  # (kind, reads_block_input) -> width of a linear input that is kept as is
     if plan.quant == "int8":  # MatMul8bitLt keeps its input for the backward (ctx.tensors = (CAt, subA, A))
@@ -350,27 +356,37 @@ def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: i
                 kept_inputs[(linear.kind, linear.reads_block_input)] = linear.d_in
     for target in targets:
         group = (target.kind, target.reads_block_input)
+        own = 0
         if plan.adapter_type == "lora":
-            per_token += compute * plan.rank  # A's output, kept by B
+            own += compute * plan.rank  # A's output, kept by B
             if plan.lora_dropout > 0:
-                per_token += (compute + 1) * target.d_in  # each adapter's own dropped-out input + its bool mask
+                own += (compute + 1) * target.d_in  # each adapter's own dropped-out input + its bool mask
             else:
                 kept_inputs[group] = target.d_in  # A keeps the shared input itself
             if plan.use_dora:
-                per_token += 2 * compute * target.d_out  # base and adapter outputs, kept by the magnitude scaling
+                own += 2 * compute * target.d_out  # base and adapter outputs, kept by the magnitude scaling
             if adapter != compute:  # autocast's compute-dtype copies of A and B, kept for the backward
                 constant += compute * sum(adapter_tensor_numels("lora", plan.rank, target.d_in, target.d_out))
         else:  # LoHa / LoKr build the full delta weight and run F.linear with it
             constant += compute * target.d_in * target.d_out
             if adapter != compute:
-                per_token += compute * target.d_in  # each adapter's own cast of its input
+                own += compute * target.d_in  # each adapter's own cast of its input
             else:
                 kept_inputs[group] = target.d_in
+        if target.kind == "mlp":
+            mlp_per_token += own
+        else:
+            per_token += own
     if plan.attn_implementation != "eager":
         # SDPA / flash return their output in (batch, seq, heads, dim) memory: o_proj's input is that same tensor
         kept_inputs.pop(("attn", False), None)
-    per_token += compute * sum(kept_inputs.values())
-    return tokens * per_token + constant
+    per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind != "mlp")
+    mlp_per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind == "mlp")
+    if not mlp_chunked(plan):
+        return tokens * (per_token + mlp_per_token) + constant
+    # chunked_mlp.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
+    chunk = plan.micro_batch_size * plan.mlp_chunk_tokens
+    return tokens * (per_token + compute * hidden) + chunk * mlp_per_token + constant
 
 
 def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], plan: TrainingPlan,
@@ -420,8 +436,10 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     kept = [(0 if offloaded else layer_input) if index < checkpointed else full
             for index, full in enumerate(layer_bytes)]
     saved = sum(kept) + head
-    widest = max(shape.intermediate_size, shape.q_dim + 2 * shape.kv_dim, hidden)
-    backward = int(cal.backward_gradient_widths * compute * widest * tokens)
+    widest = max(shape.q_dim + 2 * shape.kv_dim, hidden) * tokens
+    mlp_tokens = plan.micro_batch_size * plan.mlp_chunk_tokens if mlp_chunked(plan) else tokens
+    widest = max(widest, shape.intermediate_size * mlp_tokens)
+    backward = int(cal.backward_gradient_widths * compute * widest)
     if plan.attn_implementation == "eager":
         backward += tokens * shape.num_heads * plan.seq_len * (4 + compute)  # gradient of the probabilities
     # one weight-sized buffer at a time: the dequantized base weight in each matmul, the LoHa/LoKr delta and its
@@ -435,15 +453,15 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         transient = max(transient, (4 + compute) * largest_target)
     # Backward of layer i (last to first): what layers 0..i keep is still alive, a checkpointed layer i holds its
     # recomputed activations as well, and the gradients of layers i..L-1 exist (all of them while accumulating).
-    # An offloaded layer (offload.py, a reentrant checkpoint) also holds its input copied back, and the gradient
-    # of its output stays alive through the inner backward beside the gradient of its input (measured:
-    # the offloaded Llama-2-7B rows of planner-accuracy-h100.md, whose shortfall grew by 2 inputs' bytes/token).
+    # In offload.py's reentrant checkpoint the gradient of a layer's output stays alive through the inner backward
+    # beside the gradient of its input (measured: the offloaded Llama-2-7B rows of planner-accuracy-h100.md, whose
+    # shortfall grew by 2 inputs' bytes/token), and an offloaded layer also holds its input copied back.
     layers = shape.num_layers
     layer_phase, layer_grads, kept_so_far = 0, 0, 0
     for index in range(layers):
         kept_so_far += kept[index]
         grads = gradients if accumulating else gradients * (layers - index) // layers
-        recomputed = layer_bytes[index] + (3 * layer_input if offloaded else 0) if index < checkpointed else 0
+        recomputed = layer_bytes[index] + (3 if offloaded else 2) * layer_input if index < checkpointed else 0
         memory = head + kept_so_far + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads
