@@ -282,9 +282,9 @@ def test_offloaded_checkpoints_leave_one_layer_input_on_the_gpu(llama2):
     offloaded = estimate_memory(llama2, dataclasses.replace(plan, offload_checkpoints=True))
     layer_input = 16384 * 4096 * 2
     assert kept.phase == offloaded.phase == "layer backward"
-    # 32 inputs kept on the GPU, against the one copied back for the layer in backward and the two gradients that
-    # the reentrant backward holds at once
-    assert kept.predicted_peak_allocated_bytes - offloaded.predicted_peak_allocated_bytes == 29 * layer_input
+    # 32 inputs kept on the GPU, against the one copied back for the layer in backward (the two gradients that
+    # the reentrant backward holds at once are there in both)
+    assert kept.predicted_peak_allocated_bytes - offloaded.predicted_peak_allocated_bytes == 31 * layer_input
 
 
 def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():
