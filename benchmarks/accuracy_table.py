@@ -23,6 +23,8 @@ GIB = 2**30
 def case_config(case: dict, record: dict) -> dict:
     """The run config of a case on the preset's architecture, with the choices the planner made where it chose."""
     config = run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out"))
+    # records from before 2026-11-23 carry no compile_layers: the trainer had no compiled layers then
+    config["training"]["compile_layers"] = record.get("compile_layers", "off")
     plan = record.get("plan")
     if plan:
         config["training"].update({k: v for k, v in plan.items() if k not in ("rank", "target_modules")})

@@ -68,6 +68,7 @@ def measure_case(case: dict, timeout_s: int) -> dict:
     if ran_config.exists():
         config = json.loads(ran_config.read_text())
         training, adapter = config["training"], config["adapter"]
+        record["compile_layers"] = training.get("compile_layers", "off")
         record["plan"] = {key: training[key] for key in ("micro_batch_size", "gradient_accumulation_steps",
                                                           "gradient_checkpointing", "checkpointed_layers",
                                                           "offload_checkpoints", "optimizer")}

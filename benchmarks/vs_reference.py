@@ -3,7 +3,8 @@
 Each stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint,
 random tokens from the same seed, LoRA r=16 alpha 32 dropout 0 on q/k/v/o, NF4 + double quantization, bf16,
 gradient checkpointing, torch AdamW. `ours` is our trainer's defaults; ours-offload keeps checkpointed inputs in
-pinned CPU memory, ours-long adds MLPs 2,048 tokens at a time and 512-token loss chunks (for long sequences),
+pinned CPU memory, ours-long adds MLPs 2,048 tokens at a time and 512-token loss chunks (for long sequences;
+ours-long-4k: 4,096-token MLP chunks),
 ours-eager skips torch.compile, ours-peft-lora also uses peft's LoRA forward. Modes:
   speed:   tokens/s (median of the timed steps after two warm-up steps) and peak allocated / reserved VRAM
            at --seq-len, micro-batch 1;
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's q
 # our trainer's defaults, then the same with one option changed
 OURS = {"ours": {}, "ours-offload": {"offload_checkpoints": True},
         "ours-long": {"offload_checkpoints": True, "mlp_chunk_tokens": 2048, "loss_chunk_tokens": 512},
+        "ours-long-4k": {"offload_checkpoints": True, "mlp_chunk_tokens": 4096, "loss_chunk_tokens": 512},
         "ours-eager": {"compile_layers": "off"},
         "ours-peft-lora": {"compile_layers": "off", "fused_lora": False}}
 STACKS = ("plain", "unsloth", *OURS)
@@ -102,7 +104,8 @@ def predicted(model_config, seq_len: int, options: dict) -> dict:
     plan = TrainingPlan(rank=16, lora_alpha=32, target_modules=tuple(TARGETS), seq_len=seq_len, lora_dropout=0.0,
                         offload_checkpoints=options.get("offload_checkpoints", False),
                         mlp_chunk_tokens=options.get("mlp_chunk_tokens", 0),
-                        loss_chunk_tokens=options.get("loss_chunk_tokens", 1024))
+                        loss_chunk_tokens=options.get("loss_chunk_tokens", 1024),
+                        compiled_layers=options.get("compile_layers", "auto") != "off")
     estimate = estimate_memory(model_shape(model_config), plan)
     return {"predicted_allocated_bytes": estimate.predicted_peak_allocated_bytes,
             "predicted_reserved_bytes": estimate.predicted_peak_bytes}

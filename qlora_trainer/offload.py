@@ -7,17 +7,18 @@ a reentrant checkpoint: the layer runs without autograd in the forward and again
 function's backward, under the forward's autocast and RNG state so that dropout masks match.
 
 Without offloading it is also our default checkpoint: its no-grad forward skips the saved-tensor hooks that
-torch's non-reentrant checkpoint runs for every tensor, which measured faster at micro-batch 1 (Llama-2-7B,
-benchmarks/results/vs-reference-h100.md).
+torch's non-reentrant checkpoint runs for every tensor. With compiled layers on an H100 (Llama-2-7B, seq 2048) the
+offloaded reentrant path beat torch's non-reentrant checkpoint in two of three same-run comparisons and lost one
+(benchmarks/results/vs-reference-h100/development-2026-11-23.jsonl); it also wraps the layer from outside, which
+keeps the checkpoint out of torch.compile's graphs on every transformers version (model.py).
 """
-
 
 from typing import Callable
 
 import torch
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
+class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run_function: Callable, offload: bool, hidden_states: torch.Tensor):
         ctx.run_function = run_function
@@ -54,4 +55,4 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False) -> torch.Tensor:
     """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload`."""
-    return _OffloadedCheckpoint.apply(function, offload, hidden_states)
+    return _LayerCheckpoint.apply(function, offload, hidden_states)

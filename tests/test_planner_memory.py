@@ -218,7 +218,8 @@ def test_layer_activations_equal_what_autograd_keeps(tiny_llama_dir, adapter_typ
             if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
     shape = model_shape(AutoConfig.from_pretrained(tiny_llama_dir))
     plan = TrainingPlan(rank=8, adapter_type=adapter_type, target_modules=targets, micro_batch_size=batch,
-                        seq_len=seq_len, adapter_dtype="bfloat16", lora_dropout=0.0, attn_implementation=attn)
+                        seq_len=seq_len, adapter_dtype="bfloat16", lora_dropout=0.0, attn_implementation=attn,
+                        compiled_layers=False)  # eager autograd, as this test runs it
     index = shape.num_layers - 1
     layer_targets = [t for t in shape.targets(targets) if t.layer_index == index]
     predicted = layer_activation_bytes(shape, plan, index, layer_targets, batch * seq_len)
@@ -316,3 +317,26 @@ def test_paged_optimizer_moves_the_8bit_states_out_of_the_pool(llama2):
     # at rank 64 every LoRA tensor has >= 100k elements, so both uint8 states of each are paged
     assert paged.paged_optimizer_bytes == 2 * eight_bit.trainable_params
     assert eight_bit.breakdown["optimizer"] - paged.breakdown["optimizer"] == paged.paged_optimizer_bytes
+
+
+def test_mlp_chunks_bound_the_mlp_activations_of_long_sequences_only(llama2):
+    plan = TrainingPlan(seq_len=32768, lora_dropout=0.0, target_modules="attn", offload_checkpoints=True,
+                        loss_chunk_tokens=512)
+    whole = estimate_memory(llama2, plan)
+    chunked = estimate_memory(llama2, dataclasses.replace(plan, mlp_chunk_tokens=4096))
+    assert whole.phase == chunked.phase == "layer backward"
+    # one layer's gate/up outputs (compiled: act(gate) is recomputed) for 28k fewer tokens, less the MLP input the
+    # chunks keep for the whole sequence; the backward buffers follow q/k/v, wider than Llama-2's MLP chunk
+    inter, hidden = 11008, 4096
+    saved = (32768 - 4096) * 2 * 2 * inter - 32768 * 2 * hidden
+    assert whole.predicted_peak_allocated_bytes - chunked.predicted_peak_allocated_bytes == saved
+    short = dataclasses.replace(plan, seq_len=4096)
+    assert estimate_memory(llama2, short) == estimate_memory(llama2, dataclasses.replace(short, mlp_chunk_tokens=4096))
+
+
+def test_compiled_layers_keep_two_of_the_three_gated_mlp_activations(llama2):
+    plan = TrainingPlan(seq_len=8192, lora_dropout=0.0, target_modules="attn", loss_chunk_tokens=256)
+    eager = estimate_memory(llama2, dataclasses.replace(plan, compiled_layers=False))
+    compiled = estimate_memory(llama2, plan)
+    assert eager.phase == compiled.phase == "layer backward"
+    assert eager.predicted_peak_allocated_bytes - compiled.predicted_peak_allocated_bytes == 8192 * 2 * 11008

@@ -45,7 +45,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _plan(spec: MethodSpec, quant: str, adapter_type: str) -> TrainingPlan:
     return TrainingPlan(seq_len=spec.seq_len, micro_batch_size=spec.micro_batch_size, adapter_type=adapter_type,
                         rank=spec.rank, lora_alpha=2.0 * spec.rank, target_modules=spec.target_modules,
-                        lora_dropout=0.0, quant=quant, packed=True)
+                        lora_dropout=0.0, quant=quant, packed=True,
+                        compiled_layers=spec.method not in ("full", "full-8bit"))  # load_method compiles adapters
 
 
 def full_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int, int, int]:

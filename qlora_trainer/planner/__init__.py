@@ -62,6 +62,7 @@ def plan_from_run_config(config: RunConfig, compute_dtype: str) -> TrainingPlan:
         lora_dropout=config.adapter.dropout,
         loss_chunk_tokens=config.training.loss_chunk_tokens,
         mlp_chunk_tokens=config.training.mlp_chunk_tokens,
+        compiled_layers=config.training.compile_layers != "off",  # "auto" compiles on GPUs, which plans are for
         attn_implementation=config.model.attn_implementation,
         double_quant=config.quantization.double_quant,
         upcast_non_quantized=config.model.upcast_non_quantized,

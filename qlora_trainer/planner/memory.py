@@ -202,6 +202,7 @@ class TrainingPlan:
     lora_dropout: float = 0.05
     loss_chunk_tokens: int = 1024
     mlp_chunk_tokens: int = 0  # > 0: MLPs run that many tokens at a time, each chunk checkpointed (chunked_mlp.py)
+    compiled_layers: bool = True  # decoder layers under torch.compile (training.compile_layers, on for GPUs)
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
     double_quant: bool = True
     upcast_non_quantized: bool = False  # embeddings, norms, lm_head in fp32
@@ -347,7 +348,10 @@ def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: i
     hidden, inter = shape.hidden_size, shape.intermediate_size
     per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
     per_token += _attention_bytes_per_token(shape, plan, compute, sdpa_gets_mask(shape, plan, layer_index))
-    mlp_per_token = (3 if shape.gated_mlp else 1) * compute * inter  # act input [act output, up] for act(gate) * up
+    # act input [act output, up] for act(gate) * up; a compiled layer recomputes the elementwise act(gate) in
+    # backward rather than keep it (AOTAutograd's min-cut partitioner keeps matmul outputs, redoes pointwise ops)
+    gated_kept = 2 if plan.compiled_layers else 3
+    mlp_per_token = (gated_kept if shape.gated_mlp else 1) * compute * inter
     constant = 0
     kept_inputs = {}  # (kind, reads_block_input) -> width of a linear input that is kept as is
     if plan.quant == "int8":  # MatMul8bitLt keeps its input for the backward (ctx.tensors = (CAt, subA, A))
