@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_trainer.errors import ConfigError
+from qlora_trainer.model import mixed_class
 
 
 class _ChunkedForward:
@@ -34,11 +35,7 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> int:
     mlps = [getattr(layer, "mlp", None) for layer in layers]
     if not layers or any(mlp is None for mlp in mlps):
         raise ConfigError("training.mlp_chunk_tokens: this model's decoder layers have no `mlp` module; use 0")
-    chunked_class = {}  # one class per MLP class: a compiled graph is shared by layers of one class
     for mlp in mlps:
-        base = type(mlp)
-        if base not in chunked_class:
-            chunked_class[base] = type(f"Chunked{base.__name__}", (_ChunkedForward, base), {})
-        mlp.__class__ = chunked_class[base]
+        mlp.__class__ = mixed_class(_ChunkedForward, type(mlp))
         mlp.chunk_tokens = chunk_tokens
     return len(mlps)

@@ -2,7 +2,7 @@
 few fused kernels, which matters at micro-batch 1 where a 7B model's GPU otherwise waits on Python dispatch.
 
 Layers share one compiled graph (their parameters are graph inputs), so the cost is one compilation, paid on the
-first step. Gradient checkpointing (transformers' or offload.py's) wraps the compiled call; it is not traced.
+first step. Gradient checkpointing (model.py, offload.py) wraps the compiled call; it is not traced.
 """
 
 import torch

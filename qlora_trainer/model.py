@@ -1,7 +1,7 @@
 """Load the frozen base model: NF4 / FP4 / 8-bit / 16-bit, compute dtype, tokenizer, gradient checkpointing."""
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Optional
 
@@ -114,10 +114,20 @@ class _CheckpointedLayer:
     offload_checkpoint: bool
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if args or not (self.training and torch.is_grad_enabled()):
+        if not (self.training and torch.is_grad_enabled()):
             return nn.Module.__call__(self, hidden_states, *args, **kwargs)
-        run = partial(nn.Module.__call__, self, **kwargs)
+        run = partial(_call_module, self, args=args, kwargs=kwargs)
         return layer_checkpoint(run, hidden_states, offload=self.offload_checkpoint)
+
+
+def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+    return nn.Module.__call__(module, hidden_states, *args, **kwargs)
+
+
+@cache
+def mixed_class(mixin: type, base: type) -> type:
+    """`base` with `mixin`'s methods in front, one class per pair: a compiled graph is shared by modules of a class."""
+    return type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base), {})
 
 
 def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
@@ -129,14 +139,10 @@ def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optio
     before any checkpointed layer recomputes its own. transformers' own checkpointing stays off.
     """
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    checkpointed_class = {}  # one class per layer class: a compiled graph is shared by layers of one class
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = False
         if checkpointed_layers is None or index < checkpointed_layers:
-            base = type(layer)
-            if base not in checkpointed_class:
-                checkpointed_class[base] = type(f"Checkpointed{base.__name__}", (_CheckpointedLayer, base), {})
-            layer.__class__ = checkpointed_class[base]
+            layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
             layer.offload_checkpoint = offload
     model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad
 
