@@ -7,7 +7,7 @@ import pytest
 from qlora_trainer.config import config_from_dict
 from qlora_trainer.planner import apply_planned_choices, fixed_choices, load_model_config, plan_from_run_config
 from qlora_trainer.planner.memory import TrainingPlan, estimate_memory, model_shape
-from qlora_trainer.planner.search import (SEQ_LEN_STEP, FixedChoices, candidate_plans, fits, search_plan,
+from qlora_trainer.planner.search import (MLP_CHUNK_TOKENS, SEQ_LEN_STEP, FixedChoices, candidate_plans, fits, search_plan,
                                           usable)
 
 GIB = 2**30
@@ -137,3 +137,14 @@ def test_offloading_is_the_last_resort_that_keeps_targets_and_rank(llama2):
     without = search_plan(llama2, 15 * GIB, base, dataclasses.replace(fixed, offload_checkpoints=False))
     assert not without.fits
     assert not search_plan(llama2, 15 * GIB, dataclasses.replace(base, seq_len=2048), fixed).plan.offload_checkpoints
+
+
+def test_mlp_chunks_come_after_offloading_for_sequences_nothing_else_fits(llama2):
+    base = TrainingPlan(seq_len=65536, micro_batch_size=1, packed=True, lora_dropout=0.0, loss_chunk_tokens=512)
+    fixed = FixedChoices(target_modules="attn", rank=16)
+    result = search_plan(llama2, 15 * GIB, base, fixed)
+    assert result.fits and result.plan.offload_checkpoints and result.plan.mlp_chunk_tokens == MLP_CHUNK_TOKENS
+    without = search_plan(llama2, 15 * GIB, base, dataclasses.replace(fixed, mlp_chunk_tokens=0))
+    assert not without.fits
+    shorter = search_plan(llama2, 15 * GIB, dataclasses.replace(base, seq_len=32768), fixed)
+    assert shorter.fits and shorter.plan.mlp_chunk_tokens == 0  # offloading alone fits: no extra MLP forward

@@ -86,6 +86,7 @@ def fixed_choices(config: RunConfig) -> FixedChoices:
         optimizer=given("training.optimizer", config.training.optimizer),
         checkpointed_layers=given("training.checkpointed_layers", config.training.checkpointed_layers),
         offload_checkpoints=given("training.offload_checkpoints", config.training.offload_checkpoints),
+        mlp_chunk_tokens=given("training.mlp_chunk_tokens", config.training.mlp_chunk_tokens),
     )
 
 
@@ -97,6 +98,7 @@ def apply_planned_choices(config: RunConfig, result: PlanResult) -> RunConfig:
     training = dataclasses.replace(
         config.training, gradient_checkpointing=plan.gradient_checkpointing,
         checkpointed_layers=plan.checkpointed_layers, offload_checkpoints=plan.offload_checkpoints,
+        mlp_chunk_tokens=plan.mlp_chunk_tokens,
         micro_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps, optimizer=plan.optimizer,
     )

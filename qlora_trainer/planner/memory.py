@@ -346,7 +346,12 @@ def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: i
     """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
     compute, adapter = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.adapter_dtype]
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
+    if plan.compiled_layers:
+        # compiled, a norm keeps its fp32 rsqrt and recomputes the rest from its 16-bit input: the layer's own
+        # input for the first (kept by the checkpoint anyway), the attention residual sum for the second
+        per_token = 2 * 4 + compute * hidden
+    else:
+        per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
     per_token += _attention_bytes_per_token(shape, plan, compute, sdpa_gets_mask(shape, plan, layer_index))
     # act input [act output, up] for act(gate) * up; a compiled layer recomputes the elementwise act(gate) in
     # backward rather than keep it (AOTAutograd's min-cut partitioner keeps matmul outputs, redoes pointwise ops)

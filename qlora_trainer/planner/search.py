@@ -10,7 +10,9 @@ Objective, in order (lexicographic; the first plan that fits wins):
   6. with checkpointing on, as few checkpointed layers as the memory left over allows: each layer that keeps its
      activations is not recomputed in backward, so the budget the micro-batch leaves buys speed;
   7. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
-     (slower, but it keeps the adapter's targets and rank).
+     (it needs host RAM, but it keeps the adapter's targets and rank);
+  8. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
+     at a time (chunked_mlp.py: one more MLP forward per layer in backward).
 A plan fits when PyTorch's predicted reserved peak stays within the budget less the safety margin and the
 CUDA context (`usable`). When nothing fits, the result carries the leanest plan, the smallest budget it fits
 and the longest sequence it fits at this budget.
@@ -31,6 +33,9 @@ TARGET_ORDER = ("all-linear", "mlp", "attn")
 RANKS = (64, 32, 16, 8)
 OPTIMIZER_ORDER = ("adamw", "paged_adamw8bit")
 SEQ_LEN_STEP = 64  # granularity of the longest-sequence advice
+# measured on an H100 (benchmarks/results/vs-reference-h100.md): 4,096-token chunks kept Qwen2.5-7B at seq 8192
+# faster than 2,048-token ones (10,641 against 10,169 tokens/s) and still under Unsloth's memory
+MLP_CHUNK_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class FixedChoices:
     optimizer: Optional[str] = None
     checkpointed_layers: Optional[int] = None
     offload_checkpoints: Optional[bool] = None
+    mlp_chunk_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -96,21 +102,26 @@ def candidate_plans(shape: ModelShape, base: TrainingPlan, fixed: FixedChoices, 
     def choices(value, default):
         return [value] if value is not None else list(default)
 
-    # (checkpointing, offloading) in the objective's order: off, on, on with inputs in CPU memory
-    memory_modes = [(checkpointing, offload)
-                    for checkpointing, offload in ((False, False), (True, False), (True, True))
+    # (checkpointing, offloading, MLP chunk) in the objective's order: off, on, on with inputs in CPU memory,
+    # that with chunked MLPs; a fixed MLP chunk applies to every mode
+    chunk = fixed.mlp_chunk_tokens
+    modes = [(False, False, chunk or 0), (True, False, chunk or 0), (True, True, chunk or 0)]
+    if chunk is None and base.seq_len > MLP_CHUNK_TOKENS:
+        modes.append((True, True, MLP_CHUNK_TOKENS))
+    memory_modes = [(checkpointing, offload, mlp_chunk) for checkpointing, offload, mlp_chunk in modes
                     if fixed.gradient_checkpointing in (None, checkpointing)
                     and fixed.offload_checkpoints in (None, offload)]
     plans = []
     for targets in choices(fixed.target_modules, TARGET_ORDER):
         for rank in choices(fixed.rank, _ranks(shape, base, targets)):
             for optimizer in choices(fixed.optimizer, OPTIMIZER_ORDER):
-                for checkpointing, offload in memory_modes:
+                for checkpointing, offload, mlp_chunk in memory_modes:
                     for micro, accumulation in _batch_splits(effective_batch, fixed.micro_batch_size):
                         plans.append(dataclasses.replace(
                             base, target_modules=targets, rank=rank,
                             lora_alpha=fixed.lora_alpha if fixed.lora_alpha is not None else 2.0 * rank,
                             optimizer=optimizer, gradient_checkpointing=checkpointing, offload_checkpoints=offload,
+                            mlp_chunk_tokens=mlp_chunk,
                             micro_batch_size=micro, gradient_accumulation_steps=accumulation,
                             checkpointed_layers=fixed.checkpointed_layers if checkpointing else None,
                         ))
@@ -121,7 +132,8 @@ def describe_checkpointing(plan: TrainingPlan) -> str:
     if not plan.gradient_checkpointing:
         return "off"
     layers = "on" if plan.checkpointed_layers is None else f"on for the first {plan.checkpointed_layers} layers"
-    return layers + (", inputs offloaded to CPU memory" if plan.offload_checkpoints else "")
+    layers += ", inputs offloaded to CPU memory" if plan.offload_checkpoints else ""
+    return layers + (f", MLPs {plan.mlp_chunk_tokens} tokens at a time" if plan.mlp_chunk_tokens else "")
 
 
 def describe(plan: TrainingPlan) -> str:
