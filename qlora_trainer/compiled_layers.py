@@ -5,14 +5,20 @@ Layers share one compiled graph (their parameters are graph inputs), so the cost
 first step. Gradient checkpointing (model.py, offload.py) wraps the compiled call; it is not traced.
 """
 
+import importlib.util
+
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def should_compile(setting: str, device: torch.device) -> bool:
-    """`auto` compiles on CUDA GPUs, where Triton generates the kernels; on the CPU it would add a C++ build."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    """`auto` compiles on CUDA GPUs that Triton can generate kernels for (compute capability 7.0 and up, Triton
+    installed); on the CPU it would add a C++ build to every run."""
+    if setting != "auto":
+        return setting == "on"
+    return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(device) >= (7, 0))
 
 
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:

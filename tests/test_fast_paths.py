@@ -1,4 +1,5 @@
-"""The fused LoRA-on-NF4 forward and backward against peft's own path, on the real bitsandbytes CPU kernels."""
+"""The speed paths against the plain computation on the real bitsandbytes CPU kernels: fused LoRA-on-NF4 (against
+peft), compiled decoder layers and chunked MLPs (against eager)."""
 
 import pytest
 import torch
@@ -145,3 +146,10 @@ def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llam
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_compilation_is_automatic_on_gpus_only():
+    from qlora_trainer.compiled_layers import should_compile
+
+    cpu = torch.device("cpu")
+    assert not should_compile("auto", cpu) and should_compile("on", cpu) and not should_compile("off", cpu)
