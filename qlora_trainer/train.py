@@ -18,8 +18,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
-from qlora_trainer import adapters, checkpoint, compiled_layers, data, fused_lora, model as model_loading
+from qlora_trainer import adapters, checkpoint, data, model as model_loading
 from qlora_trainer.chunked_mlp import chunk_mlps
+from qlora_trainer.compiled_layers import compile_decoder_layers, should_compile
+from qlora_trainer.fused_lora import use_fused_lora
 from qlora_trainer.config import RunConfig, config_to_dict
 from qlora_trainer.errors import ConfigError, OutOfMemoryAbort, UserError
 from qlora_trainer.hardware import apply_memory_cap, detect_gpu
@@ -73,6 +75,18 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
             path = output_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def use_speed_paths(peft_model: torch.nn.Module, fused: bool, mlp_chunk_tokens: int, compile_setting: str,
+                    device: torch.device) -> None:
+    """training.fused_lora, training.mlp_chunk_tokens and training.compile_layers, in that order: the compiled
+    graphs trace the fused and chunked forwards."""
+    if fused:
+        use_fused_lora(peft_model)
+    if mlp_chunk_tokens:
+        chunk_mlps(peft_model, mlp_chunk_tokens)
+    if should_compile(compile_setting, device):
+        compile_decoder_layers(peft_model)
 
 
 def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
@@ -282,12 +296,7 @@ def train(config: RunConfig, resume: bool = False, show_progress: bool = True, f
           f"{stats.rows_bad} bad rows skipped {dict(stats.bad_reasons) or ''}".rstrip())
     peft_model, summary = adapters.attach_adapter(base.model, config.adapter, target_keys, target_layers)
     print(summary.line())
-    if tcfg.fused_lora:
-        fused_lora.use_fused_lora(peft_model)
-    if tcfg.mlp_chunk_tokens:
-        chunk_mlps(peft_model, tcfg.mlp_chunk_tokens)
-    if compiled_layers.should_compile(tcfg.compile_layers, base.device):
-        compiled_layers.compile_decoder_layers(peft_model)
+    use_speed_paths(peft_model, tcfg.fused_lora, tcfg.mlp_chunk_tokens, tcfg.compile_layers, base.device)
     (output_dir / RUN_CONFIG).write_text(json.dumps(config_to_dict(config), indent=1))
 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]

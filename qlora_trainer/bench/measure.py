@@ -17,14 +17,12 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer import adapters, fused_lora
-from qlora_trainer.chunked_mlp import chunk_mlps
-from qlora_trainer.compiled_layers import compile_decoder_layers, should_compile
+from qlora_trainer import adapters
 from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
 from qlora_trainer.loss import causal_lm_loss
 from qlora_trainer.model import enable_activation_checkpointing, load_base, load_model_config, pick_device
 from qlora_trainer.hardware import apply_memory_cap
-from qlora_trainer.train import build_optimizer
+from qlora_trainer.train import build_optimizer, use_speed_paths
 
 METHODS = ("full", "full-8bit", "lora", "qlora", "loha", "lokr")
 ADAPTER_METHODS = {"lora": ("lora", "none"), "qlora": ("lora", "nf4"), "loha": ("loha", "nf4"), "lokr": ("lokr", "nf4")}
@@ -96,12 +94,7 @@ def load_method(spec: MethodSpec, device: torch.device):
     keys, layers = adapters.resolve_targets(adapters.meta_model(load_model_config(model_cfg)), spec.target_modules)
     adapter = AdapterConfig(type=adapter_type, r=spec.rank, alpha=2 * spec.rank, dropout=0.0, target_modules=keys)
     peft_model, _ = adapters.attach_adapter(base.model, adapter, keys, layers)
-    if spec.fused_lora:
-        fused_lora.use_fused_lora(peft_model)
-    if spec.mlp_chunk_tokens:
-        chunk_mlps(peft_model, spec.mlp_chunk_tokens)
-    if should_compile(spec.compile_layers, device):
-        compile_decoder_layers(peft_model)
+    use_speed_paths(peft_model, spec.fused_lora, spec.mlp_chunk_tokens, spec.compile_layers, device)
     return peft_model, peft_model.get_base_model(), "adamw"
 
 
