@@ -148,3 +148,18 @@ def test_mlp_chunks_come_after_offloading_for_sequences_nothing_else_fits(llama2
     assert not without.fits
     shorter = search_plan(llama2, 15 * GIB, dataclasses.replace(base, seq_len=32768), fixed)
     assert shorter.fits and shorter.plan.mlp_chunk_tokens == 0  # offloading alone fits: no extra MLP forward
+
+
+def test_the_t4_example_config_fits_a_t4_once_planned():
+    from pathlib import Path
+
+    from qlora_trainer.config import load_config
+    from qlora_trainer.hardware import lookup_gpu
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "7b-on-a-t4.yaml")
+    assert config.training.plan == "auto"
+    t4 = lookup_gpu("T4")
+    result = search_plan(load_model_config("llama-2-7b"), t4.usable_bytes, plan_from_run_config(config, "float16"),
+                         fixed_choices(config))
+    assert result.fits and result.plan.micro_batch_size * result.plan.gradient_accumulation_steps == 16
+    assert apply_planned_choices(config, result).training.max_seq_len == 2048
