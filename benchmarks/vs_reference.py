@@ -20,6 +20,7 @@ UNSLOTH_SITE=DIR puts a folder of Unsloth's own packages on the path of its proc
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -99,14 +100,16 @@ BUILDERS = {"plain": build_plain, "unsloth": build_unsloth,
 
 def predicted(model_config, seq_len: int, options: dict) -> dict:
     """The planner's peaks for one of our stacks (its plan is build_ours's)."""
-    from qlora_trainer.planner.memory import TrainingPlan, estimate_memory, model_shape
+    from qlora_trainer.bench.measure import MethodSpec
+    from qlora_trainer.bench.run import method_plan
+    from qlora_trainer.planner.memory import estimate_memory
 
-    plan = TrainingPlan(rank=16, lora_alpha=32, target_modules=tuple(TARGETS), seq_len=seq_len, lora_dropout=0.0,
-                        offload_checkpoints=options.get("offload_checkpoints", False),
-                        mlp_chunk_tokens=options.get("mlp_chunk_tokens", 0),
-                        loss_chunk_tokens=options.get("loss_chunk_tokens", 1024),
-                        compiled_layers=options.get("compile_layers", "auto") != "off")
-    estimate = estimate_memory(model_shape(model_config), plan)
+    options = dict(options)
+    chunk_tokens = options.pop("loss_chunk_tokens", 1024)
+    spec = MethodSpec(method="qlora", model_path="", seq_len=seq_len, micro_batch_size=1, rank=16,
+                      target_modules="attn", **options)
+    plan = dataclasses.replace(method_plan(spec, "nf4", "lora"), loss_chunk_tokens=chunk_tokens)
+    estimate = estimate_memory(model_config, plan)
     return {"predicted_allocated_bytes": estimate.predicted_peak_allocated_bytes,
             "predicted_reserved_bytes": estimate.predicted_peak_bytes}
 

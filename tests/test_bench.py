@@ -5,7 +5,6 @@ import sys
 from argparse import Namespace
 
 import pytest
-import torch
 
 from qlora_trainer.bench import run as bench_run
 from qlora_trainer.bench.measure import MethodSpec, measure

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from qlora_trainer.cli import main
-from qlora_trainer.config import ConfigError, apply_overrides, config_from_dict, load_config
+from qlora_trainer.config import apply_overrides, config_from_dict, load_config
 
 VALID = {
     "model": {"path": "some/model"},

@@ -42,11 +42,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for report.md, report.json and vram.png")
 
 
-def _plan(spec: MethodSpec, quant: str, adapter_type: str) -> TrainingPlan:
+def method_plan(spec: MethodSpec, quant: str, adapter_type: str) -> TrainingPlan:
+    """The planner's view of what load_method builds for `spec` (full methods are never compiled)."""
     return TrainingPlan(seq_len=spec.seq_len, micro_batch_size=spec.micro_batch_size, adapter_type=adapter_type,
                         rank=spec.rank, lora_alpha=2.0 * spec.rank, target_modules=spec.target_modules,
-                        lora_dropout=0.0, quant=quant, packed=True,
-                        compiled_layers=spec.method not in ("full", "full-8bit"))  # load_method compiles adapters
+                        lora_dropout=0.0, quant=quant, packed=True, offload_checkpoints=spec.offload_checkpoints,
+                        mlp_chunk_tokens=spec.mlp_chunk_tokens,
+                        compiled_layers=spec.method not in ("full", "full-8bit") and spec.compile_layers != "off")
 
 
 def full_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int, int, int]:
@@ -56,7 +58,7 @@ def full_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int, 
     two uint8 moments with fp32 absmax per 256 for `full-8bit`); activations are the 16-bit LoRA estimate's.
     """
     shape = model_shape(model_config)
-    lora = estimate_memory(shape, _plan(spec, "none", "lora"))
+    lora = estimate_memory(shape, method_plan(spec, "none", "lora"))
     params = shape.total_params
     if spec.method == "full":
         weights, gradients, optimizer = 4 * params, 4 * params, 8 * params
@@ -79,7 +81,7 @@ def method_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int
     if spec.method in ("full", "full-8bit"):
         return full_estimate(model_config, spec)
     adapter_type, quant = ADAPTER_METHODS[spec.method]
-    estimate = estimate_memory(model_config, _plan(spec, quant, adapter_type))
+    estimate = estimate_memory(model_config, method_plan(spec, quant, adapter_type))
     b = estimate.breakdown
     return estimate, b["weights"] + b["adapter"], estimate.trainable_params * DTYPE_BYTES["float32"], b["optimizer"]
 
