@@ -1,7 +1,9 @@
 """Planner accuracy table: measured peaks (a JSONL from measure_training.py) beside the current planner's prediction.
 
-The predictions are recomputed from each case's config with the planner as it is in this checkout, so the table
-always shows the committed model against the committed measurements.
+The predictions are recomputed with the planner as it is in this checkout, so the table always shows the committed
+model against the committed measurements: each record's run (the config the trainer ran, where the record carries it;
+else the case's config with the choices the planner made where it chose) becomes a RunSpec, resolved for the H100
+the grid ran on and estimated on the preset's shapes.
 
     python benchmarks/accuracy_table.py --results benchmarks/results/planner-accuracy-h100.jsonl \
         --cases benchmarks/cases/planner-accuracy.yaml --out benchmarks/results/planner-accuracy-h100.md
@@ -14,23 +16,39 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure_training import predicted, run_config  # noqa: E402
+from measure_training import run_config  # noqa: E402
+
+from qlora_trainer.hardware import GPU_CATALOGUE, Hardware  # noqa: E402
+from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
+from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
+from qlora_trainer.spec import RunSpec, resolve, spec_from_dict  # noqa: E402
 
 GIB = 2**30
+MEASURED_ON = Hardware.planned(GPU_CATALOGUE["H100-80GB"])  # results/planner-accuracy-h100.*
 
 
-def case_config(case: dict, record: dict) -> dict:
-    """The run config of a case on the preset's architecture, with the choices the planner made where it chose."""
-    config = run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out"))
+def record_spec(case: dict, record: dict) -> RunSpec:
+    """The run a record measured. spec_from_dict reads configs with keys since renamed (alpha, dropout)."""
+    if "ran_config" in record:  # the config as the trainer ran it (after training.plan: auto)
+        return spec_from_dict(record["ran_config"])
+    spec = spec_from_dict(run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out")))
     # records from before 2026-11-23 carry no compile_layers: the trainer had no compiled layers then
-    config["training"]["compile_layers"] = record.get("compile_layers", "off")
+    values = {"training.compile_layers": record.get("compile_layers", "off")}
     plan = record.get("plan")
     if plan:
-        config["training"].update({k: v for k, v in plan.items() if k not in ("rank", "target_modules")})
-        config["adapter"].update(r=plan["rank"], alpha=2 * plan["rank"], target_modules=plan["target_modules"])
-        config["training"]["plan"] = "off"
-    return config
+        values.update({f"training.{k}": v for k, v in plan.items() if k not in ("rank", "target_modules")})
+        values.update({"adapter.r": plan["rank"], "adapter.lora_alpha": 2.0 * plan["rank"],
+                       "adapter.target_modules": plan["target_modules"], "training.plan": "off"})
+    return spec.with_values(values)
+
+
+def predicted(case: dict, record: dict) -> dict:
+    """The planner's prediction for a record's run on the preset's architecture (the record's model)."""
+    run = resolve(record_spec(case, record), MEASURED_ON)
+    estimate = estimate_memory(load_model_config(case["model"]), run)
+    return {"predicted_peak_bytes": estimate.predicted_peak_bytes, "predicted_phase": estimate.phase}
 
 
 def table(records: list[dict], cases: dict[str, dict]) -> str:
@@ -38,7 +56,7 @@ def table(records: list[dict], cases: dict[str, dict]) -> str:
              "|---|---:|---:|---:|---|---:|"]
     worst = 0.0
     for record in records:
-        prediction = predicted(case_config(cases[record["name"]], record))
+        prediction = predicted(cases[record["name"]], record)
         measured = record["peak_reserved_bytes"]
         error = prediction["predicted_peak_bytes"] / measured - 1
         worst = max(worst, abs(error))

@@ -1,16 +1,20 @@
-"""Our trainer beside the plain transformers + peft + bitsandbytes stack and Unsloth, on the same GPU and settings.
+"""Our trainer beside the plain transformers + peft + bitsandbytes stack and Unsloth, on the same GPU, data and settings.
 
-Each stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint,
-random tokens from the same seed, LoRA r=16 alpha 32 dropout 0 on q/k/v/o, NF4 + double quantization, bf16,
-gradient checkpointing, torch AdamW. `ours` is our trainer's defaults; ours-offload keeps checkpointed inputs in
-pinned CPU memory, ours-long adds MLPs 2,048 tokens at a time and 512-token loss chunks (for long sequences;
-ours-long-4k: 4,096-token MLP chunks),
-ours-eager skips torch.compile, ours-peft-lora also uses peft's LoRA forward. Modes:
-  speed:   tokens/s (median of the timed steps after two warm-up steps) and peak allocated / reserved VRAM
-           at --seq-len, micro-batch 1;
-  longest: the longest sequence (micro-batch 1, a multiple of 1024) that trains one step without running out of
-           memory under --cap-gib;
-  profile: torch.profiler over two steps after three warm-up ones: the GPU time by operator, as a table.
+Every stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint
+and the same token batches: packed synthetic text through this trainer's own data pipeline (data/prepare.py,
+data/batches.py), micro-batch 1. Settings: LoRA r=16, alpha 32, dropout 0 on q/k/v/o, NF4 + double quantization,
+bf16, gradient checkpointing, torch AdamW at a constant 1e-4, gradients clipped at norm 1.0 (the default of
+`qlora-trainer train`, and of the Trainer the peers are usually driven by).
+
+`ours` is `qlora-trainer train` itself, in its own process, with its defaults (benchmarks/measure_training.py reads
+tokens/s and peaks from its metrics.jsonl); ours-offload adds `training.offload_checkpoints`, ours-long adds that,
+MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
+torch.compile off, ours-peft-lora also uses peft's LoRA forward; ours-engine is our defaults' engine (build + step)
+in this script's loop, beside the peers, to show what the command line around it costs. Modes:
+  speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
+  longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
+           --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process;
+  profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process).
 
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
     python benchmarks/vs_reference.py --model llama-2-7b --mode longest --cap-gib 15 --out results.jsonl
@@ -20,7 +24,6 @@ UNSLOTH_SITE=DIR puts a folder of Unsloth's own packages on the path of its proc
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -32,16 +35,52 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# our trainer's defaults, then the same with one option changed
-OURS = {"ours": {}, "ours-offload": {"offload_checkpoints": True},
-        "ours-long": {"offload_checkpoints": True, "mlp_chunk_tokens": 2048, "loss_chunk_tokens": 512},
-        "ours-long-4k": {"offload_checkpoints": True, "mlp_chunk_tokens": 4096, "loss_chunk_tokens": 512},
-        "ours-eager": {"compile_layers": "off"},
-        "ours-peft-lora": {"compile_layers": "off", "fused_lora": False}}
-STACKS = ("plain", "unsloth", *OURS)
+# our trainer's defaults, then the same with some run-specification keys changed
+OURS = {"ours": {}, "ours-offload": {"training.offload_checkpoints": True},
+        "ours-long": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 2048,
+                      "training.loss_chunk_tokens": 512},
+        "ours-long-4k": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 4096,
+                         "training.loss_chunk_tokens": 512},
+        "ours-eager": {"training.compile_layers": "off"},
+        "ours-peft-lora": {"training.compile_layers": "off", "training.fused_lora": False}}
+# ours-engine: our defaults through the engine in this script's own loop, the loop the peers get (no CLI around it)
+STACKS = ("plain", "unsloth", *OURS, "ours-engine")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SEQ_STEP = 1024
+LEARNING_RATE, MAX_GRAD_NORM, SEED = 1e-4, 1.0, 42
+
+
+def ours_config(model_dir: Path, data_path: Path, seq_len: int, steps: int, changes: dict, output_dir: Path) -> dict:
+    """The run config of one of our stacks (YAML sections, as a user writes them)."""
+    config = {
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data_path), "format": "text", "packing": True},
+        "adapter": {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS},
+        "training": {"max_steps": steps, "micro_batch_size": 1, "max_seq_len": seq_len, "save_steps": 0,
+                     "learning_rate": LEARNING_RATE, "lr_scheduler": "constant", "max_grad_norm": MAX_GRAD_NORM,
+                     "logging_steps": 1, "seed": SEED},
+        "output": {"dir": str(output_dir), "overwrite": True},
+    }
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def token_batches(config: dict, steps: int) -> list:
+    """The micro-batches `qlora-trainer train` takes for `config`, in its order (its data pipeline and sampler)."""
+    from qlora_trainer.data.batches import collate, micro_batches
+    from qlora_trainer.data.prepare import prepare_data
+    from qlora_trainer.engine.base import load_tokenizer
+    from qlora_trainer.spec import spec_from_dict
+
+    spec = spec_from_dict(config)
+    tokenizer = load_tokenizer(spec.model)
+    data = prepare_data(spec.data, tokenizer, spec.training.max_seq_len, spec.training.seed)
+    stream = micro_batches(len(data.train), 1, spec.training.seed, 0)
+    return [collate([data.train[i] for i in next(stream)], tokenizer.pad_token_id) for _ in range(steps)]
 
 
 def build_plain(model_dir: str, seq_len: int):
@@ -57,7 +96,7 @@ def build_plain(model_dir: str, seq_len: int):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
-    return model, lambda tokens: model(input_ids=tokens, labels=tokens).loss
+    return model, lambda batch: model(**batch).loss
 
 
 def build_unsloth(model_dir: str, seq_len: int):
@@ -70,145 +109,151 @@ def build_unsloth(model_dir: str, seq_len: int):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=0,
                                              max_seq_length=seq_len)
-    return model, lambda tokens: model(input_ids=tokens, labels=tokens).loss
+    return model, lambda batch: model(**batch).loss
 
 
-def build_ours(model_dir: str, seq_len: int, options: dict):
+def peer_step(model, loss_fn: Callable, optimizer, batch: dict) -> float:
     import torch
 
-    from qlora_trainer.bench.measure import MethodSpec, load_method
-    from qlora_trainer.loss import causal_lm_loss
-
-    options = dict(options)
-    chunk_tokens = options.pop("loss_chunk_tokens", 1024)
-    spec = MethodSpec(method="qlora", model_path=model_dir, seq_len=seq_len, micro_batch_size=1, rank=16,
-                      target_modules="attn", **options)
-    model, causal_lm, _ = load_method(spec, torch.device("cuda", 0))
-
-    def loss(tokens):
-        batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            parts = causal_lm_loss(causal_lm, batch, chunk_tokens)
-        return parts.loss_sum / parts.label_tokens
-    return model, loss
-
-
-BUILDERS = {"plain": build_plain, "unsloth": build_unsloth,
-            **{name: (lambda model_dir, seq_len, options=options: build_ours(model_dir, seq_len, options))
-               for name, options in OURS.items()}}
-
-
-def predicted(model_config, seq_len: int, options: dict) -> dict:
-    """The planner's peaks for one of our stacks (its plan is build_ours's)."""
-    from qlora_trainer.bench.measure import MethodSpec
-    from qlora_trainer.bench.run import method_plan
-    from qlora_trainer.planner.memory import estimate_memory
-
-    options = dict(options)
-    chunk_tokens = options.pop("loss_chunk_tokens", 1024)
-    spec = MethodSpec(method="qlora", model_path="", seq_len=seq_len, micro_batch_size=1, rank=16,
-                      target_modules="attn", **options)
-    plan = dataclasses.replace(method_plan(spec, "nf4", "lora"), loss_chunk_tokens=chunk_tokens)
-    estimate = estimate_memory(model_config, plan)
-    return {"predicted_allocated_bytes": estimate.predicted_peak_allocated_bytes,
-            "predicted_reserved_bytes": estimate.predicted_peak_bytes}
-
-
-def train_step(model, loss_fn: Callable, optimizer, tokens) -> float:
-    loss = loss_fn(tokens)
+    loss = loss_fn(batch)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
-def worker(stack: str, model_dir: str, mode: str, seq_len: int, steps: int, cap_gib: float, max_seq_len: int
-           ) -> dict:
+def ours_session(config: dict, seq_len: int):
+    """Our engine, built from `config` exactly as `train` builds it, with `train_step` as its step."""
+    from qlora_trainer.engine.build import build
+    from qlora_trainer.engine.step import train_step
+    from qlora_trainer.hardware import detect_hardware
+    from qlora_trainer.spec import resolve, spec_from_dict
+
+    session = build(resolve(spec_from_dict(config).with_values({"training.max_seq_len": seq_len}),
+                            detect_hardware()))
+    return session.model, lambda batch: train_step(session, [batch]).loss
+
+
+def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Path) -> dict:
+    """One stack's measurement, in its own process."""
     if stack == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as Unsloth asks)
     import torch
 
     from qlora_trainer.hardware import apply_memory_cap
 
-    apply_memory_cap(cap_gib)
-    model, loss_fn = BUILDERS[stack](model_dir, max(seq_len, max_seq_len if mode == "longest" else seq_len))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    apply_memory_cap(args.cap_gib)
+    length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
+    model_dir = config["model"]["path"]
+    if stack in OURS or stack == "ours-engine":
+        model, step = ours_session(config, length)
+    else:
+        model, loss_fn = {"plain": build_plain, "unsloth": build_unsloth}[stack](model_dir, length)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+        step = lambda batch: peer_step(model, loss_fn, optimizer, batch)  # noqa: E731
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    record = {"stack": stack, "mode": mode, "device": torch.cuda.get_device_name(0),
+    record = {"stack": stack, "mode": args.mode, "device": torch.cuda.get_device_name(0),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if mode == "profile":
+
+    def random_batch(seq_len: int) -> dict:
+        tokens = torch.randint(0, vocab, (1, seq_len), generator=generator)
+        return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
+
+    def on_gpu(batch: dict) -> dict:
+        return {k: v.cuda() for k, v in batch.items()}
+
+    if args.mode == "profile":
         from torch.profiler import ProfilerActivity, profile
 
-        batches = [torch.randint(0, vocab, (1, seq_len), generator=generator).cuda() for _ in range(5)]
-        for tokens in batches[:3]:
-            train_step(model, loss_fn, optimizer, tokens)
+        batches = [on_gpu(random_batch(args.seq_len)) for _ in range(5)]
+        for batch in batches[:3]:
+            step(batch)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-            for tokens in batches[3:]:
-                train_step(model, loss_fn, optimizer, tokens)
+            for batch in batches[3:]:
+                step(batch)
             torch.cuda.synchronize()
         table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
-        return record | {"seq_len": seq_len, "profile": table}
-    if stack in OURS and mode == "speed":
-        record |= predicted(model.config, seq_len, OURS[stack])
-    if mode == "speed":
+        return record | {"seq_len": args.seq_len, "profile": table}
+    if args.mode == "speed":  # peers and ours-engine: ours itself runs as `qlora-trainer train`
         torch.cuda.reset_peak_memory_stats()
         speeds, losses = [], []
-        for _ in range(steps):
-            tokens = torch.randint(0, vocab, (1, seq_len), generator=generator).cuda()
+        for batch in torch.load(batches_path):
+            tokens = int(batch["attention_mask"].sum())
             torch.cuda.synchronize()
             started = time.perf_counter()
-            losses.append(train_step(model, loss_fn, optimizer, tokens))
+            losses.append(step(on_gpu(batch)))
             torch.cuda.synchronize()
-            speeds.append(seq_len / (time.perf_counter() - started))
-        return record | {"seq_len": seq_len, "tokens_per_second": statistics.median(speeds[2:] or speeds),
-                         "first_step_s": seq_len / speeds[0],  # includes torch.compile's compilation
+            speeds.append(tokens / (time.perf_counter() - started))
+        return record | {"seq_len": args.seq_len, "tokens_per_second": statistics.median(speeds[2:] or speeds),
+                         "first_step_s": args.seq_len / speeds[0],
                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "losses": losses}
 
-    def trains(length: int) -> bool:
-        tokens = torch.randint(0, vocab, (1, length), generator=generator).cuda()
+    def trains(seq_len: int) -> bool:
         try:
-            train_step(model, loss_fn, optimizer, tokens)
+            step(on_gpu(random_batch(seq_len)))
             torch.cuda.synchronize()
             return True
         except torch.cuda.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
+            for param in model.parameters():
+                param.grad = None
             return False
         finally:
-            del tokens
             torch.cuda.empty_cache()
 
     # doubling from seq_len, then bisection between the last length that trained and the first that did not
-    good, bad, length = 0, None, seq_len
-    while length <= max_seq_len:
+    good, bad, length = 0, None, args.seq_len
+    while length <= args.max_seq_len:
         if not trains(length):
             bad = length
             break
         good, length = length, 2 * length
-    high = bad or max_seq_len + SEQ_STEP
+    high = bad or args.max_seq_len + SEQ_STEP
     while high - good > SEQ_STEP:
         middle = (good + high) // 2 // SEQ_STEP * SEQ_STEP
         good, high = (middle, high) if trains(middle) else (good, middle)
-    return record | {"cap_gib": cap_gib, "longest_seq_len": good, "searched_up_to": max_seq_len}
+    return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len}
 
 
-def run_stack(stack: str, args: argparse.Namespace, model_dir: Path) -> dict:
+def run_ours_command(stack: str, config: dict, args: argparse.Namespace) -> dict:
+    """`qlora-trainer train` for one of our stacks, with its speed, peaks and losses from metrics.jsonl."""
+    from measure_training import predicted, run_train_command
+
+    try:
+        record = run_train_command(config, args.timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
+    record.pop("ran_config", None)
+    return {"stack": stack, "mode": "speed", "seq_len": args.seq_len, "via": "qlora-trainer train"} | record | {
+        k: v for k, v in predicted(config).items() if k in ("predicted_peak_bytes", "predicted_peak_allocated_bytes")}
+
+
+def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: Path) -> dict:
+    if stack in OURS and args.mode == "speed":
+        return run_ours_command(stack, config, args)
     from qlora_trainer.hardware import ALLOCATOR_SETTINGS
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--worker", stack, "--model-dir", str(model_dir), "--mode", args.mode,
-                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--cap-gib", str(args.cap_gib),
-                   "--max-seq-len", str(args.max_seq_len), "--out", str(out)]
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(config))
+        command = [sys.executable, __file__, "--worker", stack, "--worker-config", str(config_path),
+                   "--batches", str(batches_path), "--mode", args.mode, "--seq-len", str(args.seq_len),
+                   "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--max-seq-len", str(args.max_seq_len),
+                   "--out", str(out)]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
         if stack in OURS:  # the allocator settings our command line sets
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
-        process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, env=env)
+        try:
+            process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
         if process.returncode == 0 and out.exists():
             return json.loads(out.read_text())
         if "ModuleNotFoundError" in process.stderr and stack == "unsloth":
@@ -228,18 +273,26 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=int, default=300, help="per stack")
     parser.add_argument("--out", type=Path, help="JSONL the results are appended to")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.model_dir, args.mode, args.seq_len, args.steps, args.cap_gib,
-                        args.max_seq_len)
+        result = worker(args.worker, args, json.loads(args.worker_config.read_text()), args.batches)
         args.out.write_text(json.dumps(result))
         return
+    import torch
+
+    from measure_training import WORK, synthetic_data
     from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess
 
     model_dir = random_checkpoint_in_subprocess(args.model)
+    data_path, batches_path = synthetic_data(), WORK / "vs-reference-batches.pt"
+    torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK), args.steps),
+               batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
     for stack in args.stacks.split(","):
-        record = run_stack(stack, args, model_dir) | {"model": args.model}
+        config = ours_config(model_dir, data_path, args.seq_len, args.steps, OURS.get(stack, {}),
+                             WORK / f"vs-reference-{stack}")
+        record = run_stack(stack, args, config, batches_path) | {"model": args.model}
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

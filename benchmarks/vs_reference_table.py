@@ -4,7 +4,8 @@
 
 Ratios are taken within one file (one invocation, one GPU); the loss column is the largest gap, over the steps,
 between a stack's losses and the plain stack's on the same tokens. The planner column is recomputed by the planner
-in this checkout (model presets from configs/models/), so it always shows the current model against measurements.
+in this checkout (model presets from qlora_trainer/presets/), so it always shows the current model against
+measurements.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_reference import OURS, predicted  # noqa: E402
+from vs_reference import OURS, ours_config  # noqa: E402
 
 GIB = 2**30
 
@@ -29,13 +30,20 @@ def _gib(value: Optional[int]) -> str:
 
 
 def planner_prediction(record: dict) -> Optional[int]:
-    """The current planner's peak reserved bytes for one of our stacks' speed records."""
+    """The current planner's peak reserved bytes for one of our stacks' speed records: the stack's run config
+    (vs_reference.ours_config) on the record's model preset, resolved for an H100, where the records were measured
+    (any bf16 GPU with Triton gives the same bytes)."""
     if record["stack"] not in OURS:
         return None
-    from qlora_trainer.planner import load_model_config
+    from qlora_trainer.hardware import GPU_CATALOGUE, Hardware
+    from qlora_trainer.planner.memory import estimate_memory
+    from qlora_trainer.planner.shapes import load_model_config
+    from qlora_trainer.spec import resolve, spec_from_dict
 
-    model_config = load_model_config(record["model"])
-    return predicted(model_config, record["seq_len"], OURS[record["stack"]])["predicted_reserved_bytes"]
+    config = ours_config(Path(record["model"]), Path("synthetic.jsonl"), record["seq_len"], 1, OURS[record["stack"]],
+                         Path("out"))
+    run = resolve(spec_from_dict(config), Hardware.planned(GPU_CATALOGUE["H100-80GB"]))
+    return estimate_memory(load_model_config(record["model"]), run).predicted_peak_bytes
 
 
 def speed_table(records: list[dict]) -> list[str]:

@@ -11,16 +11,16 @@ from qlora_trainer.hardware import configure_allocator
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qlora_trainer.config import load_config
+    from qlora_trainer.spec import load_spec
 
     overrides = list(args.set)
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    config = load_config(Path(args.config), overrides, args.output_dir)
-    from qlora_trainer.train import Interrupted, train  # heavy imports only once the config is valid
+    spec = load_spec(Path(args.config), overrides, args.output_dir)
+    from qlora_trainer.training.recipe import Interrupted, train  # heavy imports only once the spec is valid
 
     try:
-        result = train(config, resume=args.resume, show_progress=not args.no_progress, force=args.force)
+        result = train(spec, resume=args.resume, show_progress=not args.no_progress, force=args.force)
     except Interrupted as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from qlora_trainer.export import merge
+    from qlora_trainer.export.merge import merge
 
     out = merge(args.model, Path(args.adapter), Path(args.out), args.quant, args.overwrite)
     print(f"merged model written to {out}")
@@ -47,7 +47,7 @@ def _parse_adapter(text: str) -> tuple[str, Path]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from qlora_trainer.export import generate
+    from qlora_trainer.export.generate import generate
 
     adapters = [_parse_adapter(a) for a in args.adapter]
     names = [n for n, _ in adapters]

@@ -1,5 +1,7 @@
-"""GPU catalogue (memory, bf16 support) and detection of the GPU at hand through torch or NVML."""
+"""GPU catalogue (memory, bf16 support), detection of the GPU at hand through torch or NVML, and the facts about
+this machine that resolving a run needs (`Hardware`)."""
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ def _spec(name: str, total_mib: int, usable_gib: float, capability: tuple[int, i
 
 # total: nvidia-smi's total; usable: the "total capacity" torch reports on that card (ECC on where the card has
 # it), as printed in its out-of-memory messages. The CUDA context comes out of `usable` too; the planner
-# counts it separately (planner.memory.Calibration.cuda_context_bytes).
+# counts it separately (spec/resolve.py: CUDA_CONTEXT_BYTES).
 GPU_CATALOGUE: dict[str, GpuSpec] = {spec.name: spec for spec in (
     _spec("T4", 15360, 14.75, (7, 5)),
     _spec("V100-16GB", 16160, 15.78, (7, 0)),
@@ -57,12 +59,13 @@ def lookup_gpu(name: str) -> GpuSpec:
 def budget_gpu(vram_gib: float) -> GpuSpec:
     """A card with `vram_gib` GiB usable (as torch reports it), for any GPU outside the catalogue.
 
-    Its bf16 support is unknown and assumed; bf16 and fp16 take the same bytes, so the plan's memory is unchanged.
+    Its bf16 support and compute capability are unknown and assumed those of a current card (bf16 and fp16 take the
+    same bytes, so the plan's memory is unchanged; compiled layers, which need capability 7.0, are planned).
     """
     if not vram_gib > 0 or vram_gib == float("inf"):
         raise UserError(f"--vram {vram_gib:g}: not allowed; give the GPU's memory in GiB, a number > 0 (e.g. 15.5)")
     usable = int(vram_gib * GIB)
-    return GpuSpec(f"{vram_gib:g} GiB GPU", usable, usable, True, (0, 0))
+    return GpuSpec(f"{vram_gib:g} GiB GPU", usable, usable, True, (8, 0))
 
 
 def detect_gpu() -> Optional[GpuSpec]:
@@ -95,6 +98,34 @@ def detect_gpu() -> Optional[GpuSpec]:
         return None
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """What a run is resolved for: a GPU (detected here, or named for planning) or the CPU."""
+
+    gpu: Optional[GpuSpec]  # the card whose memory is the budget; None: no GPU
+    device_type: str = "cuda"  # where tensors live: "cuda", or "cpu" (no GPU, or a CPU build of torch beside one)
+    triton: bool = True  # torch.compile can generate GPU kernels (Triton ships with CUDA builds of torch)
+    torch_version: tuple[int, int] = (2, 13)  # torch's major and minor version
+
+    @staticmethod
+    def planned(gpu: GpuSpec) -> "Hardware":
+        """A named or described card, planned for as a user's CUDA build of a current torch would run on it."""
+        return Hardware(gpu, "cuda", True)
+
+
+CPU = Hardware(None, "cpu", False)
+
+
+def detect_hardware() -> Hardware:
+    """This machine: its first GPU, if any, where torch will put tensors, whether Triton is installed, torch's
+    version."""
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return Hardware(detect_gpu(), device_type, importlib.util.find_spec("triton") is not None, (major, minor))
+
+
 # Growable segments instead of fixed blocks: less reserved-but-unused memory, and a predictable peak.
 ALLOCATOR_SETTINGS = "expandable_segments:True"
 
@@ -112,3 +143,13 @@ def apply_memory_cap(cap_gib: float) -> None:
         return
     total_bytes = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total_bytes), 0)
+
+
+def peak_memory_bytes(device_type: str) -> tuple[Optional[int], Optional[int]]:
+    """(peak allocated, peak reserved) bytes on the GPU since the last reset of the statistics; (None, None) on the
+    CPU."""
+    if device_type != "cuda":
+        return None, None
+    import torch
+
+    return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()

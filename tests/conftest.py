@@ -7,7 +7,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qlora_trainer.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+from qlora_trainer.data.prepare import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+from qlora_trainer.engine.base import DTYPES, LoadedBase, load_base
+from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
+from qlora_trainer.spec import ModelConfig, QuantizationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +57,14 @@ def demo_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+
+
+def tiny_base(model_dir: Path, checkpointing: bool = False, quantization: QuantizationConfig = QuantizationConfig(),
+              compute_dtype: str = "bfloat16", checkpointed_layers=None, offload: bool = False,
+              **model_kwargs) -> LoadedBase:
+    """A base loaded on the CPU as the engine loads it (NF4 by default), with our layer checkpointing if asked."""
+    base = load_base(ModelConfig(path=str(model_dir), **model_kwargs), quantization, DTYPES[compute_dtype],
+                     torch.device("cpu"))
+    if checkpointing:
+        enable_activation_checkpointing(base.model, checkpointed_layers, offload)
+    return base

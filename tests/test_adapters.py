@@ -8,10 +8,11 @@ from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoX
                           Phi3Config, Qwen2Config)
 from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer import adapters
-from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
+from qlora_trainer.engine import adapters
+from qlora_trainer.spec import AdapterConfig, ModelConfig
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.model import load_base, load_model_config
+from qlora_trainer.engine.base import load_model_config
+from conftest import tiny_base
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 ARCHITECTURES = {
@@ -73,16 +74,16 @@ def test_unknown_target_and_oversized_rank_are_config_errors():
 @pytest.fixture(scope="module")
 def nf4_base(tiny_llama_dir):
     def load(**model_kwargs):
-        return load_base(ModelConfig(path=str(tiny_llama_dir), **model_kwargs), QuantizationConfig(), True).model
+        return tiny_base(tiny_llama_dir, checkpointing=True, **model_kwargs).model
     return load
 
 
 @pytest.mark.parametrize(
     "adapter",
     # dropout 0: LoHa/LoKr's module dropout skips a whole adapter at random, which would leave it without a gradient
-    [AdapterConfig(type="lora", r=8, dropout=0.0), AdapterConfig(type="lora", r=4, use_dora=True, dropout=0.0),
-     AdapterConfig(type="loha", r=4, dropout=0.0), AdapterConfig(type="lokr", r=4, dropout=0.0),
-     AdapterConfig(type="lokr", r=2, dropout=0.0)],
+    [AdapterConfig(type="lora", r=8, lora_dropout=0.0), AdapterConfig(type="lora", r=4, use_dora=True, lora_dropout=0.0),
+     AdapterConfig(type="loha", r=4, lora_dropout=0.0), AdapterConfig(type="lokr", r=4, lora_dropout=0.0),
+     AdapterConfig(type="lokr", r=2, lora_dropout=0.0)],
     ids=["lora", "dora", "loha", "lokr-r4", "lokr-r2"],
 )
 def test_peft_count_matches_formula_on_nf4_base(nf4_base, tiny_llama_dir, adapter):
@@ -131,10 +132,9 @@ def test_partial_checkpointing_recomputes_only_the_first_layers_with_the_same_gr
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     gradients = {}
     for checkpointed in (None, 1, 0):
-        base = load_base(ModelConfig(path=str(tiny_llama_dir)), QuantizationConfig(), True,
-                         checkpointed_layers=checkpointed).model
+        base = tiny_base(tiny_llama_dir, checkpointing=True, checkpointed_layers=checkpointed).model
         torch.manual_seed(0)
-        peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, dropout=0.0), keys, layers)
+        peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, lora_dropout=0.0), keys, layers)
         peft_model.train()
         runs = [0, 0]
         for index, layer in enumerate(base.model.layers):
@@ -150,17 +150,16 @@ def test_partial_checkpointing_recomputes_only_the_first_layers_with_the_same_gr
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_checkpointed_layers_give_the_gradients_of_no_checkpointing(tiny_llama_dir, dropout):
-    """offload.py's reentrant checkpoint, inputs on the GPU or offloaded, against no checkpointing at all, dropout
+    """Our reentrant checkpoint (engine/checkpointing.py), inputs on the GPU or offloaded, against no checkpointing at all, dropout
     included (the forward's RNG state is replayed in the recomputation)."""
     meta = adapters.meta_model(load_model_config(ModelConfig(path=str(tiny_llama_dir))))
     keys, layers = adapters.resolve_targets(meta, "all-linear")
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     gradients = {}
     for mode in ("none", "kept", "offloaded"):
-        base = load_base(ModelConfig(path=str(tiny_llama_dir)), QuantizationConfig(), mode != "none",
-                         offload_checkpoints=mode == "offloaded").model
+        base = tiny_base(tiny_llama_dir, checkpointing=mode != "none", offload=mode == "offloaded").model
         torch.manual_seed(0)
-        peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, dropout=dropout), keys, layers)
+        peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, lora_dropout=dropout), keys, layers)
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:  # a non-zero B, so that A gets a gradient too
                 torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))

@@ -7,9 +7,10 @@ from argparse import Namespace
 import pytest
 
 from qlora_trainer.bench import run as bench_run
-from qlora_trainer.bench.measure import MethodSpec, measure
+from qlora_trainer.bench.measure import measure, method_spec
 from qlora_trainer.cli import main
 from qlora_trainer.hardware import GpuSpec
+from qlora_trainer.spec import Budget, resolve
 
 ROW_KEYS = {"method", "status", "trainable_params", "optimizer_state_bytes", "peak_allocated_bytes",
             "peak_reserved_bytes", "tokens_per_second", "predicted_peak_bytes"}
@@ -22,8 +23,7 @@ def bench_args(model_dir, out_dir, methods: str) -> Namespace:
 
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_optimizer_state_bytes_are_adamws_two_fp32_moments_and_step(tiny_llama_dir, method):
-    result = measure(MethodSpec(method=method, model_path=str(tiny_llama_dir), seq_len=16, micro_batch_size=1, rank=4,
-                                steps=2))
+    result = measure(method, method_spec(method, str(tiny_llama_dir), seq_len=16, micro_batch_size=1, rank=4, steps=2))
     trainable_tensors = 2 * 7 * 2 if method == "qlora" else 2 * 9 + 3  # A and B per target; or every weight
     # torch AdamW keeps exp_avg and exp_avg_sq in fp32 and a float32 `step` tensor per parameter
     assert result.optimizer_state_bytes == 8 * result.trainable_params + 4 * trainable_tensors
@@ -50,19 +50,22 @@ def test_cpu_mode_writes_the_three_files(tiny_llama_dir, tmp_path, monkeypatch, 
 
 
 def test_a_method_over_the_budget_is_estimated_never_measured(tiny_llama_dir, tmp_path, monkeypatch):
-    """With a (pretend) GPU whose budget lies between QLoRA's predicted peak and full fine-tuning's."""
+    """With a (pretend) GPU whose budget lies between what QLoRA's predicted peak and full fine-tuning's need."""
     model_config = bench_run.load_model_config(str(tiny_llama_dir))
-    spec = lambda method: MethodSpec(method, str(tiny_llama_dir), 32, 1, rank=4, steps=2)  # noqa: E731
-    qlora_peak = bench_run.method_estimate(model_config, spec("qlora"))[0].predicted_peak_bytes
-    full_peak = bench_run.method_estimate(model_config, spec("full"))[0].predicted_peak_bytes
+
+    def peak(method):
+        run = resolve(method_spec(method, str(tiny_llama_dir), 32, 1, rank=4, steps=2), bench_run.planned_hardware())
+        return bench_run.method_estimate(model_config, run, method)[0].predicted_peak_bytes
+
+    qlora_peak, full_peak = peak("qlora"), peak("full")
     assert qlora_peak < full_peak
-    budget = (qlora_peak + full_peak) // 2
+    budget = (Budget.needed_for(qlora_peak) + Budget.needed_for(full_peak)) // 2
     monkeypatch.setattr(bench_run, "detect_gpu", lambda: GpuSpec("pretend GPU", budget, budget, True, (8, 0)))
     measured_methods = []
 
-    def measure_here(spec, cap_gib, timeout_s):  # in this process: the same measurement, without a subprocess
-        measured_methods.append(spec.method)
-        return measure(spec).__dict__, ""
+    def measure_here(method, spec, cap_gib, timeout_s):  # in this process: the same measurement, no subprocess
+        measured_methods.append(method)
+        return measure(method, spec).__dict__, ""
 
     monkeypatch.setattr(bench_run, "_measure_in_subprocess", measure_here)
     report = bench_run.run_bench(bench_args(tiny_llama_dir, tmp_path, "full,qlora"), "qlora-trainer bench")

@@ -6,12 +6,14 @@ import pytest
 import yaml
 
 from qlora_trainer.cli import main
-from qlora_trainer.config import apply_overrides, config_from_dict, load_config
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.spec import load_spec, spec_from_dict
+from qlora_trainer.spec.load import apply_overrides
 
 VALID = {
     "model": {"path": "some/model"},
     "data": {"path": "data.jsonl", "format": "alpaca"},
-    "adapter": {"type": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "adapter": {"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
     "training": {"max_steps": 3, "learning_rate": "2e-4"},
 }
 
@@ -23,16 +25,35 @@ def write(tmp_path: Path, raw) -> Path:
 
 
 def test_valid_config_types_are_coerced():
-    config = config_from_dict(VALID)
+    config = spec_from_dict(VALID)
     assert config.training.learning_rate == pytest.approx(2e-4)  # YAML reads 2e-4 as a string
-    assert config.adapter.alpha == 16.0 and isinstance(config.adapter.alpha, float)
+    assert config.adapter.lora_alpha == 16.0 and isinstance(config.adapter.lora_alpha, float)
     assert config.adapter.target_modules == "all-linear"
+
+
+def test_renamed_keys_still_work_with_a_one_line_notice(capsys):
+    raw = dict(VALID, adapter={"r": 8, "alpha": 16, "dropout": 0.1})
+    spec = spec_from_dict(raw)
+    assert (spec.adapter.lora_alpha, spec.adapter.lora_dropout) == (16.0, 0.1)
+    assert {"adapter.lora_alpha", "adapter.lora_dropout"} <= spec.explicit_keys
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == ["note: adapter.alpha is now called adapter.lora_alpha; the old name still works",
+                     "note: adapter.dropout is now called adapter.lora_dropout; the old name still works"]
+    with pytest.raises(ConfigError, match="adapter.alpha: set twice, also as adapter.lora_alpha"):
+        spec_from_dict(dict(VALID, adapter={"alpha": 16, "lora_alpha": 8}))
+
+
+def test_yaml_on_and_off_switches(tmp_path):
+    spec = load_spec(write(tmp_path, "model: {path: m}\ndata: {path: d}\ntraining: {compile_layers: on}\n"))
+    assert spec.training.compile_layers == "on"
+    spec = load_spec(write(tmp_path, "model: {path: m}\ndata: {path: d}\ntraining: {compile_layers: off}\n"))
+    assert spec.training.compile_layers == "off"
 
 
 def test_overrides_replace_and_add_keys():
     raw = apply_overrides(VALID, ["training.learning_rate=1e-3", "adapter.target_modules=[q_proj, v_proj]",
                                   "training.resume=auto"])
-    config = config_from_dict(raw)
+    config = spec_from_dict(raw)
     assert config.training.learning_rate == pytest.approx(1e-3)
     assert config.adapter.target_modules == ["q_proj", "v_proj"]
     assert config.training.resume == "auto"
@@ -51,7 +72,7 @@ def test_overrides_replace_and_add_keys():
         ("training.max_steps=true", "training.max_steps"),
         ("adapter.type=ia3", "adapter.type"),
         ("adapter.dtype=float16", "adapter.dtype"),
-        ("adapter.dropout=1.5", "adapter.dropout"),
+        ("adapter.lora_dropout=1.5", "adapter.lora_dropout"),
         ("data.format=sharegpt", "data.format"),
         ("training.optimizer=sgd", "training.optimizer"),
         ("training.bogus=1", "training.bogus"),
@@ -85,7 +106,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_output_dir_flag_sets_output_dir(tmp_path):
-    config = load_config(write(tmp_path, VALID), [], output_dir=str(tmp_path / "out"))
+    config = load_spec(write(tmp_path, VALID), [], output_dir=str(tmp_path / "out"))
     assert config.output.dir == str(tmp_path / "out")
 
 

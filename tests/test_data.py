@@ -10,8 +10,9 @@ import torch
 from conftest import DEMO_DATA_DIR, DEMO_MODEL_DIR
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer.config import DataConfig
-from qlora_trainer.data import IGNORE_INDEX, alpaca_prompt, collate, pack, prepare_data
+from qlora_trainer.spec import DataConfig
+from qlora_trainer.data.batches import collate
+from qlora_trainer.data.prepare import IGNORE_INDEX, alpaca_prompt, pack, prepare_data
 from qlora_trainer.errors import UserError
 
 ROWS = [{"instruction": f"Add {a} and {b}.", "input": "" if a % 2 else "numbers", "output": str(a + b)}

@@ -7,19 +7,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer import adapters
+from qlora_trainer.engine import adapters
 from qlora_trainer.cli import main
-from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
-from qlora_trainer.export import generate, merge
-from qlora_trainer.model import load_base, load_model_config
+from qlora_trainer.spec import AdapterConfig, ModelConfig
+from qlora_trainer.export.generate import generate
+from qlora_trainer.export.merge import merge
+from qlora_trainer.engine.base import load_model_config
+from conftest import tiny_base
 
 
 def make_adapter(model_dir, out_dir, seed: int):
     """A LoRA adapter with non-zero random weights, as training would leave it."""
-    base = load_base(ModelConfig(path=str(model_dir)), QuantizationConfig(), gradient_checkpointing=False).model
+    base = tiny_base(model_dir).model
     keys, layers = adapters.resolve_targets(adapters.meta_model(load_model_config(ModelConfig(path=str(model_dir)))),
                                             "all-linear")
-    peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, alpha=8), keys, layers)
+    peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, lora_alpha=8), keys, layers)
     generator = torch.Generator().manual_seed(seed)
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
@@ -43,7 +45,7 @@ def test_merged_model_matches_the_unmerged_one(tiny_llama_dir, two_adapters, tmp
 
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
-    base = load_base(ModelConfig(path=str(tiny_llama_dir)), QuantizationConfig(), gradient_checkpointing=False)
+    base = tiny_base(tiny_llama_dir)
     unmerged = PeftModel.from_pretrained(base.model, str(adapter_dir)).eval()
     with torch.no_grad():
         merged_logits = merged(input_ids=x).logits.float()

@@ -1,25 +1,30 @@
 """The speed paths against the plain computation on the real bitsandbytes CPU kernels: fused LoRA-on-NF4 (against
 peft), compiled decoder layers and chunked MLPs (against eager)."""
 
+import bitsandbytes.functional as bnb_functional
+import bitsandbytes.nn as bnb_nn
 import pytest
 import torch
 
-from qlora_trainer import adapters, fused_lora
-from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
-from qlora_trainer.model import load_base, load_model_config
+from conftest import tiny_base
+from qlora_trainer.engine import adapters, fused_lora
+from qlora_trainer.engine.base import load_model_config
+from qlora_trainer.spec import AdapterConfig, ModelConfig
 
 
 def _adapted(tiny_llama_dir, dtype: str, dropout: float = 0.0, checkpointing: bool = True,
-             compute_dtype: str = "bfloat16"):
+             compute_dtype: str = "bfloat16", targets: str = "all-linear"):
     meta = adapters.meta_model(load_model_config(ModelConfig(path=str(tiny_llama_dir))))
-    keys, layers = adapters.resolve_targets(meta, "all-linear")
-    base = load_base(ModelConfig(path=str(tiny_llama_dir)), QuantizationConfig(compute_dtype=compute_dtype),
-                     checkpointing).model
+    keys, layers = adapters.resolve_targets(meta, targets)
+    base = tiny_base(tiny_llama_dir, checkpointing, compute_dtype=compute_dtype).model
     torch.manual_seed(0)
-    peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, dropout=dropout, dtype=dtype), keys, layers)
+    peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, lora_dropout=dropout, dtype=dtype), keys, layers)
     for name, param in peft_model.named_parameters():
-        if "lora_B" in name:  # a non-zero B, so that every path contributes
-            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
+        if "lora_B" in name:  # a non-zero B, so that every path contributes; drawn in fp32 whatever the adapter's
+            # dtype (torch's bf16 normal_ draws other numbers), so fp32 and bf16 builds agree up to bf16 rounding
+            b = torch.empty(param.shape).normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                param.copy_(b)
     return peft_model.train()
 
 
@@ -31,14 +36,53 @@ def _grads(peft_model, x, autocast: bool):
     return logits.detach().float(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _fp32_reference(tiny_llama_dir, model, x):
+    """Logits and gradients of `model`'s weights computed in fp32 throughout: compute dtype, adapters, no autocast.
+
+    The reference is built like `model` (same checkpoint, same seeds), checked to hold the same weights up to
+    bf16 rounding, then given `model`'s own float weights exactly (an exact upcast: bf16 adapters, and peft
+    initialises lora_A in the base's bf16 before casting fp32 adapters up), so only the arithmetic differs. The
+    NF4 base is quantized from the same bf16 checkpoint in both: the same packed bits and quantization state,
+    dequantizing to the same weights, which the 16-bit compute dtype rounds to bf16.
+    """
+    reference = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert params.keys() == ref_params.keys()
+    with torch.no_grad():
+        for name, param in params.items():
+            ref_param = ref_params[name]
+            if not param.is_floating_point():  # packed NF4
+                assert torch.equal(ref_param, param), name
+                continue
+            assert torch.equal(ref_param.to(torch.bfloat16), param.to(torch.bfloat16)), name
+            ref_param.copy_(param)
+    modules = dict(model.named_modules())
+    quantized = [(name, module) for name, module in reference.named_modules() if isinstance(module, bnb_nn.Linear4bit)]
+    assert len(quantized) == 2 * 7
+    for name, ref_module in quantized:
+        weight = modules[name].weight
+        ref_weight = bnb_functional.dequantize_4bit(ref_module.weight, ref_module.weight.quant_state)
+        assert ref_weight.dtype == torch.float32 and torch.equal(
+            ref_weight.to(weight.quant_state.dtype), bnb_functional.dequantize_4bit(weight, weight.quant_state)), name
+    return _grads(reference, x, autocast=False)
+
+
+# bfloat16's unit roundoff: 8 significand bits, so rounding one value errs by at most 2**-8 relative
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+
+
 @pytest.mark.parametrize(
-    "compute_dtype, dtype, autocast, tolerance",
-    [("float32", "float32", False, 1e-5),  # no rounding to 16 bits anywhere: the paths agree to fp32 precision
-     ("bfloat16", "float32", False, 0.03), ("bfloat16", "bfloat16", False, 0.03),
-     ("bfloat16", "float32", True, 0.03), ("bfloat16", "bfloat16", True, 0.03)],
+    "compute_dtype, dtype, autocast",
+    [("float32", "float32", False),
+     ("bfloat16", "float32", False), ("bfloat16", "bfloat16", False),
+     ("bfloat16", "float32", True), ("bfloat16", "bfloat16", True)],
     ids=["fp32", "bf16-base", "bf16-all", "autocast-fp32-adapter", "autocast-bf16-adapter"],
 )
-def test_fused_path_matches_peft_outputs_and_gradients(tiny_llama_dir, compute_dtype, dtype, autocast, tolerance):
+def test_fused_path_matches_peft_outputs_and_gradients(tiny_llama_dir, compute_dtype, dtype, autocast):
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     model = _adapted(tiny_llama_dir, dtype, compute_dtype=compute_dtype)
     want_logits, want = _grads(model, x, autocast)
@@ -51,13 +95,37 @@ def test_fused_path_matches_peft_outputs_and_gradients(tiny_llama_dir, compute_d
     finally:
         fused_lora._LoRAOn4bitFunction.apply = original
     assert len(calls) == 2 * 2 * 7  # forward and the checkpointed recomputation
-    # relative error norms; in 16 bits the two paths round the same products at different points
-    assert (got_logits - want_logits).norm() / want_logits.norm() < tolerance
     assert want.keys() == got.keys() and all(g.abs().sum() > 0 for g in got.values())
     for name, grad in got.items():
         assert grad.dtype == want[name].dtype
-        error = (grad.float() - want[name].float()).norm() / want[name].float().norm()
-        assert error < 2 * tolerance, (name, error.item())
+    if compute_dtype == "float32" and not autocast:
+        # no rounding to 16 bits anywhere: the paths agree to fp32 precision (relative error norms)
+        tolerance = 1e-5
+        assert _relative_error(got_logits, want_logits) < tolerance
+        for name, grad in got.items():
+            error = _relative_error(grad, want[name])
+            assert error < 2 * tolerance, (name, error)
+        return
+    # In 16 bits the two paths round the same products at different points, so neither matches the other to a fixed
+    # tolerance: the size of their errors depends on bf16 and on the CPU's bf16 kernels (AVX512-BF16 ones round
+    # differently from AVX2 ones). Both are measured against the exact arithmetic, an fp32 run of the same weights,
+    # and peft's own error there is the accepted standard: for the logits and every gradient, the fused path's
+    # relative error norm is at most max(2 x peft's, 4 u), u = 2**-8 bfloat16's unit roundoff. Rounding at
+    # different points gives errors of the same size (not the same errors) as peft's, hence the factor 2, which
+    # is no fixed constant but a multiple of the error bf16 makes here; 4 u floors it where peft's error happens
+    # to be only a few roundings (one rounding of a tensor already errs by up to u). A real mistake in the fused
+    # path, such as a LoRA update 10% off, is well beyond this.
+    ref_logits, ref = _fp32_reference(tiny_llama_dir, model, x)
+    assert ref.keys() == got.keys()
+    results = [("logits", got_logits, want_logits, ref_logits)]
+    results += [(name, got[name], want[name], ref[name]) for name in ref]
+    for name, fused_result, peft_result, ref_result in results:
+        peft_error = _relative_error(peft_result, ref_result)
+        fused_error = _relative_error(fused_result, ref_result)
+        # the reference is the same model: peft's error is bf16's, well below the O(1) of other weights
+        assert peft_error < 0.5, (name, peft_error)
+        bound = max(2 * peft_error, 4 * BF16_UNIT_ROUNDOFF)
+        assert fused_error <= bound, (name, fused_error, peft_error, bound)
 
 
 def test_dropout_masks_and_gradients_match_peft(tiny_llama_dir):
@@ -102,9 +170,11 @@ def test_disabled_and_merged_adapters_take_peft_path(tiny_llama_dir):
         fused_lora._LoRAOn4bitFunction.apply = original
 
 
-def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_dir):
+@pytest.mark.parametrize("targets", ["all-linear", "attn"])
+def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_dir, targets):
     """compile_decoder_layers under checkpointing: one graph for all layers in each of the checkpoint's two passes
-    (the no-grad forward, the recomputation with grad), no graph break, eager's gradients.
+    (the no-grad forward, the recomputation with grad), no graph break, eager's gradients. With attention adapted
+    only, the MLP's frozen 4-bit linears (bitsandbytes' MatMul4Bit) are in the graph too.
 
     aot_eager runs the captured graphs without generating kernels, so this checks what torch.compile traces
     (the fused LoRA function and bitsandbytes' dequantization included) in seconds rather than a C++ build.
@@ -112,10 +182,10 @@ def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_d
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from qlora_trainer.compiled_layers import compile_decoder_layers
+    from qlora_trainer.engine.compiled_layers import compile_decoder_layers
 
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32", targets=targets)
     fused_lora.use_fused_lora(model)
     want_logits, want = _grads(model, x, autocast=False)
     torch._dynamo.reset()
@@ -131,7 +201,7 @@ def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_d
 def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llama_dir):
     """8-token chunks of a 24-token sequence: the MLPs only ever see 8 tokens, and the results equal the unchunked
     model's. (How often a chunk reruns in backward is up to torch's nested non-reentrant checkpoints.)"""
-    from qlora_trainer.chunked_mlp import chunk_mlps
+    from qlora_trainer.engine.chunked_mlp import chunk_mlps
 
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
@@ -146,10 +216,3 @@ def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llam
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
-
-
-def test_compilation_is_automatic_on_gpus_only():
-    from qlora_trainer.compiled_layers import should_compile
-
-    cpu = torch.device("cpu")
-    assert not should_compile("auto", cpu) and should_compile("on", cpu) and not should_compile("off", cpu)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_trainer.loss import causal_lm_loss
+from qlora_trainer.engine.loss import causal_lm_loss
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 1024])

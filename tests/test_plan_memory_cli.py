@@ -1,5 +1,6 @@
 """`qlora-trainer plan-memory`: the JSON and the table, exit 0 / 1 for fits / does not fit, exit 2 for bad input."""
 
+import argparse
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from qlora_trainer.cli import main
 from qlora_trainer.hardware import GIB, GPU_CATALOGUE, GpuSpec
 from qlora_trainer.planner import report
+from qlora_trainer.planner.search import SEARCHED_KEYS
 
 BREAKDOWN = {"weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead"}
 PLAN = {"rank", "lora_alpha", "target_modules", "gradient_checkpointing", "micro_batch_size",
@@ -37,6 +39,22 @@ def test_fixed_choices_from_the_command_line_are_kept(capsys):
     assert (plan["rank"], plan["lora_alpha"], plan["target_modules"], plan["gradient_checkpointing"],
             plan["optimizer"]) == (8, 16.0, ["q_proj", "v_proj"], True, "adamw8bit")
     assert out["trainable_params"] == 32 * 8 * (4096 + 4096 + 4096 + 1024)  # q: 4096 -> 4096, v: 4096 -> 1024
+
+
+def test_flags_become_spec_keys_and_only_the_given_ones_are_fixed():
+    parser = argparse.ArgumentParser()
+    report.add_plan_memory_arguments(parser)
+    spec = report.spec_from_args(parser.parse_args(
+        ["--model", "llama-2-7b", "--rank", "8", "--alpha", "4", "--targets", "q_proj,v_proj", "--batch-size", "6",
+         "--micro-batch-size", "4", "--quant", "int8"]))
+    assert (spec.model.path, spec.adapter.r, spec.adapter.lora_alpha, spec.adapter.target_modules,
+            spec.training.micro_batch_size, spec.training.gradient_accumulation_steps, spec.training.max_seq_len,
+            spec.quantization.mode) == ("llama-2-7b", 8, 4.0, ["q_proj", "v_proj"], 4, 2, 2048, "int8")
+    assert spec.explicit_keys & SEARCHED_KEYS.keys() == {"adapter.r", "adapter.lora_alpha", "adapter.target_modules",
+                                                         "training.micro_batch_size"}
+    default = report.spec_from_args(parser.parse_args(["--model", "llama-2-7b", "--grad-ckpt", "auto"]))
+    assert (default.training.micro_batch_size, default.training.gradient_accumulation_steps) == (1, 16)
+    assert not default.explicit_keys & SEARCHED_KEYS.keys()
 
 
 def test_a_model_folder_with_only_config_json(tiny_llama_dir, tmp_path, capsys):

@@ -1,19 +1,18 @@
 """The memory model against the real pieces on the CPU: parameter counts, bitsandbytes storage, peft adapter
 tensors, optimizer states and the activations autograd keeps for a decoder layer."""
 
-import dataclasses
 import pytest
 import torch
 import bitsandbytes as bnb
 from transformers import (AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, GemmaConfig, GPT2Config,
                           LlamaConfig, Phi3Config, Qwen2Config)
 
-from qlora_trainer import adapters
-from qlora_trainer.config import AdapterConfig
-from qlora_trainer.planner import load_model_config, preset_names
-from qlora_trainer.planner.memory import (TrainingPlan, adapter_tensor_numels, base_weight_tensor_bytes,
-                                          estimate_memory, layer_activation_bytes, model_shape,
-                                          optimizer_state_tensors)
+from qlora_trainer.engine import adapters
+from qlora_trainer.hardware import Hardware, budget_gpu
+from qlora_trainer.planner.memory import (adapter_tensor_numels, base_weight_tensor_bytes, estimate_memory,
+                                          layer_activation_bytes, optimizer_state_tensors)
+from qlora_trainer.planner.shapes import load_model_config, model_shape, preset_names
+from qlora_trainer.spec import AdapterConfig, ResolvedRun, RunSpec, resolve
 
 PRESET_PARAMS = {  # the published parameter counts of these checkpoints
     "llama-2-7b": 6_738_415_616,
@@ -24,6 +23,12 @@ PRESET_PARAMS = {  # the published parameter counts of these checkpoints
     "phi-3-mini": 3_821_079_552,
     "tinyllama-1.1b": 1_100_048_384,
 }
+def run(values: dict = None) -> ResolvedRun:
+    """RunSpec defaults with `values` ({"training.max_seq_len": 2048, ...}), resolved for a bf16 GPU with Triton:
+    bf16 compute and compiled layers."""
+    return resolve(RunSpec().with_values(values or {}), Hardware.planned(budget_gpu(80)))
+
+
 TINY = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
 TINY_CONFIGS = {  # hidden 40 and intermediate 100: weights that end in a partial 64-value block
     "llama": LlamaConfig(hidden_size=40, intermediate_size=100, num_key_value_heads=2, **TINY),
@@ -117,8 +122,9 @@ def test_base_weight_bytes_equal_what_bitsandbytes_allocates(tiny_checkpoints, a
     if quant in ("nf4", "fp4"):  # the layout a GPU holds (no CPU-kernel repacking happened)
         states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert states and all(state.nested == double_quant for state in states)
-    plan = TrainingPlan(quant=quant, double_quant=double_quant, compute_dtype="bfloat16")
-    predicted = base_weight_tensor_bytes(model_shape(AutoConfig.from_pretrained(folder)), plan)
+    planned = run({"quantization.mode": quant, "quantization.double_quant": double_quant})
+    assert planned.compute_dtype == "bfloat16"
+    predicted = base_weight_tensor_bytes(model_shape(AutoConfig.from_pretrained(folder)), planned)
     assert sum(predicted) == _held_bytes(model)
 
 
@@ -139,7 +145,7 @@ def test_adapter_tensors_equal_what_peft_creates(adapter_type, rank):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "paged_adamw8bit"])
 def test_optimizer_states_equal_what_the_optimizer_allocates(optimizer):
-    from qlora_trainer.train import build_optimizer
+    from qlora_trainer.engine.build import build_optimizer
 
     numels = [1000, 5000, 300_000]  # fp32 states below 4096 elements, paged states from 100k (on a GPU)
     params = [torch.nn.Parameter(torch.randn(n)) for n in numels]
@@ -190,7 +196,7 @@ def test_layer_activations_equal_what_autograd_keeps(tiny_llama_dir, adapter_typ
     for param in model.parameters():
         param.requires_grad_(False)
     keys, layers = adapters.resolve_targets(model, targets)
-    adapter = AdapterConfig(type=adapter_type, r=8, dropout=0.0, target_modules=keys, dtype="bfloat16")
+    adapter = AdapterConfig(type=adapter_type, r=8, lora_dropout=0.0, target_modules=keys, dtype="bfloat16")
     peft_model, _ = adapters.attach_adapter(model, adapter, keys, layers)
     peft_model.train()
     decoder = peft_model.get_base_model().model
@@ -217,12 +223,13 @@ def test_layer_activations_equal_what_autograd_keeps(tiny_llama_dir, adapter_typ
     kept = {ptr: found for ptr, found in _saved_storages(output.grad_fn).items()
             if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
     shape = model_shape(AutoConfig.from_pretrained(tiny_llama_dir))
-    plan = TrainingPlan(rank=8, adapter_type=adapter_type, target_modules=targets, micro_batch_size=batch,
-                        seq_len=seq_len, adapter_dtype="bfloat16", lora_dropout=0.0, attn_implementation=attn,
-                        compiled_layers=False)  # eager autograd, as this test runs it
+    planned = run({"adapter.r": 8, "adapter.type": adapter_type, "adapter.target_modules": targets,
+                   "training.micro_batch_size": batch, "training.max_seq_len": seq_len, "adapter.dtype": "bfloat16",
+                   "adapter.lora_dropout": 0.0, "model.attn_implementation": attn,
+                   "training.compile_layers": "off"})  # eager autograd, as this test runs it
     index = shape.num_layers - 1
     layer_targets = [t for t in shape.targets(targets) if t.layer_index == index]
-    predicted = layer_activation_bytes(shape, plan, index, layer_targets, batch * seq_len)
+    predicted = layer_activation_bytes(shape, planned, index, layer_targets, batch * seq_len)
     if padded and attn == "sdpa":
         # On a GPU the memory-efficient kernel keeps an additive bf16 copy of the mask in every layer (measured on
         # an H100); the CPU kernel keeps the shared bool mask itself.
@@ -237,19 +244,19 @@ def llama2():
 
 @pytest.mark.parametrize("rank, trainable", [(16, 39_976_960), (64, 159_907_840)])
 def test_trainable_params_of_all_linear_lora_on_llama2(llama2, rank, trainable):
-    assert estimate_memory(llama2, TrainingPlan(rank=rank)).trainable_params == trainable
+    assert estimate_memory(llama2, run({"adapter.r": rank})).trainable_params == trainable
 
 
 def test_breakdown_sums_to_the_reserved_peak(llama2):
-    estimate = estimate_memory(llama2, TrainingPlan(seq_len=2048, micro_batch_size=2))
+    estimate = estimate_memory(llama2, run({"training.max_seq_len": 2048, "training.micro_batch_size": 2}))
     assert sum(estimate.breakdown.values()) == estimate.predicted_peak_bytes
     assert estimate.predicted_peak_bytes - estimate.predicted_peak_allocated_bytes == estimate.breakdown["overhead"]
     assert estimate.predicted_device_bytes == estimate.predicted_peak_bytes + estimate.cuda_context_bytes
 
 
 def test_nf4_base_is_a_quarter_of_the_16_bit_one(llama2):
-    nf4 = estimate_memory(llama2, TrainingPlan(quant="nf4")).breakdown["weights"]
-    half = estimate_memory(llama2, TrainingPlan(quant="none")).breakdown["weights"]
+    nf4 = estimate_memory(llama2, run({"quantization.mode": "nf4"})).breakdown["weights"]
+    half = estimate_memory(llama2, run({"quantization.mode": "none"})).breakdown["weights"]
     linear_weights = sum(l.d_in * l.d_out for l in llama2.linears)
     others = half - 2 * linear_weights  # embeddings and lm_head stay 16-bit in both
     # 4 bits per weight + 8-bit absmax per 64 + fp32 absmax-of-absmax per 256 x 64: 4.127 bits per weight
@@ -257,30 +264,31 @@ def test_nf4_base_is_a_quarter_of_the_16_bit_one(llama2):
 
 
 def test_checkpointing_keeps_layer_inputs_instead_of_layer_activations(llama2):
-    plan = TrainingPlan(seq_len=2048, micro_batch_size=1)
-    on = estimate_memory(llama2, plan).breakdown["activations"]
-    off = estimate_memory(llama2, TrainingPlan(seq_len=2048, micro_batch_size=1, gradient_checkpointing=False))
+    planned = run({"training.max_seq_len": 2048, "training.micro_batch_size": 1})
+    on = estimate_memory(llama2, planned).breakdown["activations"]
+    off = estimate_memory(llama2, planned.with_values({"training.gradient_checkpointing": False}))
     assert off.breakdown["activations"] > 5 * on
 
 
 def test_partial_checkpointing_lies_between_none_and_all(llama2):
-    def peak(**changes) -> int:
-        return estimate_memory(llama2, TrainingPlan(seq_len=2048, micro_batch_size=4, **changes)).predicted_peak_bytes
+    def peak(changes: dict = None) -> int:
+        values = {"training.max_seq_len": 2048, "training.micro_batch_size": 4, **(changes or {})}
+        return estimate_memory(llama2, run(values)).predicted_peak_bytes
 
-    everything, nothing = peak(), peak(gradient_checkpointing=False)
-    assert peak(checkpointed_layers=32) == everything
-    assert peak(checkpointed_layers=0) == nothing
-    partial = [peak(checkpointed_layers=count) for count in range(1, 33)]
+    everything, nothing = peak(), peak({"training.gradient_checkpointing": False})
+    assert peak({"training.checkpointed_layers": 32}) == everything
+    assert peak({"training.checkpointed_layers": 0}) == nothing
+    partial = [peak({"training.checkpointed_layers": count}) for count in range(1, 33)]
     assert all(a >= b for a, b in zip(partial, partial[1:]))  # more checkpointed layers, less memory
     assert nothing > partial[0] and partial[-1] == everything
 
 
 def test_offloaded_checkpoints_leave_one_layer_input_on_the_gpu(llama2):
     # with accumulation every layer's gradient exists throughout, so both peak at the last layer's backward
-    plan = TrainingPlan(seq_len=16384, micro_batch_size=1, gradient_accumulation_steps=2, packed=True,
-                        lora_dropout=0.0)
-    kept = estimate_memory(llama2, plan)
-    offloaded = estimate_memory(llama2, dataclasses.replace(plan, offload_checkpoints=True))
+    planned = run({"training.max_seq_len": 16384, "training.micro_batch_size": 1,
+                   "training.gradient_accumulation_steps": 2, "data.packing": True, "adapter.lora_dropout": 0.0})
+    kept = estimate_memory(llama2, planned)
+    offloaded = estimate_memory(llama2, planned.with_values({"training.offload_checkpoints": True}))
     layer_input = 16384 * 4096 * 2
     assert kept.phase == offloaded.phase == "layer backward"
     # 32 inputs kept on the GPU, against the one copied back for the layer in backward (the two gradients that
@@ -292,7 +300,8 @@ def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():
     mistral = model_shape(load_model_config("mistral-7b"))  # window 4096, GQA with 8 kv heads
     assert mistral.sliding_window == 4096 and mistral.sliding_layers == frozenset(range(32))
     two_below, below, at = (
-        estimate_memory(mistral, TrainingPlan(seq_len=seq, gradient_checkpointing=False, packed=True))
+        estimate_memory(mistral, run({"training.max_seq_len": seq, "training.gradient_checkpointing": False,
+                                      "data.packing": True}))
         .predicted_peak_allocated_bytes for seq in (4094, 4095, 4096))
     per_layer = 2 * (2 * (4096 - 1024) + 4096) * 4096  # repeated keys/values and the additive mask, per token
     mask = 4096 * 4096  # the bool mask, once
@@ -304,40 +313,43 @@ def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():
 
 def test_large_vocabulary_peaks_at_the_loss_chunk():
     gemma = model_shape(load_model_config("gemma-7b"))  # 256k vocabulary
-    estimate = estimate_memory(gemma, TrainingPlan(seq_len=512, loss_chunk_tokens=1024))
+    estimate = estimate_memory(gemma, run({"training.max_seq_len": 512, "training.loss_chunk_tokens": 1024}))
     assert estimate.phase == "loss"
     assert estimate.breakdown["logits"] == 512 * 256_000 * 12  # one 512-token chunk: all the labelled tokens
-    smaller = estimate_memory(gemma, TrainingPlan(seq_len=512, loss_chunk_tokens=256))
+    smaller = estimate_memory(gemma, run({"training.max_seq_len": 512, "training.loss_chunk_tokens": 256}))
     assert smaller.breakdown["logits"] == estimate.breakdown["logits"] // 2
 
 
 def test_paged_optimizer_moves_the_8bit_states_out_of_the_pool(llama2):
-    eight_bit = estimate_memory(llama2, TrainingPlan(rank=64, optimizer="adamw8bit"))
-    paged = estimate_memory(llama2, TrainingPlan(rank=64, optimizer="paged_adamw8bit"))
+    eight_bit = estimate_memory(llama2, run({"adapter.r": 64, "training.optimizer": "adamw8bit"}))
+    paged = estimate_memory(llama2, run({"adapter.r": 64, "training.optimizer": "paged_adamw8bit"}))
     # at rank 64 every LoRA tensor has >= 100k elements, so both uint8 states of each are paged
     assert paged.paged_optimizer_bytes == 2 * eight_bit.trainable_params
     assert eight_bit.breakdown["optimizer"] - paged.breakdown["optimizer"] == paged.paged_optimizer_bytes
 
 
 def test_mlp_chunks_bound_the_mlp_activations_of_long_sequences_only(llama2):
-    plan = TrainingPlan(seq_len=32768, lora_dropout=0.0, target_modules="attn", offload_checkpoints=True,
-                        loss_chunk_tokens=512)
-    whole = estimate_memory(llama2, plan)
-    chunked = estimate_memory(llama2, dataclasses.replace(plan, mlp_chunk_tokens=4096))
+    planned = run({"training.max_seq_len": 32768, "adapter.lora_dropout": 0.0, "adapter.target_modules": "attn",
+                   "training.offload_checkpoints": True, "training.loss_chunk_tokens": 512})
+    whole = estimate_memory(llama2, planned)
+    chunked = estimate_memory(llama2, planned.with_values({"training.mlp_chunk_tokens": 4096}))
     assert whole.phase == chunked.phase == "layer backward"
     # one layer's gate/up outputs (compiled: act(gate) is recomputed) for 28k fewer tokens, less the MLP input the
     # chunks keep for the whole sequence; the backward buffers follow q/k/v, wider than Llama-2's MLP chunk
     inter, hidden = 11008, 4096
     saved = (32768 - 4096) * 2 * 2 * inter - 32768 * 2 * hidden
     assert whole.predicted_peak_allocated_bytes - chunked.predicted_peak_allocated_bytes == saved
-    short = dataclasses.replace(plan, seq_len=4096)
-    assert estimate_memory(llama2, short) == estimate_memory(llama2, dataclasses.replace(short, mlp_chunk_tokens=4096))
+    short = planned.with_values({"training.max_seq_len": 4096})
+    assert estimate_memory(llama2, short) == estimate_memory(llama2,
+                                                             short.with_values({"training.mlp_chunk_tokens": 4096}))
 
 
 def test_compiled_layers_keep_neither_act_gate_nor_the_norms_fp32_copies(llama2):
-    plan = TrainingPlan(seq_len=8192, lora_dropout=0.0, target_modules="attn", loss_chunk_tokens=256)
-    eager = estimate_memory(llama2, dataclasses.replace(plan, compiled_layers=False))
-    compiled = estimate_memory(llama2, plan)
+    planned = run({"training.max_seq_len": 8192, "adapter.lora_dropout": 0.0, "adapter.target_modules": "attn",
+                   "training.loss_chunk_tokens": 256})
+    assert planned.compile_layers
+    eager = estimate_memory(llama2, planned.with_values({"training.compile_layers": "off"}))
+    compiled = estimate_memory(llama2, planned)
     assert eager.phase == compiled.phase == "layer backward"
     # act(gate) (bf16, intermediate wide); each norm's fp32 input copy, against the second norm's bf16 input
     norms = 2 * (4 * 4096 + 4) - (2 * 4 + 2 * 4096)

@@ -4,13 +4,12 @@ import dataclasses
 
 import pytest
 
-from qlora_trainer.config import config_from_dict
-from qlora_trainer.planner import apply_planned_choices, fixed_choices, load_model_config, plan_from_run_config
-from qlora_trainer.planner.memory import TrainingPlan, estimate_memory, model_shape
-from qlora_trainer.planner.search import (MLP_CHUNK_TOKENS, SEQ_LEN_STEP, FixedChoices, candidate_plans, fits, search_plan,
-                                          usable)
-
-GIB = 2**30
+from qlora_trainer.hardware import GIB, Hardware, budget_gpu
+from qlora_trainer.planner.memory import estimate_memory
+from qlora_trainer.planner.search import (MLP_CHUNK_TOKENS, SEARCHED_KEYS, SEQ_LEN_STEP, TARGET_ORDER,
+                                          candidate_runs, search_plan)
+from qlora_trainer.planner.shapes import load_model_config, model_shape
+from qlora_trainer.spec import Budget, ResolvedRun, RunSpec, resolve, spec_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -18,148 +17,202 @@ def llama2():
     return model_shape(load_model_config("llama-2-7b"))
 
 
-BASE = TrainingPlan(seq_len=4096, micro_batch_size=4, gradient_accumulation_steps=4)  # effective batch 16
+BASE = {"training.max_seq_len": 4096, "training.micro_batch_size": 4,
+        "training.gradient_accumulation_steps": 4}  # effective batch 16
+
+
+def gpu(budget_bytes: int, bf16: bool = True) -> Hardware:
+    """A GPU whose whole memory (`budget_bytes`) is the budget: bf16 with compiled layers, or an fp16 card."""
+    card = budget_gpu(budget_bytes / GIB)
+    if not bf16:
+        card = dataclasses.replace(card, supports_bf16=False, compute_capability=(7, 5))
+    return Hardware.planned(card)
+
+
+def planned(budget_gib: float, values: dict = BASE) -> ResolvedRun:
+    """RunSpec defaults with `values`, resolved for a bf16 GPU of `budget_gib` GiB; no key explicit."""
+    return resolve(RunSpec().with_values(values), gpu(int(budget_gib * GIB)))
+
+
+def fixing(run: ResolvedRun, values: dict) -> ResolvedRun:
+    """`run` with `values` set as the user's own (explicit keys): the search keeps them."""
+    spec = run.spec.with_values(values)
+    return resolve(dataclasses.replace(spec, explicit_keys=spec.explicit_keys | set(values)), run.hardware)
+
+
+def fits(run: ResolvedRun, shape) -> bool:
+    return run.budget.fits(estimate_memory(shape, run).predicted_peak_bytes)
 
 
 @pytest.mark.parametrize("budget_gib", [8, 12, 16, 24, 80])
 def test_the_chosen_plan_is_the_first_that_fits_in_objective_order(llama2, budget_gib):
-    result = search_plan(llama2, budget_gib * GIB, BASE)
+    base = planned(budget_gib)
+    result = search_plan(llama2, base)
     assert result.fits
-    assert result.estimate.predicted_peak_bytes <= usable(budget_gib * GIB) == result.usable_bytes
-    candidates = candidate_plans(llama2, BASE, FixedChoices(), 16)
-    chosen = candidates.index(dataclasses.replace(result.plan, checkpointed_layers=None))
-    assert not any(fits(estimate_memory(llama2, plan), budget_gib * GIB) for plan in candidates[:chosen])
-    assert result.plan.micro_batch_size * result.plan.gradient_accumulation_steps == 16
+    assert result.estimate.predicted_peak_bytes <= base.budget.usable_bytes == result.usable_bytes
+    candidates = candidate_runs(llama2, base, 16)
+    chosen = candidates.index(result.run.with_values({"training.checkpointed_layers": None}))
+    assert not any(fits(run, llama2) for run in candidates[:chosen])
+    training = result.run.spec.training
+    assert training.micro_batch_size * training.gradient_accumulation_steps == 16
 
 
 @pytest.mark.parametrize("budget_gib", [8, 12, 15, 16, 24])
 def test_leftover_memory_goes_to_fewer_checkpointed_layers(llama2, budget_gib):
-    plan = search_plan(llama2, budget_gib * GIB, BASE).plan
-    assert plan.gradient_checkpointing
-    count = plan.checkpointed_layers if plan.checkpointed_layers is not None else llama2.num_layers
-    one_fewer = dataclasses.replace(plan, checkpointed_layers=count - 1)
-    assert fits(estimate_memory(llama2, plan), budget_gib * GIB)
-    assert not fits(estimate_memory(llama2, one_fewer), budget_gib * GIB)
+    run = search_plan(llama2, planned(budget_gib)).run
+    training = run.spec.training
+    assert training.gradient_checkpointing
+    count = training.checkpointed_layers if training.checkpointed_layers is not None else llama2.num_layers
+    one_fewer = run.with_values({"training.checkpointed_layers": count - 1})
+    assert fits(run, llama2)
+    assert not fits(one_fewer, llama2)
 
 
 def test_fixed_checkpointed_layers_are_kept(llama2):
-    fixed = FixedChoices(gradient_checkpointing=True, checkpointed_layers=32)
-    assert search_plan(llama2, 24 * GIB, BASE, fixed).plan.checkpointed_layers == 32
+    run = fixing(planned(24), {"training.gradient_checkpointing": True, "training.checkpointed_layers": 32})
+    assert search_plan(llama2, run).run.spec.training.checkpointed_layers == 32
 
 
 def test_objective_order_all_linear_then_rank_then_optimizer_then_speed(llama2):
-    plans = candidate_plans(llama2, BASE, FixedChoices(), 16)
-    first, last = plans[0], plans[-1]
-    assert (first.target_modules, first.rank, first.lora_alpha, first.optimizer, first.gradient_checkpointing,
-            first.micro_batch_size) == ("all-linear", 64, 128.0, "adamw", False, 16)
-    assert (last.target_modules, last.rank, last.optimizer, last.gradient_checkpointing, last.micro_batch_size) == (
-        "attn", 8, "paged_adamw8bit", True, 1)
-    position = lambda **changes: plans.index(dataclasses.replace(first, **changes))  # noqa: E731
-    assert position(optimizer="paged_adamw8bit") < position(rank=32, lora_alpha=64.0)  # rank before optimizer
-    assert position(micro_batch_size=1, gradient_accumulation_steps=16) < position(gradient_checkpointing=True)
+    runs = candidate_runs(llama2, planned(80), 16)
+    first, last = runs[0].spec, runs[-1].spec
+    assert (first.adapter.target_modules, first.adapter.r, first.adapter.lora_alpha, first.training.optimizer,
+            first.training.gradient_checkpointing, first.training.micro_batch_size) == (
+        "all-linear", 64, 128.0, "adamw", False, 16)
+    assert (last.adapter.target_modules, last.adapter.r, last.training.optimizer, last.training.gradient_checkpointing,
+            last.training.micro_batch_size) == ("attn", 8, "paged_adamw8bit", True, 1)
+    position = lambda changes: runs.index(runs[0].with_values(changes))  # noqa: E731
+    # rank before optimizer
+    assert position({"training.optimizer": "paged_adamw8bit"}) < position({"adapter.r": 32, "adapter.lora_alpha": 64.0})
+    assert (position({"training.micro_batch_size": 1, "training.gradient_accumulation_steps": 16})
+            < position({"training.gradient_checkpointing": True}))
 
 
 def test_a_large_gpu_gets_all_linear_rank_64_without_checkpointing(llama2):
-    plan = search_plan(llama2, 80 * GIB, BASE).plan
-    assert (plan.target_modules, plan.rank, plan.optimizer, plan.gradient_checkpointing) == (
-        "all-linear", 64, "adamw", False)
+    spec = search_plan(llama2, planned(80)).run.spec
+    assert (spec.adapter.target_modules, spec.adapter.r, spec.training.optimizer,
+            spec.training.gradient_checkpointing) == ("all-linear", 64, "adamw", False)
 
 
 def test_fixed_choices_are_kept(llama2):
-    fixed = FixedChoices(rank=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj"), gradient_checkpointing=True,
-                         micro_batch_size=3, optimizer="adamw8bit")
-    result = search_plan(llama2, 80 * GIB, BASE, fixed)
-    plan = result.plan
+    run = fixing(planned(80), {"adapter.r": 8, "adapter.lora_alpha": 16.0,
+                               "adapter.target_modules": ["q_proj", "v_proj"], "training.gradient_checkpointing": True,
+                               "training.micro_batch_size": 3, "training.optimizer": "adamw8bit"})
+    result = search_plan(llama2, run, 16)
+    spec = result.run.spec
     assert result.fits
-    assert (plan.rank, plan.lora_alpha, plan.target_modules, plan.gradient_checkpointing, plan.micro_batch_size,
-            plan.optimizer) == (8, 16.0, ("q_proj", "v_proj"), True, 3, "adamw8bit")
-    assert plan.gradient_accumulation_steps == 6  # 3 x 6 covers the effective batch of 16
+    assert (spec.adapter.r, spec.adapter.lora_alpha, spec.adapter.target_modules, spec.training.gradient_checkpointing,
+            spec.training.micro_batch_size, spec.training.optimizer) == (
+        8, 16.0, ["q_proj", "v_proj"], True, 3, "adamw8bit")
+    assert spec.training.gradient_accumulation_steps == 6  # 3 x 6 covers the effective batch of 16
     assert result.estimate.target_layers == 2 * 32
 
 
 def test_fixed_choices_that_do_not_fit_are_kept_and_the_advice_says_what_would(llama2):
-    fixed = FixedChoices(rank=64, target_modules="all-linear", gradient_checkpointing=False)
-    result = search_plan(llama2, 16 * GIB, BASE, fixed)
+    run = fixing(planned(16), {"adapter.r": 64, "adapter.target_modules": "all-linear",
+                               "training.gradient_checkpointing": False})
+    result = search_plan(llama2, run)
     assert not result.fits
-    assert (result.plan.rank, result.plan.gradient_checkpointing) == (64, False)
+    assert (result.run.spec.adapter.r, result.run.spec.training.gradient_checkpointing) == (64, False)
     assert "let the planner choose rank, target_modules, gradient_checkpointing" in result.advice
 
 
 def test_nothing_fits_reports_the_smallest_budget_and_the_longest_sequence(llama2):
-    budget = 6 * GIB  # the base fits, the leanest plan at seq 4096 does not
-    result = search_plan(llama2, budget, BASE)
-    assert not result.fits and not fits(result.estimate, budget)
+    base = planned(6)  # the base fits, the leanest plan at seq 4096 does not
+    budget = base.budget
+    result = search_plan(llama2, base)
+    peak = result.estimate.predicted_peak_bytes
+    assert not result.fits and not budget.fits(peak)
     # the smallest budget is exact for the leanest plan, and the search finds a plan there
-    assert fits(result.estimate, result.smallest_fitting_budget_bytes)
-    assert not fits(result.estimate, result.smallest_fitting_budget_bytes - 2**20)
-    assert search_plan(llama2, result.smallest_fitting_budget_bytes, BASE).fits
+    smallest = result.smallest_fitting_budget_bytes
+    assert Budget("smallest", smallest).fits(peak)
+    assert not Budget("smaller", smallest - 2**20).fits(peak)
+    assert search_plan(llama2, resolve(base.spec, gpu(smallest))).fits
     longest = result.longest_fitting_seq_len
-    assert longest % SEQ_LEN_STEP == 0 and 0 < longest < BASE.seq_len
-    at = lambda seq_len: estimate_memory(llama2, dataclasses.replace(result.plan, seq_len=seq_len))  # noqa: E731
-    assert fits(at(longest), budget) and not fits(at(longest + SEQ_LEN_STEP), budget)
+    assert longest % SEQ_LEN_STEP == 0 and 0 < longest < base.spec.training.max_seq_len
+    def at(seq_len: int):
+        return estimate_memory(llama2, result.run.with_values({"training.max_seq_len": seq_len}))
+
+    assert budget.fits(at(longest).predicted_peak_bytes)
+    assert not budget.fits(at(longest + SEQ_LEN_STEP).predicted_peak_bytes)
     assert f"lower seq_len from 4096 to {longest}" in result.advice
 
 
 def test_a_budget_below_the_weights_has_no_sequence_to_offer(llama2):
-    result = search_plan(llama2, 3 * GIB, BASE)
+    result = search_plan(llama2, planned(3))
     assert not result.fits and result.longest_fitting_seq_len is None
     assert result.smallest_fitting_budget_bytes > 3 * GIB
 
 
-def _run_config(training: dict, adapter: dict):
-    return config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}, "adapter": adapter,
-                             "training": training})
+def _spec(training: dict, adapter: dict) -> RunSpec:
+    return spec_from_dict({"model": {"path": "m"}, "data": {"path": "d"}, "adapter": adapter, "training": training})
 
 
-def test_only_the_keys_the_user_wrote_are_fixed():
-    config = _run_config({"micro_batch_size": 2, "optimizer": "adamw8bit"}, {"r": 8})
-    assert fixed_choices(config) == FixedChoices(rank=8, micro_batch_size=2, optimizer="adamw8bit")
+def test_only_the_keys_the_user_wrote_are_fixed(llama2):
+    spec = _spec({"micro_batch_size": 2, "optimizer": "adamw8bit"}, {"r": 8})
+    assert spec.explicit_keys & SEARCHED_KEYS.keys() == {"adapter.r", "training.micro_batch_size",
+                                                         "training.optimizer"}
+    runs = candidate_runs(llama2, resolve(spec, gpu(16 * GIB)), 2)
+    assert {(run.spec.adapter.r, run.spec.training.micro_batch_size, run.spec.training.optimizer)
+            for run in runs} == {(8, 2, "adamw8bit")}
+    assert {run.spec.adapter.target_modules for run in runs} == set(TARGET_ORDER)  # the others are chosen
 
 
 def test_plan_auto_fills_what_the_user_left_out(llama2):
-    config = _run_config({"max_seq_len": 1024, "micro_batch_size": 2, "gradient_accumulation_steps": 8},
-                         {"r": 8, "dropout": 0.1})
-    base = plan_from_run_config(config, "float16")
-    assert (base.seq_len, base.rank, base.lora_dropout, base.compute_dtype, base.micro_batch_size) == (
-        1024, 8, 0.1, "float16", 2)
-    result = search_plan(llama2, 16 * GIB, base, fixed_choices(config))
-    planned = apply_planned_choices(config, result)
-    assert planned.adapter.r == 8 and planned.training.micro_batch_size == 2  # fixed
-    assert planned.adapter.target_modules == "all-linear" and planned.training.gradient_accumulation_steps == 8
-    assert plan_from_run_config(planned, "float16") == result.plan
+    spec = _spec({"max_seq_len": 1024, "micro_batch_size": 2, "gradient_accumulation_steps": 8},
+                 {"r": 8, "lora_dropout": 0.1})
+    run = resolve(spec, gpu(16 * GIB, bf16=False))
+    assert (run.spec.training.max_seq_len, run.spec.adapter.r, run.spec.adapter.lora_dropout, run.compute_dtype,
+            run.spec.training.micro_batch_size) == (1024, 8, 0.1, "float16", 2)
+    result = search_plan(llama2, run)
+    planned_spec = result.run.spec
+    assert planned_spec.adapter.r == 8 and planned_spec.training.micro_batch_size == 2  # fixed
+    assert planned_spec.adapter.target_modules == "all-linear"
+    assert planned_spec.training.gradient_accumulation_steps == 8
+    # the run returned is the run estimated, resolved for the same GPU, with the same explicit keys
+    assert estimate_memory(llama2, result.run) == result.estimate
+    assert (result.run.hardware, result.run.compute_dtype, planned_spec.explicit_keys) == (
+        run.hardware, "float16", spec.explicit_keys)
 
 
 def test_offloading_is_the_last_resort_that_keeps_targets_and_rank(llama2):
-    base = TrainingPlan(seq_len=32768, micro_batch_size=1, packed=True, lora_dropout=0.0)
-    fixed = FixedChoices(target_modules="all-linear", rank=16)
-    result = search_plan(llama2, 15 * GIB, base, fixed)
-    assert result.fits and result.plan.offload_checkpoints and result.plan.gradient_checkpointing
-    without = search_plan(llama2, 15 * GIB, base, dataclasses.replace(fixed, offload_checkpoints=False))
+    base = planned(15, {"training.max_seq_len": 32768, "training.micro_batch_size": 1, "data.packing": True,
+                        "adapter.lora_dropout": 0.0})
+    fixed = {"adapter.target_modules": "all-linear", "adapter.r": 16}
+    result = search_plan(llama2, fixing(base, fixed))
+    assert (result.fits and result.run.spec.training.offload_checkpoints
+            and result.run.spec.training.gradient_checkpointing)
+    without = search_plan(llama2, fixing(base, {**fixed, "training.offload_checkpoints": False}))
     assert not without.fits
-    assert not search_plan(llama2, 15 * GIB, dataclasses.replace(base, seq_len=2048), fixed).plan.offload_checkpoints
+    shorter = fixing(base.with_values({"training.max_seq_len": 2048}), fixed)
+    assert not search_plan(llama2, shorter).run.spec.training.offload_checkpoints
 
 
 def test_mlp_chunks_come_after_offloading_for_sequences_nothing_else_fits(llama2):
-    base = TrainingPlan(seq_len=65536, micro_batch_size=1, packed=True, lora_dropout=0.0, loss_chunk_tokens=512)
-    fixed = FixedChoices(target_modules="attn", rank=16)
-    result = search_plan(llama2, 15 * GIB, base, fixed)
-    assert result.fits and result.plan.offload_checkpoints and result.plan.mlp_chunk_tokens == MLP_CHUNK_TOKENS
-    without = search_plan(llama2, 15 * GIB, base, dataclasses.replace(fixed, mlp_chunk_tokens=0))
+    base = planned(15, {"training.max_seq_len": 65536, "training.micro_batch_size": 1, "data.packing": True,
+                        "adapter.lora_dropout": 0.0, "training.loss_chunk_tokens": 512})
+    fixed = {"adapter.target_modules": "attn", "adapter.r": 16}
+    result = search_plan(llama2, fixing(base, fixed))
+    training = result.run.spec.training
+    assert result.fits and training.offload_checkpoints and training.mlp_chunk_tokens == MLP_CHUNK_TOKENS
+    without = search_plan(llama2, fixing(base, {**fixed, "training.mlp_chunk_tokens": 0}))
     assert not without.fits
-    shorter = search_plan(llama2, 15 * GIB, dataclasses.replace(base, seq_len=32768), fixed)
-    assert shorter.fits and shorter.plan.mlp_chunk_tokens == 0  # offloading alone fits: no extra MLP forward
+    shorter = search_plan(llama2, fixing(base.with_values({"training.max_seq_len": 32768}), fixed))
+    # offloading alone fits: no extra MLP forward
+    assert shorter.fits and shorter.run.spec.training.mlp_chunk_tokens == 0
 
 
 def test_the_t4_example_config_fits_a_t4_once_planned():
     from pathlib import Path
 
-    from qlora_trainer.config import load_config
     from qlora_trainer.hardware import lookup_gpu
+    from qlora_trainer.spec import load_spec
 
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "7b-on-a-t4.yaml")
-    assert config.training.plan == "auto"
-    t4 = lookup_gpu("T4")
-    result = search_plan(load_model_config("llama-2-7b"), t4.usable_bytes, plan_from_run_config(config, "float16"),
-                         fixed_choices(config))
-    assert result.fits and result.plan.micro_batch_size * result.plan.gradient_accumulation_steps == 16
-    assert apply_planned_choices(config, result).training.max_seq_len == 2048
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "7b-on-a-t4.yaml")
+    assert spec.training.plan == "auto"
+    run = resolve(spec, Hardware.planned(lookup_gpu("T4")))
+    assert run.compute_dtype == "float16"
+    result = search_plan(load_model_config("llama-2-7b"), run)
+    training = result.run.spec.training
+    assert result.fits and training.micro_batch_size * training.gradient_accumulation_steps == 16
+    assert training.max_seq_len == 2048

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from qlora_trainer import train as train_module
-from qlora_trainer.checkpoint import CHECKPOINTS
+from qlora_trainer.engine import step as step_module
+from qlora_trainer.training.checkpoints import CHECKPOINTS
 from qlora_trainer.cli import main
-from qlora_trainer.config import ConfigError, config_from_dict
-from qlora_trainer.loss import LossParts
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.spec import spec_from_dict
+from qlora_trainer.engine.loss import LossParts
 
 ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(6) for b in range(6)]
 
@@ -80,7 +81,7 @@ BAD_INPUTS = {
     "rank-above-layer": (lambda raw, tmp, m: _set(raw, "adapter", "r", 64), "adapter.r: 64 exceeds"),
     "lr-negative": (lambda raw, tmp, m: _set(raw, "training", "learning_rate", -1.0), "training.learning_rate"),
     "steps-zero": (lambda raw, tmp, m: _set(raw, "training", "max_steps", 0), "training.max_steps"),
-    "dropout-one": (lambda raw, tmp, m: _set(raw, "adapter", "dropout", 1.0), "adapter.dropout"),
+    "dropout-one": (lambda raw, tmp, m: _set(raw, "adapter", "lora_dropout", 1.0), "adapter.lora_dropout"),
     "bad-format": (lambda raw, tmp, m: _set(raw, "data", "format", "sharegpt"), "data.format"),
     "compile-layers-yes": (lambda raw, tmp, m: _set(raw, "training", "compile_layers", "yes"),
                            "training.compile_layers"),
@@ -170,7 +171,7 @@ def test_bad_rows_are_skipped_and_counted(tiny_llama_dir, tmp_path):
                                         st.text(max_size=8), st.lists(st.text(max_size=4), max_size=2))))))
 def test_config_loader_accepts_or_rejects_cleanly(raw):
     try:
-        config_from_dict(raw)
+        spec_from_dict(raw)
     except ConfigError as err:
         assert str(err) and "\n" not in str(err)
 
@@ -260,7 +261,7 @@ def test_sigkill_leaves_the_newest_complete_checkpoint_and_resume_matches(tiny_l
 # and rename, so that the test can SIGKILL the process in the middle of that write (only the moment is arranged).
 _PAUSE_IN_SECOND_CHECKPOINT = """
 import pathlib, sys, time
-import qlora_trainer.checkpoint as checkpoint
+import qlora_trainer.training.checkpoints as checkpoint
 marker, calls, real = pathlib.Path(sys.argv[1]), [], checkpoint.write_manifest
 def paused(folder):
     calls.append(folder)
@@ -300,7 +301,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_mat
 # --- 3. out of memory and 4. numerical faults (the GPU fault is raised from a hooked step) -------------------
 
 def _fail_on_calls(monkeypatch, failing_calls: set[int], make_failure):
-    real = train_module.causal_lm_loss
+    real = step_module.causal_lm_loss
     calls = {"n": 0}
 
     def hooked(causal_lm, batch, chunk_tokens):
@@ -309,12 +310,29 @@ def _fail_on_calls(monkeypatch, failing_calls: set[int], make_failure):
             return make_failure(causal_lm, batch, chunk_tokens, real)
         return real(causal_lm, batch, chunk_tokens)
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", hooked)
+    monkeypatch.setattr(step_module, "causal_lm_loss", hooked)
     return calls
 
 
 def _raise_oom(*_):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_step_without_any_gradient_stops_the_run_with_exit_4(tiny_llama_dir, alpaca_file, tmp_path, capsys,
+                                                               monkeypatch):
+    """A loss that reaches no adapter weight (as torch 2.11's compiled layers gave) must not train on silently."""
+    out = tmp_path / "out"
+
+    def detached(causal_lm, batch, chunk_tokens, real):
+        parts = real(causal_lm, batch, chunk_tokens)
+        return LossParts(parts.loss_sum.detach() + torch.zeros((), requires_grad=True), parts.label_tokens)
+
+    _fail_on_calls(monkeypatch, {2}, detached)
+    code = main(["train", "--config", str(write_config(tmp_path, base_raw(tiny_llama_dir, alpaca_file, out,
+                                                                            save_steps=1))), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 4 and "step 2 gave the adapter no gradient at all" in err and "traceback" not in err.lower()
+    assert [p.name for p in (out / CHECKPOINTS).iterdir()] == ["step-0000001"]  # step 1 kept, nothing after
 
 
 def test_out_of_memory_saves_the_last_step_and_exits_3_with_advice(tiny_llama_dir, alpaca_file, tmp_path, capsys,

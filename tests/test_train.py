@@ -10,11 +10,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from qlora_trainer.checkpoint import CHECKPOINTS
+from qlora_trainer.training.checkpoints import CHECKPOINTS
 from qlora_trainer.cli import main
-from qlora_trainer.config import config_from_dict
+from qlora_trainer.spec import spec_from_dict
 from qlora_trainer.errors import UserError
-from qlora_trainer.train import micro_batches, train
+from qlora_trainer.hardware import GpuSpec, Hardware
+from qlora_trainer.data.batches import micro_batches
+from qlora_trainer.training.recipe import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +34,10 @@ def run_config(model_dir, data_path, out_dir, **training):
     training = {"max_steps": 6, "learning_rate": 5e-3, "micro_batch_size": 4, "max_seq_len": 96,
                 "save_steps": 3, "save_total_limit": 5, "logging_steps": 1, "lr_scheduler": "cosine",
                 "warmup_steps": 1, **training}
-    return config_from_dict({
+    return spec_from_dict({
         "model": {"path": str(model_dir)},
         "data": {"path": str(data_path), "format": "alpaca"},
-        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+        "adapter": {"type": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"},
         "training": training,
         "output": {"dir": str(out_dir)},
     })
@@ -82,7 +84,7 @@ def test_loha_and_lokr_train(tiny_llama_dir, alpaca_file, tmp_path, adapter_type
     config = run_config(tiny_llama_dir, alpaca_file, tmp_path / adapter_type, max_steps=8, save_steps=0)
     config.adapter.type = adapter_type
     config.adapter.r = 4
-    config.adapter.alpha = 4
+    config.adapter.lora_alpha = 4
     config.training.learning_rate = 1e-2
     result = train(config, show_progress=False)
     assert sum(result.losses[-3:]) / 3 < result.losses[0]
@@ -128,9 +130,9 @@ def test_cli_train_runs_and_reports(tiny_llama_dir, alpaca_file, tmp_path, capsy
 
 def test_demo_config_trains_and_the_loss_clearly_falls(tmp_path):
     """The README's first command, shortened: the bundled model and data with the demo config."""
-    from qlora_trainer.config import load_config
+    from qlora_trainer.spec import load_spec
 
-    config = load_config(REPO / "configs" / "demo-tiny.yaml", ["training.max_steps=30", "training.save_steps=0"],
+    config = load_spec(REPO / "configs" / "demo-tiny.yaml", ["training.max_steps=30", "training.save_steps=0"],
                          output_dir=str(tmp_path / "demo"))
     result = train(config, show_progress=False)
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-5:]) / 5
@@ -138,18 +140,16 @@ def test_demo_config_trains_and_the_loss_clearly_falls(tmp_path):
     assert result.eval_loss is not None and result.eval_loss < 0.6 * result.losses[0]
 
 
-def _pretend_gpu(monkeypatch, budget_bytes: int) -> None:
-    """A GPU of `budget_bytes` as detection would report it (the run itself stays on the CPU)."""
-    from qlora_trainer import train as train_module
-    from qlora_trainer.hardware import GpuSpec
-
-    monkeypatch.setattr(train_module, "detect_gpu", lambda: GpuSpec("pretend GPU", budget_bytes, budget_bytes, True,
-                                                                     (8, 0)))
+def _pretend_gpu(budget_bytes: int) -> Hardware:
+    """A GPU of `budget_bytes` beside a CPU build of torch: the budget is the GPU's, the run stays on the CPU."""
+    return Hardware(GpuSpec("pretend GPU", budget_bytes, budget_bytes, True, (8, 0)), device_type="cpu", triton=False)
 
 
 def test_a_run_predicted_not_to_fit_is_refused_before_loading_unless_forced(tiny_llama_dir, alpaca_file, tmp_path,
                                                                              monkeypatch, capsys):
-    _pretend_gpu(monkeypatch, 2**20)  # 1 MiB: less than the CUDA context alone
+    from qlora_trainer.training import recipe
+
+    monkeypatch.setattr(recipe, "detect_hardware", lambda: _pretend_gpu(2**20))  # 1 MiB: less than the CUDA context
     config_path = tmp_path / "run.yaml"
     config_path.write_text(json.dumps({"model": {"path": str(tiny_llama_dir)}, "data": {"path": str(alpaca_file)},
                                        "training": {"max_steps": 1, "max_seq_len": 96}}))
@@ -161,18 +161,18 @@ def test_a_run_predicted_not_to_fit_is_refused_before_loading_unless_forced(tiny
     assert main(["train", "--config", str(config_path), "--output-dir", str(out), "--no-progress", "--force"]) == 0
 
 
-def test_plan_auto_fills_the_open_choices_so_the_run_fits(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
-    from qlora_trainer.planner import load_model_config, plan_from_run_config
+def test_plan_auto_fills_the_open_choices_so_the_run_fits(tiny_llama_dir, alpaca_file, tmp_path):
     from qlora_trainer.planner.memory import estimate_memory
-    from qlora_trainer.planner.search import usable
+    from qlora_trainer.planner.shapes import load_model_config
+    from qlora_trainer.spec import resolve
 
-    budget = 2 * 2**30
-    _pretend_gpu(monkeypatch, budget)
+    hardware = _pretend_gpu(2 * 2**30)
     config = run_config(tiny_llama_dir, alpaca_file, tmp_path / "out", max_steps=1, plan="auto")
     config.explicit_keys = frozenset({"adapter.type"})  # everything else open to the planner
-    train(config, show_progress=False)
-    ran = config_from_dict(json.loads((tmp_path / "out" / "run_config.json").read_text()))
+    train(config, show_progress=False, hardware=hardware)
+    ran = spec_from_dict(json.loads((tmp_path / "out" / "run_config.json").read_text()))
     assert (ran.adapter.target_modules, ran.adapter.r) == ("all-linear", 32)  # the highest rank the layers allow
     assert ran.training.micro_batch_size * ran.training.gradient_accumulation_steps == 4  # effective batch kept
-    estimate = estimate_memory(load_model_config(str(tiny_llama_dir)), plan_from_run_config(ran, "bfloat16"))
-    assert estimate.predicted_peak_bytes <= usable(budget)
+    run = resolve(ran, hardware)
+    estimate = estimate_memory(load_model_config(str(tiny_llama_dir)), run)
+    assert run.budget.fits(estimate.predicted_peak_bytes)

@@ -1,9 +1,11 @@
 """Measure one fine-tuning method for a few real steps: parameter, gradient and optimizer-state bytes, peaks, speed.
 
-Methods: `full` (fp32 master weights, bf16 autocast, AdamW), `full-8bit` (bf16 weights, 8-bit AdamW), `lora`
-(16-bit base), `qlora` (NF4 + double quantization base), `loha` and `lokr` (NF4 base). Every method uses
-gradient checkpointing and the same chunked loss as the trainer. Run one method per process
-(`python -m qlora_trainer.bench.measure ...`) so each starts from an empty CUDA allocator.
+Methods: `full` (fp32 master weights, bf16 autocast, AdamW), `full-8bit` (bf16 weights, 8-bit AdamW), and the
+trainer's own runs `lora` (16-bit base), `qlora` (NF4 + double quantization base), `loha` and `lokr` (NF4 base),
+each a `RunSpec` built by `method_spec` and built and stepped by the engine exactly as `train` does. Full
+fine-tuning is not something the trainer does; it gets its model here and the engine's step. Every method uses
+gradient checkpointing and the same chunked loss. Run one method per process (`python -m qlora_trainer.bench.measure
+...`) so each starts from an empty CUDA allocator.
 """
 
 import argparse
@@ -15,32 +17,35 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, get_scheduler
 
-from qlora_trainer import adapters
-from qlora_trainer.config import AdapterConfig, ModelConfig, QuantizationConfig
-from qlora_trainer.loss import causal_lm_loss
-from qlora_trainer.model import enable_activation_checkpointing, load_base, load_model_config, pick_device
-from qlora_trainer.hardware import apply_memory_cap
-from qlora_trainer.train import build_optimizer, use_speed_paths
+from qlora_trainer.engine import adapters
+from qlora_trainer.engine.base import device_for
+from qlora_trainer.engine.build import Session, build, build_optimizer
+from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
+from qlora_trainer.engine.step import train_step
+from qlora_trainer.hardware import apply_memory_cap, detect_hardware
+from qlora_trainer.spec import ResolvedRun, RunSpec, resolve
 
-METHODS = ("full", "full-8bit", "lora", "qlora", "loha", "lokr")
-ADAPTER_METHODS = {"lora": ("lora", "none"), "qlora": ("lora", "nf4"), "loha": ("loha", "nf4"), "lokr": ("lokr", "nf4")}
+FULL_METHODS = ("full", "full-8bit")
+# what each of the trainer's methods sets in the run specification
+ADAPTER_METHODS = {"lora": {"adapter.type": "lora", "quantization.mode": "none"},
+                   "qlora": {"adapter.type": "lora", "quantization.mode": "nf4"},
+                   "loha": {"adapter.type": "loha", "quantization.mode": "nf4"},
+                   "lokr": {"adapter.type": "lokr", "quantization.mode": "nf4"}}
+METHODS = FULL_METHODS + tuple(ADAPTER_METHODS)
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    method: str
-    model_path: str
-    seq_len: int
-    micro_batch_size: int
-    rank: int = 16
-    target_modules: str = "all-linear"
-    steps: int = 6
-    offload_checkpoints: bool = False  # adapter methods: checkpointed inputs in CPU memory
-    fused_lora: bool = True  # LoRA methods: fused_lora.py's forward (training.fused_lora)
-    compile_layers: str = "auto"  # adapter methods: torch.compile each decoder layer (training.compile_layers)
-    mlp_chunk_tokens: int = 0  # adapter methods: MLPs a chunk of tokens at a time (training.mlp_chunk_tokens)
+def method_spec(method: str, model_path: str, seq_len: int, micro_batch_size: int, rank: int = 16,
+                target_modules: str = "all-linear", steps: int = 6) -> RunSpec:
+    """The run specification of one method: packed rows of `seq_len` random tokens, dropout 0. Full methods are
+    described as a 16-bit run (what their activations cost) and are never compiled."""
+    values = {"model.path": model_path, "training.max_seq_len": seq_len, "training.micro_batch_size": micro_batch_size,
+              "training.max_steps": steps, "training.learning_rate": 1e-5, "training.lr_scheduler": "constant",
+              "adapter.r": rank, "adapter.lora_alpha": 2.0 * rank, "adapter.lora_dropout": 0.0,
+              "adapter.target_modules": target_modules, "data.packing": True}
+    values |= ADAPTER_METHODS.get(method, {"quantization.mode": "none", "training.compile_layers": "off"})
+    return RunSpec().with_values(values)
 
 
 @dataclass(frozen=True)
@@ -79,77 +84,76 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(_tensor_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
 
 
-def load_method(spec: MethodSpec, device: torch.device):
-    """The model with its trainable parameters and optimizer name, for one method."""
-    if spec.method in ("full", "full-8bit"):
-        dtype = torch.float32 if spec.method == "full" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype, use_safetensors=True).to(device)
-        model.config.use_cache = False
-        enable_activation_checkpointing(model)
-        return model, model, "adamw" if spec.method == "full" else "adamw8bit"
-    adapter_type, quant = ADAPTER_METHODS[spec.method]
-    model_cfg = ModelConfig(path=spec.model_path)
-    base = load_base(model_cfg, QuantizationConfig(mode=quant), gradient_checkpointing=True, device=device,
-                     offload_checkpoints=spec.offload_checkpoints)
-    keys, layers = adapters.resolve_targets(adapters.meta_model(load_model_config(model_cfg)), spec.target_modules)
-    adapter = AdapterConfig(type=adapter_type, r=spec.rank, alpha=2 * spec.rank, dropout=0.0, target_modules=keys)
-    peft_model, _ = adapters.attach_adapter(base.model, adapter, keys, layers)
-    use_speed_paths(peft_model, spec.fused_lora, spec.mlp_chunk_tokens, spec.compile_layers, device)
-    return peft_model, peft_model.get_base_model(), "adamw"
+def build_full(method: str, run: ResolvedRun) -> Session:
+    """Full fine-tuning of every weight: fp32 with AdamW, or bf16 with 8-bit AdamW; checkpointed like the trainer."""
+    spec, device = run.spec, device_for(run.device_type)
+    dtype = torch.float32 if method == "full" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype, use_safetensors=True).to(device)
+    model.config.use_cache = False
+    enable_activation_checkpointing(model)
+    trainable = list(model.parameters())
+    optimizer = build_optimizer("adamw" if method == "full" else "adamw8bit", trainable, spec.training.learning_rate,
+                                0.0)
+    scheduler = get_scheduler("constant", optimizer)
+    trainable_count, total = adapters.count_params(model)
+    summary = adapters.AdapterSummary([], 0, trainable_count, trainable_count, total)
+    return Session(run, model, model, None, device, trainable, optimizer, scheduler, None, summary)
 
 
-def measure(spec: MethodSpec) -> Measurement:
-    """Train `spec.steps` steps on random tokens and read what the method costs."""
-    device = pick_device()
-    model, causal_lm, optimizer_name = load_method(spec, device)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(optimizer_name, trainable, lr=1e-5, weight_decay=0.0)
-    weights = model_bytes(model)
-    vocab = causal_lm.config.vocab_size
+def measure(method: str, spec: RunSpec) -> Measurement:
+    """Train `spec.training.max_steps` steps on random tokens through the engine and read what the method costs."""
+    run = resolve(spec, detect_hardware())
+    session = build_full(method, run) if method in FULL_METHODS else build(run)
+    weights = model_bytes(session.model)
+    training, device = spec.training, session.device
+    vocab = session.causal_lm.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    speeds, gradient_bytes = [], 0
-    for _ in range(spec.steps):
-        tokens = torch.randint(0, vocab, (spec.micro_batch_size, spec.seq_len), generator=generator).to(device)
+    speeds = []
+    for _ in range(training.max_steps):
+        tokens = torch.randint(0, vocab, (training.micro_batch_size, training.max_seq_len), generator=generator)
         batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        with autocast:
-            parts = causal_lm_loss(causal_lm, batch, 1024)
-        (parts.loss_sum / parts.label_tokens).backward()
-        gradient_bytes = sum(_tensor_bytes(p.grad) for p in trainable if p.grad is not None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        speeds.append(tokens.numel() / (time.perf_counter() - started))
+        started = _clock(device)
+        step = train_step(session, [batch])
+        speeds.append(step.input_tokens / (_clock(device) - started))
     on_gpu = device.type == "cuda"
     return Measurement(
-        method=spec.method,
+        method=method,
         device_name=torch.cuda.get_device_name(device) if on_gpu else "cpu",
-        trainable_params=sum(p.numel() for p in trainable),
+        trainable_params=sum(p.numel() for p in session.trainable),
         weight_bytes=weights,
-        gradient_bytes=gradient_bytes,
-        optimizer_state_bytes=optimizer_state_bytes(optimizer),
+        # backward gives every trainable tensor a .grad of its own shape and dtype (the step frees them again)
+        gradient_bytes=sum(_tensor_bytes(p) for p in session.trainable),
+        optimizer_state_bytes=optimizer_state_bytes(session.optimizer),
         peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if on_gpu else None,
         peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if on_gpu else None,
         tokens_per_second=statistics.median(speeds[2:] or speeds),
     )
 
 
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="measure one method (run by the bench harness)")
-    parser.add_argument("--spec", required=True, help="MethodSpec as JSON")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--micro-batch-size", type=int, required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--targets", required=True)
+    parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--cap-gib", type=float, default=0.0)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     apply_memory_cap(args.cap_gib)
-    result = measure(MethodSpec(**json.loads(args.spec)))
-    args.out.write_text(json.dumps(asdict(result)))
+    spec = method_spec(args.method, args.model_path, args.seq_len, args.micro_batch_size, args.rank, args.targets,
+                       args.steps)
+    args.out.write_text(json.dumps(asdict(measure(args.method, spec))))
 
 
 if __name__ == "__main__":

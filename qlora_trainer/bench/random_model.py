@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from qlora_trainer.planner import load_model_config
+from qlora_trainer.planner.shapes import load_model_config
 
 _WORDS = [f"w{i}" for i in range(4000)]
 
@@ -80,7 +80,7 @@ def write_synthetic_text(path: Path, n_docs: int, words_per_doc: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="preset name (configs/models) or a folder with config.json")
+    parser.add_argument("--model", required=True, help="preset name (qlora_trainer/presets) or a folder with config.json")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     print(make_random_checkpoint(args.model, args.out))

@@ -16,20 +16,20 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from qlora_trainer.bench.measure import ADAPTER_METHODS, METHODS, MethodSpec
+from qlora_trainer.bench.measure import FULL_METHODS, METHODS, method_spec
 from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess
 from qlora_trainer.bench.report import BenchReport, BenchRow, write_report
 from qlora_trainer.errors import UserError
-from qlora_trainer.hardware import detect_gpu
-from qlora_trainer.planner import load_model_config
-from qlora_trainer.planner.memory import DTYPE_BYTES, OPTIM8_BLOCK, MemoryEstimate, TrainingPlan, estimate_memory, \
-    model_shape
+from qlora_trainer.hardware import GPU_CATALOGUE, Hardware, detect_gpu
+from qlora_trainer.planner.memory import DTYPE_BYTES, OPTIM8_BLOCK, MemoryEstimate, estimate_memory
+from qlora_trainer.planner.shapes import load_model_config, model_shape
+from qlora_trainer.spec import ResolvedRun, RunSpec, resolve
 
 GIB = 2**30
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder or preset name (configs/models)")
+    parser.add_argument("--model", required=True, help="model folder or preset name (qlora_trainer/presets)")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the architecture with random weights (no download; memory and speed are the same)")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -42,25 +42,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for report.md, report.json and vram.png")
 
 
-def method_plan(spec: MethodSpec, quant: str, adapter_type: str) -> TrainingPlan:
-    """The planner's view of what load_method builds for `spec` (full methods are never compiled)."""
-    return TrainingPlan(seq_len=spec.seq_len, micro_batch_size=spec.micro_batch_size, adapter_type=adapter_type,
-                        rank=spec.rank, lora_alpha=2.0 * spec.rank, target_modules=spec.target_modules,
-                        lora_dropout=0.0, quant=quant, packed=True, offload_checkpoints=spec.offload_checkpoints,
-                        mlp_chunk_tokens=spec.mlp_chunk_tokens,
-                        compiled_layers=spec.method not in ("full", "full-8bit") and spec.compile_layers != "off")
+def planned_hardware() -> Hardware:
+    """What the estimates are for: the GPU here, or on a machine without one an H100 (a bf16 card with compiled
+    layers), which the report names."""
+    return Hardware.planned(detect_gpu() or GPU_CATALOGUE["H100-80GB"])
 
 
-def full_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int, int, int]:
+def full_estimate(model_config, run: ResolvedRun, method: str) -> tuple[MemoryEstimate, int, int, int]:
     """Planner estimate for full fine-tuning: (estimate, weight, gradient, optimizer-state bytes).
 
     Stored bytes are exact (fp32 weights, gradients and AdamW moments for `full`; bf16 weights and gradients and
     two uint8 moments with fp32 absmax per 256 for `full-8bit`); activations are the 16-bit LoRA estimate's.
     """
     shape = model_shape(model_config)
-    lora = estimate_memory(shape, method_plan(spec, "none", "lora"))
+    lora = estimate_memory(shape, run)  # the 16-bit run method_spec describes a full method as
     params = shape.total_params
-    if spec.method == "full":
+    if method == "full":
         weights, gradients, optimizer = 4 * params, 4 * params, 8 * params
     else:
         weights, gradients = 2 * params, 2 * params
@@ -76,22 +73,25 @@ def full_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int, 
     return estimate, weights, gradients, optimizer
 
 
-def method_estimate(model_config, spec: MethodSpec) -> tuple[MemoryEstimate, int, int, int]:
+def method_estimate(model_config, run: ResolvedRun, method: str) -> tuple[MemoryEstimate, int, int, int]:
     """(estimate, weight, gradient, optimizer-state bytes) the planner predicts for one method."""
-    if spec.method in ("full", "full-8bit"):
-        return full_estimate(model_config, spec)
-    adapter_type, quant = ADAPTER_METHODS[spec.method]
-    estimate = estimate_memory(model_config, method_plan(spec, quant, adapter_type))
+    if method in FULL_METHODS:
+        return full_estimate(model_config, run, method)
+    estimate = estimate_memory(model_config, run)
     b = estimate.breakdown
     return estimate, b["weights"] + b["adapter"], estimate.trainable_params * DTYPE_BYTES["float32"], b["optimizer"]
 
 
-def _measure_in_subprocess(spec: MethodSpec, cap_gib: float, timeout_s: int) -> tuple[Optional[dict], str]:
+def _measure_in_subprocess(method: str, spec: RunSpec, cap_gib: float, timeout_s: int
+                           ) -> tuple[Optional[dict], str]:
+    training = spec.training
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "measurement.json"
         process = subprocess.run(
-            [sys.executable, "-m", "qlora_trainer.bench.measure", "--spec", json.dumps(dataclasses.asdict(spec)),
-             "--cap-gib", str(cap_gib), "--out", str(out)],
+            [sys.executable, "-m", "qlora_trainer.bench.measure", "--method", method, "--model-path",
+             spec.model.path, "--seq-len", str(training.max_seq_len), "--micro-batch-size",
+             str(training.micro_batch_size), "--rank", str(spec.adapter.r), "--targets", str(spec.adapter.target_modules),
+             "--steps", str(training.max_steps), "--cap-gib", str(cap_gib), "--out", str(out)],
             capture_output=True, text=True, timeout=timeout_s,
         )
         if process.returncode == 0 and out.exists():
@@ -129,20 +129,20 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
     else:
         raise UserError(f"--model {args.model}: a preset has no weights; add --random-weights or give a model folder")
     gpu = detect_gpu()
-    budget: Optional[int] = None
-    if gpu is not None:
-        budget = gpu.usable_bytes if args.cap_gib <= 0 else int(args.cap_gib * GIB)
-    rows = []
+    hardware = planned_hardware()
+    rows, budget = [], None
     for method in methods:
-        spec = MethodSpec(method=method, model_path=str(model_path), seq_len=args.seq_len,
-                          micro_batch_size=args.batch_size, rank=args.rank, target_modules=args.targets,
-                          steps=args.steps)
-        estimate, weight_bytes, gradient_bytes, optimizer_bytes = method_estimate(model_config, spec)
+        spec = method_spec(method, str(model_path), args.seq_len, args.batch_size, args.rank, args.targets,
+                           args.steps).with_values({"training.memory_cap_gib": max(args.cap_gib, 0.0)})
+        run = resolve(spec, hardware)
+        budget = run.budget if gpu is not None else None
+        estimate, weight_bytes, gradient_bytes, optimizer_bytes = method_estimate(model_config, run, method)
         measured, note = None, ""
-        if budget is None or estimate.predicted_peak_bytes <= budget:
-            measured, note = _measure_in_subprocess(spec, args.cap_gib, timeout_s=600)
+        if budget is None or budget.fits(estimate.predicted_peak_bytes):  # the rule train's gate applies
+            measured, note = _measure_in_subprocess(method, spec, args.cap_gib, timeout_s=600)
         else:
-            note = f"predicted {estimate.predicted_peak_bytes / GIB:.1f} GiB > budget: not run"
+            note = (f"predicted {estimate.predicted_peak_bytes / GIB:.1f} GiB > {budget.usable_bytes / GIB:.1f} GiB "
+                    "usable: not run")
         rows.append(BenchRow(
             method=method,
             status="measured" if measured else "estimated",
@@ -160,7 +160,8 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
     return BenchReport(
         model=args.model, seq_len=args.seq_len, micro_batch_size=args.batch_size,
         device=(gpu.name + (f" capped at {args.cap_gib:g} GiB" if args.cap_gib > 0 else "")) if gpu else "cpu",
-        budget_bytes=budget, date=datetime.date.today().isoformat(), command=command, versions=_versions(), rows=rows,
+        budget_bytes=budget.budget_bytes if budget else None, date=datetime.date.today().isoformat(),
+        command=command, versions=_versions(), rows=rows,
     )
 
 

@@ -1,4 +1,8 @@
-"""Peak GPU memory of one training step of our trainer, component by component: a pure function of (model shape, plan).
+"""Peak GPU memory of one training step of our trainer, component by component: a pure function of (model shape,
+resolved run).
+
+Every choice is read from the run's spec (`run.spec`: adapter.r, training.max_seq_len, quantization.mode, ...) and
+from what resolving it for the hardware decided (`run.compute_dtype`, `run.compile_layers`).
 
 No weights and no torch.cuda calls: shapes come from the model built on the meta device. What is stored
 (base weights, adapters, gradients, optimizer states) is counted tensor by tensor exactly as bitsandbytes,
@@ -25,16 +29,14 @@ double-quantized absmax is expanded back into a bf16 absmax and `quant_state.nes
 CPU while training; the layout above is what a GPU holds.
 """
 
-import re
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Union
 
 from peft.tuners.lokr.layer import factorization
-from torch import nn
 from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer.adapters import find_linear_layers, linear_shape, meta_model, resolve_targets
+from qlora_trainer.planner.shapes import LinearShape, ModelShape, model_shape
+from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES, ResolvedRun
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every block up to 512 bytes (CUDACachingAllocator kMinBlockSize)
@@ -43,22 +45,16 @@ NESTED_BLOCK = 256  # double quantization of the absmax: quantize_blockwise(bloc
 OPTIM8_BLOCK = 256  # 8-bit optimizer state blocks (Optimizer2State.init_state, optim/optimizer.py:524)
 OPTIM8_MIN_NUMEL = 4096  # smaller tensors keep fp32 states in 8-bit optimizers (min_8bit_size default)
 PAGED_MIN_NUMEL = 100_000  # smaller states are not paged (Optimizer8bit.get_state_buffer, optim/optimizer.py:383)
-# Output projections read their block's own intermediate; every other linear of a block reads the block's
-# normalised input (q/k/v, gate/up): one tensor that several adapters may keep.
-OUTPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "dense", "c_proj", "down_proj", "fc2", "w2", "wo",
-                                "dense_4h_to_h"})
 
 
 @dataclass(frozen=True)
 class Calibration:
     """Every constant of the estimate that only a GPU measurement can set; nothing else in the planner is a guess.
 
-    Each is global (one value for all models and plans), never fitted per configuration.
+    Each is global (one value for all models and runs), never fitted per configuration. The CUDA context and the
+    safety margin, which decide what a budget leaves PyTorch, are in spec/resolve.py (`Budget`).
     """
 
-    # from measurement: benchmarks/results/cuda-context-h100.json (benchmarks/cuda_context.py: NVML's used memory
-    # less PyTorch's reserved pool after an NF4 + LoRA + SDPA forward and backward, H100, torch 2.11 / CUDA 13)
-    cuda_context_bytes: int = 764 * 2**20
     # from measurement: benchmarks/results/planner-accuracy-h100.md: reserved - allocated at the peak. The
     # caching allocator keeps what the optimizer step's temporaries took (about one adapter's bytes, for AdamW's
     # foreach ops) and a few dequantization buffers of the largest base weight, plus small-pool segments.
@@ -66,148 +62,16 @@ class Calibration:
     allocator_adapter_factor: float = 1.0
     allocator_weight_buffers: float = 4.0
     allocator_overhead_bytes: int = 64 * 2**20
-    # counted from the chunk's backward in loss.py (fp32 log-softmax output + its fp32 gradient + the fp32 gradient
-    # of the logits); the grid's rows that peak at the loss agree within 3% (planner-accuracy-h100.md)
+    # counted from the chunk's backward in engine/loss.py (fp32 log-softmax output + its fp32 gradient + the fp32
+    # gradient of the logits); the grid's rows that peak at the loss agree within 3% (planner-accuracy-h100.md)
     loss_bytes_per_logit: float = 12.0
     # from measurement: benchmarks/results/planner-accuracy-h100.md (counting the SwiGLU backward gives up to 3;
     # the grid's peaks, which grow with tokens, fit 1.5 across all three models): gradient buffers alive while
     # one decoder layer runs backward, in units of the layer's widest activation (compute dtype, per token)
     backward_gradient_widths: float = 1.5
-    # from measurement: benchmarks/results/planner-accuracy-h100.md, whose largest under-prediction is 3.6%, plus
-    # headroom; the search keeps this share of the budget free
-    safety_margin_fraction: float = 0.05
 
 
 CALIBRATION = Calibration()
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    name: str  # full module path, e.g. model.layers.0.self_attn.q_proj
-    d_in: int
-    d_out: int
-    kind: Optional[str]  # "attn" / "mlp" inside decoder blocks, None elsewhere
-    layer_index: Optional[int]  # decoder layer number, None outside the layer stack
-    reads_block_input: bool  # True for q/k/v, gate/up; False for the block's output projection
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    gated_mlp: bool  # SwiGLU / GeGLU: act(gate) * up
-    linears: tuple[LinearShape, ...]  # every nn.Linear / Conv1D but the output embedding: what bitsandbytes quantizes
-    other_param_numels: tuple[int, ...]  # every other parameter (embeddings, norms, lm_head when untied, biases)
-    buffer_bytes: tuple[int, ...]  # buffers as the model holds them (rotary inv_freq, fp32)
-    total_params: int
-    sliding_window: Optional[int]  # attention window of the sliding-window layers (Mistral, Phi-3), or None
-    sliding_layers: frozenset[int]  # indices of the decoder layers that use it
-    meta_model: nn.Module = field(compare=False, repr=False)  # to resolve target names as the trainer does
-    _targets: dict = field(default_factory=dict, compare=False, repr=False)  # cache: spec -> target linears
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def targets(self, spec: Union[str, tuple[str, ...]]) -> tuple[LinearShape, ...]:
-        """The linear layers an adapter on `spec` (attn / mlp / all-linear / module names) wraps, as the trainer
-        resolves them (adapters.resolve_targets); a ConfigError names a module that matches nothing."""
-        if spec not in self._targets:
-            _, hits = resolve_targets(self.meta_model, spec if isinstance(spec, str) else list(spec))
-            by_name = {linear.name: linear for linear in self.linears}
-            self._targets[spec] = tuple(by_name[hit.name] for hit in hits)
-        return self._targets[spec]
-
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def model_shape(model_config: PretrainedConfig) -> ModelShape:
-    """Exact parameter layout of the architecture, from its config alone (built on the meta device)."""
-    model = meta_model(model_config)
-    config = model.config
-    output = model.get_output_embeddings()
-    block_kinds = {layer.name: layer.kind for layer in find_linear_layers(model)}
-    linears, quantized = [], set()
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)) or module is output:
-            continue
-        d_in, d_out = linear_shape(module)
-        index = _LAYER_INDEX.search(name)
-        linears.append(LinearShape(
-            name=name, d_in=d_in, d_out=d_out, kind=block_kinds.get(name),
-            layer_index=int(index.group(1)) if index else None,
-            reads_block_input=name.rsplit(".", 1)[-1] not in OUTPUT_PROJECTIONS,
-        ))
-        quantized.add(id(module.weight))
-    params = {id(p): p for p in model.parameters()}  # tied weights once
-    num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    first_mlp = [l for l in linears if l.layer_index == 0 and l.kind == "mlp"]
-    mlp_out = [l for l in first_mlp if not l.reads_block_input]
-    intermediate = mlp_out[0].d_in if mlp_out else getattr(config, "intermediate_size", 4 * config.hidden_size)
-    # transformers gives every layer a sliding window when the config has one, unless layer_types says which
-    sliding_window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
-    sliding_layers = frozenset(index for index, kind in enumerate(layer_types)
-                               if kind == "sliding_attention" and sliding_window)
-    return ModelShape(
-        model_type=config.model_type,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        intermediate_size=intermediate,
-        num_heads=num_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-        head_dim=head_dim,
-        vocab_size=config.vocab_size,
-        gated_mlp=sum(l.d_out for l in first_mlp if l.reads_block_input) == 2 * intermediate,
-        linears=tuple(linears),
-        other_param_numels=tuple(p.numel() for key, p in params.items() if key not in quantized),
-        buffer_bytes=tuple(b.numel() * b.element_size() for b in model.buffers()),
-        total_params=sum(p.numel() for p in params.values()),
-        sliding_window=sliding_window,
-        sliding_layers=sliding_layers,
-        meta_model=model,
-    )
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """One run's memory-relevant choices (what a RunConfig sets; see planner.plan_from_run_config)."""
-
-    rank: int = 16
-    lora_alpha: float = 32.0
-    adapter_type: str = "lora"  # lora | loha | lokr
-    target_modules: Union[str, tuple[str, ...]] = "all-linear"  # attn | mlp | all-linear | module names
-    gradient_checkpointing: bool = True
-    checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
-    offload_checkpoints: bool = False  # checkpointed layers' inputs wait in CPU memory (offload.py)
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    seq_len: int = 512
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
-    quant: str = "nf4"  # nf4 | fp4 | int8 | none
-    compute_dtype: str = "bfloat16"
-    adapter_dtype: str = "float32"
-    lora_dropout: float = 0.05
-    loss_chunk_tokens: int = 1024
-    mlp_chunk_tokens: int = 0  # > 0: MLPs run that many tokens at a time, each chunk checkpointed (chunked_mlp.py)
-    compiled_layers: bool = True  # decoder layers under torch.compile (training.compile_layers, on for GPUs)
-    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
-    double_quant: bool = True
-    upcast_non_quantized: bool = False  # embeddings, norms, lm_head in fp32
-    use_dora: bool = False
-    packed: bool = False  # data.packing: every row full, so SDPA gets no padding mask even at micro-batch > 1
 
 
 @dataclass(frozen=True)
@@ -215,7 +79,7 @@ class MemoryEstimate:
     breakdown: dict[str, int]  # component -> bytes at the predicted peak; sums to predicted_peak_bytes
     predicted_peak_allocated_bytes: int  # what torch.cuda.max_memory_allocated() will read
     predicted_peak_bytes: int  # what torch.cuda.max_memory_reserved() will read
-    cuda_context_bytes: int  # outside PyTorch's pool, on the card all the same
+    cuda_context_bytes: int  # outside PyTorch's pool, on the card all the same (spec/resolve.py)
     paged_optimizer_bytes: int  # paged 8-bit states in unified memory, outside PyTorch's pool; evictable to CPU RAM
     trainable_params: int
     total_params: int  # base + adapter
@@ -247,16 +111,17 @@ def quantized_weight_tensor_bytes(d_in: int, d_out: int, quant: str, double_quan
     raise ValueError(f"not a quantized mode: {quant}")
 
 
-def base_weight_tensor_bytes(shape: ModelShape, plan: TrainingPlan) -> list[int]:
+def base_weight_tensor_bytes(shape: ModelShape, run: ResolvedRun) -> list[int]:
     """Bytes of every tensor of the loaded base: quantized linears, the other parameters and the buffers."""
-    compute = DTYPE_BYTES[plan.compute_dtype]
-    other = 4 if plan.upcast_non_quantized else compute
+    compute = DTYPE_BYTES[run.compute_dtype]
+    other = 4 if run.spec.model.upcast_non_quantized else compute
+    quant, double_quant = run.spec.quantization.mode, run.spec.quantization.double_quant
     sizes = []
     for linear in shape.linears:
-        if plan.quant == "none":
+        if quant == "none":
             sizes.append(linear.d_in * linear.d_out * other)
         else:
-            sizes.extend(quantized_weight_tensor_bytes(linear.d_in, linear.d_out, plan.quant, plan.double_quant))
+            sizes.extend(quantized_weight_tensor_bytes(linear.d_in, linear.d_out, quant, double_quant))
     sizes.extend(n * other for n in shape.other_param_numels)
     sizes.extend(shape.buffer_bytes)
     return sizes
@@ -303,79 +168,87 @@ def optimizer_state_tensors(optimizer: str, numels: list[int], param_bytes: int)
     return OptimizerStates(tuple(pooled), tuple(paged), ())
 
 
-def checkpointed_layer_count(shape: ModelShape, plan: TrainingPlan) -> int:
+def checkpointed_layer_count(shape: ModelShape, run: ResolvedRun) -> int:
     """How many decoder layers (the first ones) recompute their activations in backward."""
-    if not plan.gradient_checkpointing:
+    training = run.spec.training
+    if not training.gradient_checkpointing:
         return 0
-    return shape.num_layers if plan.checkpointed_layers is None else min(plan.checkpointed_layers, shape.num_layers)
+    if training.checkpointed_layers is None:
+        return shape.num_layers
+    return min(training.checkpointed_layers, shape.num_layers)
 
 
-def sdpa_gets_mask(shape: ModelShape, plan: TrainingPlan, layer_index: int) -> bool:
+def sdpa_gets_mask(shape: ModelShape, run: ResolvedRun, layer_index: int) -> bool:
     """Whether transformers hands SDPA an explicit mask for this layer rather than `is_causal`: with padding in
     the batch (micro-batch > 1, not packed), or in a sliding-window layer once the sequence reaches the window
     (masking_utils._ignore_causal_mask_sdpa)."""
-    if plan.attn_implementation != "sdpa":
+    spec = run.spec
+    if spec.model.attn_implementation != "sdpa":
         return False
-    padded = plan.micro_batch_size > 1 and not plan.packed
-    windowed = layer_index in shape.sliding_layers and plan.seq_len >= shape.sliding_window
+    padded = spec.training.micro_batch_size > 1 and not spec.data.packing
+    windowed = layer_index in shape.sliding_layers and spec.training.max_seq_len >= shape.sliding_window
     return padded or windowed
 
 
-def _attention_bytes_per_token(shape: ModelShape, plan: TrainingPlan, compute: int, masked: bool) -> int:
+def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_len: int, compute: int,
+                               masked: bool) -> int:
     """What autograd keeps of one attention block per token, beyond its norm and its linears' inputs."""
     q, kv, heads = shape.q_dim, shape.kv_dim, shape.num_heads
-    if plan.attn_implementation == "eager":
+    if attn_implementation == "eager":
         # query and the repeated keys/values (repeat_kv), fp32 softmax output and bf16 probabilities
-        return 3 * compute * q + heads * plan.seq_len * (4 + compute)
+        return 3 * compute * q + heads * seq_len * (4 + compute)
     # SDPA / flash: query, keys, values, output, fp32 logsumexp per head. Given a mask, transformers repeats
     # the kv heads instead of using GQA, and SDPA turns the bool mask into an additive one in the compute dtype
     # (batch x 1 x seq x seq) that its memory-efficient kernel keeps for the backward, in every layer
     # (measured: Mistral-7B, whose 4096 window masks seq 4096, benchmarks/results/planner-accuracy-h100.md).
     if masked:
-        return compute * (4 * q + plan.seq_len) + 4 * heads
+        return compute * (4 * q + seq_len) + 4 * heads
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
-def mlp_chunked(plan: TrainingPlan) -> bool:
-    """Whether chunked_mlp.py splits this plan's sequences (only those longer than the chunk)."""
-    return 0 < plan.mlp_chunk_tokens < plan.seq_len
+def mlp_chunked(run: ResolvedRun) -> bool:
+    """Whether engine/chunked_mlp.py splits this run's sequences (only those longer than the chunk)."""
+    return 0 < run.spec.training.mlp_chunk_tokens < run.spec.training.max_seq_len
 
 
-def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: int, targets: list[LinearShape],
-                            tokens: int) -> int:
+def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int, targets: list[LinearShape],
+                           tokens: int) -> int:
     """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
-    compute, adapter = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.adapter_dtype]
+    spec = run.spec
+    adapter_type, rank, attn = spec.adapter.type, spec.adapter.r, spec.model.attn_implementation
+    compute, adapter = DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[spec.adapter.dtype]
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    if plan.compiled_layers:
+    if run.compile_layers:
         # compiled, a norm keeps its fp32 rsqrt and recomputes the rest from its 16-bit input: the layer's own
         # input for the first (kept by the checkpoint anyway), the attention residual sum for the second
         per_token = 2 * 4 + compute * hidden
     else:
         per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
-    per_token += _attention_bytes_per_token(shape, plan, compute, sdpa_gets_mask(shape, plan, layer_index))
+    per_token += _attention_bytes_per_token(shape, attn, spec.training.max_seq_len, compute,
+                                            sdpa_gets_mask(shape, run, layer_index))
     # act input [act output, up] for act(gate) * up; a compiled layer recomputes the elementwise act(gate) in
     # backward rather than keep it (AOTAutograd's min-cut partitioner keeps matmul outputs, redoes pointwise ops)
-    gated_kept = 2 if plan.compiled_layers else 3
+    gated_kept = 2 if run.compile_layers else 3
     mlp_per_token = (gated_kept if shape.gated_mlp else 1) * compute * inter
     constant = 0
     kept_inputs = {}  # (kind, reads_block_input) -> width of a linear input that is kept as is
-    if plan.quant == "int8":  # MatMul8bitLt keeps its input for the backward (ctx.tensors = (CAt, subA, A))
+    if spec.quantization.mode == "int8":  # MatMul8bitLt keeps its input for the backward (ctx.tensors = (CAt, subA, A))
         for linear in shape.linears:
             if linear.layer_index == layer_index and linear.kind:
                 kept_inputs[(linear.kind, linear.reads_block_input)] = linear.d_in
     for target in targets:
         group = (target.kind, target.reads_block_input)
         own = 0
-        if plan.adapter_type == "lora":
-            own += compute * plan.rank  # A's output, kept by B
-            if plan.lora_dropout > 0:
+        if adapter_type == "lora":
+            own += compute * rank  # A's output, kept by B
+            if spec.adapter.lora_dropout > 0:
                 own += (compute + 1) * target.d_in  # each adapter's own dropped-out input + its bool mask
             else:
                 kept_inputs[group] = target.d_in  # A keeps the shared input itself
-            if plan.use_dora:
+            if spec.adapter.use_dora:
                 own += 2 * compute * target.d_out  # base and adapter outputs, kept by the magnitude scaling
             if adapter != compute:  # autocast's compute-dtype copies of A and B, kept for the backward
-                constant += compute * sum(adapter_tensor_numels("lora", plan.rank, target.d_in, target.d_out))
+                constant += compute * sum(adapter_tensor_numels("lora", rank, target.d_in, target.d_out))
         else:  # LoHa / LoKr build the full delta weight and run F.linear with it
             constant += compute * target.d_in * target.d_out
             if adapter != compute:
@@ -386,85 +259,89 @@ def layer_activation_bytes(shape: ModelShape, plan: TrainingPlan, layer_index: i
             mlp_per_token += own
         else:
             per_token += own
-    if plan.attn_implementation != "eager":
+    if attn != "eager":
         # SDPA / flash return their output in (batch, seq, heads, dim) memory: o_proj's input is that same tensor
         kept_inputs.pop(("attn", False), None)
     per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind != "mlp")
     mlp_per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind == "mlp")
-    if not mlp_chunked(plan):
+    if not mlp_chunked(run):
         return tokens * (per_token + mlp_per_token) + constant
-    # chunked_mlp.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
-    chunk = plan.micro_batch_size * plan.mlp_chunk_tokens
+    # engine/chunked_mlp.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
+    chunk = spec.training.micro_batch_size * spec.training.mlp_chunk_tokens
     return tokens * (per_token + compute * hidden) + chunk * mlp_per_token + constant
 
 
-def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], plan: TrainingPlan,
+def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], run: ResolvedRun,
                     calibration: Calibration = CALIBRATION) -> MemoryEstimate:
-    """Predicted peak of one training step of our trainer (train.py with loss.py's chunked loss) under `plan`."""
+    """Predicted peak of one training step of our trainer (with engine/loss.py's chunked loss) for `run`."""
     shape = (model_config_or_shape if isinstance(model_config_or_shape, ModelShape)
              else model_shape(model_config_or_shape))
     cal = calibration
-    compute, adapter_bytes = DTYPE_BYTES[plan.compute_dtype], DTYPE_BYTES[plan.adapter_dtype]
+    spec = run.spec
+    adapter_cfg, training = spec.adapter, spec.training
+    adapter_type, attn, seq_len = adapter_cfg.type, spec.model.attn_implementation, training.max_seq_len
+    compute, adapter_bytes = DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[adapter_cfg.dtype]
     hidden = shape.hidden_size
-    tokens = plan.micro_batch_size * plan.seq_len
+    tokens = training.micro_batch_size * seq_len
 
     # What is stored: the base, the adapter, its gradients (same dtype and size), the optimizer states.
-    weights = sum(cuda_block_bytes(b) for b in base_weight_tensor_bytes(shape, plan))
-    targets = shape.targets(plan.target_modules)
+    weights = sum(cuda_block_bytes(b) for b in base_weight_tensor_bytes(shape, run))
+    targets = shape.targets(adapter_cfg.target_modules)
     numels = [n for t in targets
-              for n in adapter_tensor_numels(plan.adapter_type, plan.rank, t.d_in, t.d_out, plan.use_dora)]
+              for n in adapter_tensor_numels(adapter_type, adapter_cfg.r, t.d_in, t.d_out, adapter_cfg.use_dora)]
     trainable = sum(numels)
     adapter = sum(cuda_block_bytes(n * adapter_bytes) for n in numels)
     gradients = adapter  # kept from the first backward to the optimizer step, across accumulation
-    states = optimizer_state_tensors(plan.optimizer, numels, adapter_bytes)
+    states = optimizer_state_tensors(training.optimizer, numels, adapter_bytes)
     optimizer = sum(cuda_block_bytes(b) for b in states.pooled)
     step_temporaries = sum(cuda_block_bytes(b) for b in states.step_temporaries)
     static = weights + adapter + optimizer
     # Gradients appear layer by layer during backward (zero_grad sets them to None after each step); only with
     # gradient accumulation do they all exist from the second micro-batch on (measured: planner-accuracy-h100.md).
-    accumulating = plan.gradient_accumulation_steps > 1
+    accumulating = training.gradient_accumulation_steps > 1
 
     # Activations: per decoder layer, then the whole stack with or without checkpointing.
     by_layer: dict[int, list[LinearShape]] = {i: [] for i in range(shape.num_layers)}
     for target in targets:
         by_layer[target.layer_index].append(target)
-    layer_bytes = [layer_activation_bytes(shape, plan, index, layer_targets, tokens)
+    layer_bytes = [layer_activation_bytes(shape, run, index, layer_targets, tokens)
                    for index, layer_targets in by_layer.items()]
     # batch (input_ids, attention_mask, labels int64), rotary cos/sin, final norm (fp32 input + rsqrt), the
-    # gathered hidden states of the labelled tokens and their two int64 indices (loss.py)
+    # gathered hidden states of the labelled tokens and their two int64 indices (engine/loss.py)
     head = tokens * (3 * 8 + 2 * compute * shape.head_dim + 4 * hidden + 4 + compute * hidden + 2 * 8)
-    if any(sdpa_gets_mask(shape, plan, index) for index in range(shape.num_layers)):
-        head += tokens * plan.seq_len  # the bool mask, batch x seq x seq
-    elif plan.attn_implementation == "eager":
-        head += tokens * plan.seq_len * compute  # the additive float mask
+    if any(sdpa_gets_mask(shape, run, index) for index in range(shape.num_layers)):
+        head += tokens * seq_len  # the bool mask, batch x seq x seq
+    elif attn == "eager":
+        head += tokens * seq_len * compute  # the additive float mask
     # A checkpointed layer keeps only its input (in CPU memory when offloaded) and recomputes the rest during its
     # own backward; the others keep everything from the forward on.
-    checkpointed = checkpointed_layer_count(shape, plan)
+    checkpointed = checkpointed_layer_count(shape, run)
     layer_input = tokens * hidden * compute
-    offloaded = plan.offload_checkpoints and checkpointed > 0
+    offloaded = training.offload_checkpoints and checkpointed > 0
     kept = [(0 if offloaded else layer_input) if index < checkpointed else full
             for index, full in enumerate(layer_bytes)]
     saved = sum(kept) + head
     widest = max(shape.q_dim + 2 * shape.kv_dim, hidden) * tokens
-    mlp_tokens = plan.micro_batch_size * plan.mlp_chunk_tokens if mlp_chunked(plan) else tokens
+    mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if mlp_chunked(run) else tokens
     widest = max(widest, shape.intermediate_size * mlp_tokens)
     backward = int(cal.backward_gradient_widths * compute * widest)
-    if plan.attn_implementation == "eager":
-        backward += tokens * shape.num_heads * plan.seq_len * (4 + compute)  # gradient of the probabilities
+    if attn == "eager":
+        backward += tokens * shape.num_heads * seq_len * (4 + compute)  # gradient of the probabilities
     # one weight-sized buffer at a time: the dequantized base weight in each matmul, the LoHa/LoKr delta and its
     # gradient, the DoRA weight norm
     largest_weight = max(l.d_in * l.d_out for l in shape.linears)
     largest_target = max(t.d_in * t.d_out for t in targets)
-    transient = compute * largest_weight if plan.quant != "none" else 0
-    if plan.adapter_type != "lora":
+    transient = compute * largest_weight if spec.quantization.mode != "none" else 0
+    if adapter_type != "lora":
         transient = max(transient, 2 * adapter_bytes * largest_target)
-    if plan.use_dora:
+    if adapter_cfg.use_dora:
         transient = max(transient, (4 + compute) * largest_target)
     # Backward of layer i (last to first): what layers 0..i keep is still alive, a checkpointed layer i holds its
     # recomputed activations as well, and the gradients of layers i..L-1 exist (all of them while accumulating).
-    # In offload.py's reentrant checkpoint the gradient of a layer's output stays alive through the inner backward
-    # beside the gradient of its input (measured: the offloaded Llama-2-7B rows of planner-accuracy-h100.md, whose
-    # shortfall grew by 2 inputs' bytes/token), and an offloaded layer also holds its input copied back.
+    # In engine/checkpointing.py's reentrant checkpoint the gradient of a layer's output stays alive through the
+    # inner backward beside the gradient of its input (measured: the offloaded Llama-2-7B rows of
+    # planner-accuracy-h100.md, whose shortfall grew by 2 inputs' bytes/token), and an offloaded layer also holds
+    # its input copied back.
     layers = shape.num_layers
     layer_phase, layer_grads, kept_so_far = 0, 0, 0
     for index in range(layers):
@@ -474,10 +351,10 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         memory = head + kept_so_far + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads
-    # the loss: one chunk of logits at a time (loss.py), and the gradient of the gathered hidden states
-    chunk_logits = int(min(plan.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit)
+    # the loss: one chunk of logits at a time (engine/loss.py), and the gradient of the gathered hidden states
+    chunk_logits = int(min(training.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit)
     loss_phase = saved + chunk_logits + 2 * compute * hidden * tokens + (gradients if accumulating else 0)
-    if checkpointed and plan.adapter_type == "lora" and adapter_bytes != compute:
+    if checkpointed and adapter_type == "lora" and adapter_bytes != compute:
         # autocast caches its compute-dtype copy of every LoRA weight until the forward (loss included) ends;
         # without checkpointing the layers' saved tensors already hold them
         loss_phase += compute * trainable
@@ -505,7 +382,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         breakdown=breakdown,
         predicted_peak_allocated_bytes=allocated,
         predicted_peak_bytes=allocated + overhead,
-        cuda_context_bytes=cal.cuda_context_bytes,
+        cuda_context_bytes=CUDA_CONTEXT_BYTES,
         paged_optimizer_bytes=sum(states.paged),
         trainable_params=trainable,
         total_params=shape.total_params + trainable,

@@ -1,17 +1,36 @@
-"""`plan-memory`: its arguments, and the readable table and JSON object of a plan."""
+"""`plan-memory`: its arguments, the RunSpec they describe, and the readable table and JSON object of a plan."""
 
 import argparse
+import dataclasses
 import json
-from typing import Optional, Union
+import math
+from typing import Any, Union
 
-from qlora_trainer.adapters import SHORTHANDS
+from qlora_trainer.engine.adapters import SHORTHANDS
 from qlora_trainer.errors import ConfigError, UserError
-from qlora_trainer.hardware import GPU_CATALOGUE, GpuSpec, budget_gpu, detect_gpu, lookup_gpu
-from qlora_trainer.planner import load_model_config, preset_names
-from qlora_trainer.planner.memory import TrainingPlan, model_shape
-from qlora_trainer.planner.search import FixedChoices, PlanResult, search_plan
+from qlora_trainer.hardware import GPU_CATALOGUE, GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
+from qlora_trainer.planner.search import PlanResult, search_plan
+from qlora_trainer.planner.shapes import load_model_config, model_shape, preset_names
+from qlora_trainer.spec.resolve import resolve
+from qlora_trainer.spec.sections import RunSpec
 
 GIB = 2**30
+# The one mapping of plan-memory's flags (argparse names) to spec keys. A flag with a value sets its key and makes
+# it explicit, so the search keeps it (--seq-len, --quant, --adapter and --adapter-dtype always have one, their
+# defaults); the searched keys whose flags are left out are the planner's to choose. --batch-size is the
+# effective batch the search keeps: micro-batch 1 (or --micro-batch-size) x accumulation (see spec_from_args).
+FLAG_KEYS = {
+    "seq_len": "training.max_seq_len",
+    "micro_batch_size": "training.micro_batch_size",
+    "rank": "adapter.r",
+    "alpha": "adapter.lora_alpha",
+    "targets": "adapter.target_modules",
+    "grad_ckpt": "training.gradient_checkpointing",
+    "optimizer": "training.optimizer",
+    "quant": "quantization.mode",
+    "adapter": "adapter.type",
+    "adapter_dtype": "adapter.dtype",
+}
 
 
 def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +69,34 @@ def _gpu(args: argparse.Namespace) -> GpuSpec:
     return detected
 
 
-def _targets(text: Optional[str]) -> Union[str, tuple[str, ...], None]:
-    if text is None or text in SHORTHANDS:
+def _targets(text: str) -> Union[str, list[str]]:
+    if text in SHORTHANDS:
         return text
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise UserError(f"--targets {text!r}: use attn, mlp, all-linear or module names such as q_proj,v_proj")
     return names
+
+
+def _flag_value(dest: str, value: Any) -> Any:
+    """A flag's value in its spec key's type; None for a flag left out (--grad-ckpt auto included)."""
+    if value is None:
+        return None
+    if dest == "targets":
+        return _targets(value)
+    if dest == "grad_ckpt":
+        return {"on": True, "off": False}.get(value)
+    return value
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The run the command line describes: RunSpec defaults, the flags' values (explicit), model.path = --model."""
+    given = {key: value for dest, key in FLAG_KEYS.items()
+             if (value := _flag_value(dest, getattr(args, dest))) is not None}
+    micro = given.get("training.micro_batch_size", 1)
+    values = {"model.path": args.model, "training.micro_batch_size": micro,
+              "training.gradient_accumulation_steps": max(1, math.ceil(args.batch_size / micro)), **given}
+    return dataclasses.replace(RunSpec().with_values(values), explicit_keys=frozenset(given))
 
 
 def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
@@ -69,21 +109,16 @@ def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
         raise UserError(f"--alpha {args.alpha:g}: not allowed; it must be > 0")
     gpu = _gpu(args)
     shape = model_shape(load_model_config(args.model))
-    fixed = FixedChoices(
-        rank=args.rank, lora_alpha=args.alpha, target_modules=_targets(args.targets),
-        gradient_checkpointing={"on": True, "off": False}.get(args.grad_ckpt),
-        micro_batch_size=args.micro_batch_size, optimizer=args.optimizer,
-    )
-    base = TrainingPlan(seq_len=args.seq_len, quant=args.quant, adapter_type=args.adapter,
-                        adapter_dtype=args.adapter_dtype, compute_dtype="bfloat16" if gpu.supports_bf16 else "float16")
+    run = resolve(spec_from_args(args), Hardware.planned(gpu))
     try:
-        return search_plan(shape, gpu.usable_bytes, base, fixed, args.batch_size), gpu
+        return search_plan(shape, run, args.batch_size), gpu
     except ConfigError as err:  # target names that match no layer, worded for the command line
         raise UserError(str(err).replace("adapter.target_modules", "--targets", 1)) from None
 
 
 def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
-    plan, estimate = result.plan, result.estimate
+    run, estimate = result.run, result.estimate
+    adapter, training = run.spec.adapter, run.spec.training
     return {
         "fits": result.fits,
         "gpu": gpu.name,
@@ -95,23 +130,23 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
         "paged_optimizer_bytes": estimate.paged_optimizer_bytes,
         "peak_phase": estimate.phase,
         "breakdown": estimate.breakdown,
-        "plan": {
-            "rank": plan.rank,
-            "lora_alpha": plan.lora_alpha,
-            "target_modules": plan.target_modules if isinstance(plan.target_modules, str)
-            else list(plan.target_modules),
-            "gradient_checkpointing": plan.gradient_checkpointing,
-            "checkpointed_layers": plan.checkpointed_layers,
-            "offload_checkpoints": plan.offload_checkpoints,
-            "mlp_chunk_tokens": plan.mlp_chunk_tokens,
-            "micro_batch_size": plan.micro_batch_size,
-            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-            "seq_len": plan.seq_len,
-            "optimizer": plan.optimizer,
-            "compute_dtype": plan.compute_dtype,
-            "adapter_dtype": plan.adapter_dtype,
-            "adapter_type": plan.adapter_type,
-            "quant": plan.quant,
+        "plan": {  # these names are read by users and tests: they stay as they are
+            "rank": adapter.r,
+            "lora_alpha": adapter.lora_alpha,
+            "target_modules": adapter.target_modules if isinstance(adapter.target_modules, str)
+            else list(adapter.target_modules),
+            "gradient_checkpointing": training.gradient_checkpointing,
+            "checkpointed_layers": training.checkpointed_layers,
+            "offload_checkpoints": training.offload_checkpoints,
+            "mlp_chunk_tokens": training.mlp_chunk_tokens,
+            "micro_batch_size": training.micro_batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "seq_len": training.max_seq_len,
+            "optimizer": training.optimizer,
+            "compute_dtype": run.compute_dtype,
+            "adapter_dtype": adapter.dtype,
+            "adapter_type": adapter.type,
+            "quant": run.spec.quantization.mode,
         },
         "trainable_params": estimate.trainable_params,
         "total_params": estimate.total_params,
@@ -126,14 +161,15 @@ def _gib(nbytes: int) -> str:
 
 
 def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
-    estimate, plan = result.estimate, result.plan
-    targets = plan.target_modules if isinstance(plan.target_modules, str) else ",".join(plan.target_modules)
+    estimate, run = result.estimate, result.run
+    adapter, training = run.spec.adapter, run.spec.training
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
     lines = [f"{model} on {gpu.name} ({result.budget_bytes / GIB:.2f} GiB)", "",
              f"{'component':<34}{'GiB':>8}"]
     lines += [f"  {name:<32}{_gib(value)}" for name, value in estimate.breakdown.items()]
     margin = result.budget_bytes - result.usable_bytes - estimate.cuda_context_bytes
-    checkpointed = "all" if plan.gradient_checkpointing and plan.checkpointed_layers is None else (
-        plan.checkpointed_layers if plan.gradient_checkpointing else 0)
+    checkpointed = "all" if training.gradient_checkpointing and training.checkpointed_layers is None else (
+        training.checkpointed_layers if training.gradient_checkpointing else 0)
     lines += [f"{'peak reserved by PyTorch':<34}{_gib(estimate.predicted_peak_bytes)}   (at the {estimate.phase})",
               f"{'PyTorch may reserve':<34}{_gib(result.usable_bytes)}   ({result.budget_bytes / GIB:.2f} GiB less "
               f"{margin / GIB:.2f} GiB margin and {estimate.cuda_context_bytes / GIB:.2f} GiB CUDA context)"]
@@ -141,18 +177,18 @@ def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
         lines.append(f"  + {estimate.paged_optimizer_bytes / GIB:.2f} GiB of paged optimizer states in unified "
                      "memory (moved to CPU RAM when the GPU runs short)")
     lines += ["", "plan:" if result.fits else "leanest plan (does not fit):",
-              f"  adapter.type / target_modules        {plan.adapter_type} / {targets}",
-              f"  adapter.r / adapter.alpha            {plan.rank} / {plan.lora_alpha:g}",
-              f"  training.gradient_checkpointing      {str(plan.gradient_checkpointing).lower()}",
+              f"  adapter.type / target_modules        {adapter.type} / {targets}",
+              f"  adapter.r / adapter.lora_alpha       {adapter.r} / {adapter.lora_alpha:g}",
+              f"  training.gradient_checkpointing      {str(training.gradient_checkpointing).lower()}",
               f"  training.checkpointed_layers         {checkpointed}",
-              f"  training.offload_checkpoints         {str(plan.offload_checkpoints).lower()}",
-              f"  training.mlp_chunk_tokens            {plan.mlp_chunk_tokens}",
-              f"  training.micro_batch_size            {plan.micro_batch_size}",
-              f"  training.gradient_accumulation_steps {plan.gradient_accumulation_steps}",
-              f"  training.max_seq_len                 {plan.seq_len}",
-              f"  training.optimizer                   {plan.optimizer}",
-              f"  quantization.mode                    {plan.quant}",
-              f"  compute / adapter dtype              {plan.compute_dtype} / {plan.adapter_dtype}",
+              f"  training.offload_checkpoints         {str(training.offload_checkpoints).lower()}",
+              f"  training.mlp_chunk_tokens            {training.mlp_chunk_tokens}",
+              f"  training.micro_batch_size            {training.micro_batch_size}",
+              f"  training.gradient_accumulation_steps {training.gradient_accumulation_steps}",
+              f"  training.max_seq_len                 {training.max_seq_len}",
+              f"  training.optimizer                   {training.optimizer}",
+              f"  quantization.mode                    {run.spec.quantization.mode}",
+              f"  compute / adapter dtype              {run.compute_dtype} / {adapter.dtype}",
               f"  trainable params                     {estimate.trainable_params:,} of {estimate.total_params:,}",
               "", ("fits: " if result.fits else "does not fit: ") + result.advice]
     return "\n".join(lines)

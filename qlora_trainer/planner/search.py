@@ -1,9 +1,11 @@
-"""Choose a plan that fits a memory budget, keeping every choice the user fixed.
+"""Choose a run that fits its memory budget, keeping every choice the user made.
 
-Objective, in order (lexicographic; the first plan that fits wins):
+The search changes only the keys of SEARCHED_KEYS that are not in `run.spec.explicit_keys` (what the user wrote in
+the config, with --set, or as a plan-memory flag); everything else comes from the spec as it is.
+Objective, in order (lexicographic; the first run that fits wins):
   1. adapt all linear layers, then the MLP only, then attention only: the QLoRA paper (Dettmers et al. 2023,
      sec. 4) found adapters on every linear layer necessary to match 16-bit finetuning;
-  2. the highest rank (64, 32, 16, 8), lora_alpha = 2 x rank unless fixed;
+  2. the highest rank (64, 32, 16, 8), adapter.lora_alpha = 2 x rank unless fixed;
   3. 32-bit AdamW, then paged 8-bit AdamW (QLoRA's optimizer; its paged states can move to CPU RAM);
   4. gradient checkpointing off (a third less compute), then on;
   5. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest;
@@ -12,21 +14,23 @@ Objective, in order (lexicographic; the first plan that fits wins):
   7. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
      (it needs host RAM, but it keeps the adapter's targets and rank);
   8. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
-     at a time (chunked_mlp.py: one more MLP forward per layer in backward).
-A plan fits when PyTorch's predicted reserved peak stays within the budget less the safety margin and the
-CUDA context (`usable`). When nothing fits, the result carries the leanest plan, the smallest budget it fits
-and the longest sequence it fits at this budget.
+     at a time (engine/chunked_mlp.py: one more MLP forward per layer in backward).
+A run fits when PyTorch's predicted reserved peak fits its budget (`run.budget.fits`: the budget less the safety
+margin and the CUDA context, spec/resolve.py). When nothing fits, the result carries the leanest run, the smallest
+budget it fits and the longest sequence it fits at this budget.
 """
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from transformers import PretrainedConfig
 
-from qlora_trainer.planner.memory import (CALIBRATION, Calibration, MemoryEstimate, ModelShape, TrainingPlan,
-                                          estimate_memory, model_shape)
+from qlora_trainer.planner.memory import CALIBRATION, Calibration, MemoryEstimate, estimate_memory
+from qlora_trainer.planner.shapes import ModelShape, model_shape
+from qlora_trainer.spec.resolve import Budget, ResolvedRun, resolve
 
 GIB = 2**30
 TARGET_ORDER = ("all-linear", "mlp", "attn")
@@ -36,48 +40,48 @@ SEQ_LEN_STEP = 64  # granularity of the longest-sequence advice
 # measured on an H100 (benchmarks/results/vs-reference-h100.md): 4,096-token chunks kept Qwen2.5-7B at seq 8192
 # faster than 2,048-token ones (10,641 against 10,169 tokens/s) and still under Unsloth's memory
 MLP_CHUNK_TOKENS = 4096
-
-
-@dataclass(frozen=True)
-class FixedChoices:
-    """What the user fixed; None = the planner chooses."""
-
-    rank: Optional[int] = None
-    lora_alpha: Optional[float] = None
-    target_modules: Union[str, tuple[str, ...], None] = None
-    gradient_checkpointing: Optional[bool] = None
-    micro_batch_size: Optional[int] = None
-    optimizer: Optional[str] = None
-    checkpointed_layers: Optional[int] = None
-    offload_checkpoints: Optional[bool] = None
-    mlp_chunk_tokens: Optional[int] = None
+# The keys the search may change unless the user set them, each with the word the advice uses for it. The
+# accumulation is never a choice of its own: it makes up the effective batch for the micro-batch chosen.
+SEARCHED_KEYS = {
+    "adapter.r": "rank",
+    "adapter.lora_alpha": "lora_alpha",
+    "adapter.target_modules": "target_modules",
+    "training.gradient_checkpointing": "gradient_checkpointing",
+    "training.micro_batch_size": "micro_batch_size",
+    "training.optimizer": "optimizer",
+    "training.checkpointed_layers": "checkpointed_layers",
+    "training.offload_checkpoints": "offload_checkpoints",
+    "training.mlp_chunk_tokens": "mlp_chunk_tokens",
+}
 
 
 @dataclass(frozen=True)
 class PlanResult:
     fits: bool
-    plan: TrainingPlan  # the best plan that fits; when none does, the leanest one
-    estimate: MemoryEstimate  # of `plan`
+    run: ResolvedRun  # the best run that fits; when none does, the leanest one
+    estimate: MemoryEstimate  # of `run`
     budget_bytes: int
     usable_bytes: int  # what PyTorch's pool may reserve: the budget less the safety margin and the CUDA context
-    smallest_fitting_budget_bytes: int  # the smallest budget `plan` fits
-    longest_fitting_seq_len: Optional[int]  # when nothing fits: the longest sequence the leanest plan fits
+    smallest_fitting_budget_bytes: int  # the smallest budget `run` fits
+    longest_fitting_seq_len: Optional[int]  # when nothing fits: the longest sequence the leanest run fits
     advice: str  # one or two sentences for people
 
 
-def usable(budget_bytes: int, calibration: Calibration = CALIBRATION) -> int:
-    """Bytes PyTorch may reserve under `budget_bytes` (a card's memory, or a cap)."""
-    return int(budget_bytes * (1 - calibration.safety_margin_fraction)) - calibration.cuda_context_bytes
+def changed(run: ResolvedRun, values: dict[str, Any]) -> ResolvedRun:
+    """`run.with_values(values)` for a candidate the search only estimates: the sections that change are copied,
+    the others are shared with `run` rather than deep-copied (hundreds of candidates per search). The run the search
+    returns is built with `with_values` instead, so it shares nothing with its input."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    spec = dataclasses.replace(run.spec, **{section: dataclasses.replace(getattr(run.spec, section), **names)
+                                            for section, names in sections.items()})
+    return resolve(spec, run.hardware)
 
 
-def fits(estimate: MemoryEstimate, budget_bytes: int, calibration: Calibration = CALIBRATION) -> bool:
-    return estimate.predicted_peak_bytes <= usable(budget_bytes, calibration)
-
-
-def budget_needed(estimate: MemoryEstimate, calibration: Calibration = CALIBRATION) -> int:
-    """The smallest budget `estimate` fits."""
-    need = estimate.predicted_peak_bytes + calibration.cuda_context_bytes
-    return math.ceil(need / (1 - calibration.safety_margin_fraction))
+def _fixed(run: ResolvedRun, key: str) -> bool:
+    return key in run.spec.explicit_keys
 
 
 def _batch_splits(effective_batch: int, fixed_micro: Optional[int]) -> list[tuple[int, int]]:
@@ -88,74 +92,87 @@ def _batch_splits(effective_batch: int, fixed_micro: Optional[int]) -> list[tupl
             if effective_batch % micro == 0]
 
 
-def _ranks(shape: ModelShape, base: TrainingPlan, targets: Union[str, tuple[str, ...]]) -> list[int]:
+def _ranks(shape: ModelShape, run: ResolvedRun, targets: Union[str, list[str]]) -> list[int]:
     """RANKS, less those a LoRA cannot have: above the smaller dimension of a target (adapters.check_rank)."""
-    if base.adapter_type != "lora":
+    if run.spec.adapter.type != "lora":
         return list(RANKS)
     limit = min(min(t.d_in, t.d_out) for t in shape.targets(targets))
     return [rank for rank in RANKS if rank <= limit] or [limit]
 
 
-def candidate_plans(shape: ModelShape, base: TrainingPlan, fixed: FixedChoices, effective_batch: int
-                    ) -> list[TrainingPlan]:
-    """Every plan the search considers, best first under the objective above."""
-    def choices(value, default):
-        return [value] if value is not None else list(default)
+def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) -> Iterator[dict[str, Any]]:
+    """The changes to `run` the search considers, best first under the objective above (the user's explicit keys
+    keep their values)."""
+    spec = run.spec
+
+    def choices(key: str, default) -> list:
+        return [spec.value(key)] if _fixed(run, key) else list(default)
+
+    def allowed(key: str, value) -> bool:
+        return not _fixed(run, key) or spec.value(key) == value
 
     # (checkpointing, offloading, MLP chunk) in the objective's order: off, on, on with inputs in CPU memory,
     # that with chunked MLPs; a fixed MLP chunk applies to every mode
-    chunk = fixed.mlp_chunk_tokens
+    chunk = spec.training.mlp_chunk_tokens if _fixed(run, "training.mlp_chunk_tokens") else None
     modes = [(False, False, chunk or 0), (True, False, chunk or 0), (True, True, chunk or 0)]
-    if chunk is None and base.seq_len > MLP_CHUNK_TOKENS:
+    if chunk is None and spec.training.max_seq_len > MLP_CHUNK_TOKENS:
         modes.append((True, True, MLP_CHUNK_TOKENS))
     memory_modes = [(checkpointing, offload, mlp_chunk) for checkpointing, offload, mlp_chunk in modes
-                    if fixed.gradient_checkpointing in (None, checkpointing)
-                    and fixed.offload_checkpoints in (None, offload)]
-    plans = []
-    for targets in choices(fixed.target_modules, TARGET_ORDER):
-        for rank in choices(fixed.rank, _ranks(shape, base, targets)):
-            for optimizer in choices(fixed.optimizer, OPTIMIZER_ORDER):
+                    if allowed("training.gradient_checkpointing", checkpointing)
+                    and allowed("training.offload_checkpoints", offload)]
+    fixed_micro = spec.training.micro_batch_size if _fixed(run, "training.micro_batch_size") else None
+    fixed_layers = spec.training.checkpointed_layers if _fixed(run, "training.checkpointed_layers") else None
+    for targets in choices("adapter.target_modules", TARGET_ORDER):
+        for rank in choices("adapter.r", _ranks(shape, run, targets)):
+            alpha = spec.adapter.lora_alpha if _fixed(run, "adapter.lora_alpha") else 2.0 * rank
+            for optimizer in choices("training.optimizer", OPTIMIZER_ORDER):
                 for checkpointing, offload, mlp_chunk in memory_modes:
-                    for micro, accumulation in _batch_splits(effective_batch, fixed.micro_batch_size):
-                        plans.append(dataclasses.replace(
-                            base, target_modules=targets, rank=rank,
-                            lora_alpha=fixed.lora_alpha if fixed.lora_alpha is not None else 2.0 * rank,
-                            optimizer=optimizer, gradient_checkpointing=checkpointing, offload_checkpoints=offload,
-                            mlp_chunk_tokens=mlp_chunk,
-                            micro_batch_size=micro, gradient_accumulation_steps=accumulation,
-                            checkpointed_layers=fixed.checkpointed_layers if checkpointing else None,
-                        ))
-    return plans
+                    for micro, accumulation in _batch_splits(effective_batch, fixed_micro):
+                        yield {
+                            "adapter.target_modules": targets, "adapter.r": rank, "adapter.lora_alpha": alpha,
+                            "training.optimizer": optimizer, "training.gradient_checkpointing": checkpointing,
+                            "training.offload_checkpoints": offload, "training.mlp_chunk_tokens": mlp_chunk,
+                            "training.micro_batch_size": micro, "training.gradient_accumulation_steps": accumulation,
+                            "training.checkpointed_layers": fixed_layers if checkpointing else None,
+                        }
 
 
-def describe_checkpointing(plan: TrainingPlan) -> str:
-    if not plan.gradient_checkpointing:
+def candidate_runs(shape: ModelShape, run: ResolvedRun, effective_batch: int) -> list[ResolvedRun]:
+    """Every run the search considers, best first (built as `changed` builds them)."""
+    return [changed(run, values) for values in candidate_values(shape, run, effective_batch)]
+
+
+def describe_checkpointing(run: ResolvedRun) -> str:
+    training = run.spec.training
+    if not training.gradient_checkpointing:
         return "off"
-    layers = "on" if plan.checkpointed_layers is None else f"on for the first {plan.checkpointed_layers} layers"
-    layers += ", inputs offloaded to CPU memory" if plan.offload_checkpoints else ""
-    return layers + (f", MLPs {plan.mlp_chunk_tokens} tokens at a time" if plan.mlp_chunk_tokens else "")
+    layers = ("on" if training.checkpointed_layers is None
+              else f"on for the first {training.checkpointed_layers} layers")
+    layers += ", inputs offloaded to CPU memory" if training.offload_checkpoints else ""
+    return layers + (f", MLPs {training.mlp_chunk_tokens} tokens at a time" if training.mlp_chunk_tokens else "")
 
 
-def describe(plan: TrainingPlan) -> str:
-    """The searched choices of a plan, in a few words."""
-    targets = plan.target_modules if isinstance(plan.target_modules, str) else ",".join(plan.target_modules)
-    return (f"targets {targets}, rank {plan.rank} (alpha {plan.lora_alpha:g}), "
-            f"checkpointing {describe_checkpointing(plan)}, micro-batch {plan.micro_batch_size} "
-            f"x {plan.gradient_accumulation_steps} accumulation, {plan.optimizer}")
+def describe(run: ResolvedRun) -> str:
+    """The searched choices of a run, in a few words."""
+    adapter, training = run.spec.adapter, run.spec.training
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
+    return (f"targets {targets}, rank {adapter.r} (alpha {adapter.lora_alpha:g}), "
+            f"checkpointing {describe_checkpointing(run)}, micro-batch {training.micro_batch_size} "
+            f"x {training.gradient_accumulation_steps} accumulation, {training.optimizer}")
 
 
 def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB"
 
 
-def _longest_seq_len(shape: ModelShape, plan: TrainingPlan, budget_bytes: int, calibration: Calibration
+def _longest_seq_len(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration
                      ) -> Optional[int]:
-    """The longest multiple of SEQ_LEN_STEP below plan.seq_len at which `plan` fits, or None."""
+    """The longest multiple of SEQ_LEN_STEP below training.max_seq_len at which `run` fits, or None."""
     def fits_at(seq_len: int) -> bool:
-        return fits(estimate_memory(shape, dataclasses.replace(plan, seq_len=seq_len), calibration), budget_bytes,
-                    calibration)
+        estimate = estimate_memory(shape, changed(run, {"training.max_seq_len": seq_len}), calibration)
+        return budget.fits(estimate.predicted_peak_bytes)
 
-    low, high = 0, plan.seq_len // SEQ_LEN_STEP  # in steps; fits at `low` (0 = nothing), not known above
+    low, high = 0, run.spec.training.max_seq_len // SEQ_LEN_STEP  # in steps; fits at `low` (0 = nothing)
     while low < high:
         middle = (low + high + 1) // 2
         if fits_at(middle * SEQ_LEN_STEP):
@@ -165,61 +182,73 @@ def _longest_seq_len(shape: ModelShape, plan: TrainingPlan, budget_bytes: int, c
     return low * SEQ_LEN_STEP or None
 
 
-def fewest_checkpointed_layers(shape: ModelShape, plan: TrainingPlan, limit: int, calibration: Calibration
-                               ) -> tuple[TrainingPlan, MemoryEstimate]:
-    """`plan` (which fits `limit` with every layer checkpointed) with as few checkpointed layers as still fit.
+def fewest_checkpointed_layers(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration
+                               ) -> tuple[Optional[int], MemoryEstimate]:
+    """For `run` (which fits `budget` with every layer checkpointed): the fewest checkpointed layers that still
+    fit (None: all of them), and the estimate with that many.
 
     Memory falls as more layers are checkpointed, so a binary search over the count finds the fewest.
     """
     def estimate_with(count: int) -> MemoryEstimate:
-        return estimate_memory(shape, dataclasses.replace(plan, checkpointed_layers=count), calibration)
+        return estimate_memory(shape, changed(run, {"training.checkpointed_layers": count}), calibration)
 
     low, high = 1, shape.num_layers  # fits with `high` layers checkpointed
     while low < high:
         middle = (low + high) // 2
-        if estimate_with(middle).predicted_peak_bytes <= limit:
+        if budget.fits(estimate_with(middle).predicted_peak_bytes):
             high = middle
         else:
             low = middle + 1
     if high == shape.num_layers:
-        return plan, estimate_memory(shape, plan, calibration)
-    return dataclasses.replace(plan, checkpointed_layers=high), estimate_with(high)
+        return None, estimate_memory(shape, run, calibration)
+    return high, estimate_with(high)
 
 
-def search_plan(model: Union[ModelShape, PretrainedConfig], budget_bytes: int, base: TrainingPlan,
-                fixed: FixedChoices = FixedChoices(), effective_batch: Optional[int] = None,
+def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, effective_batch: Optional[int] = None,
                 calibration: Calibration = CALIBRATION) -> PlanResult:
-    """The best plan under the objective above that fits `budget_bytes`.
+    """The best run under the objective above that fits `run.budget`.
 
-    `base` gives everything the search does not choose (seq_len, quant, dtypes, adapter type, dropout, ...);
-    the effective batch to keep defaults to its micro_batch_size x gradient_accumulation_steps.
+    `run` gives everything the search does not choose (max_seq_len, quantization, dtypes, adapter type, dropout,
+    ...) and, through `run.spec.explicit_keys`, which searched keys the user fixed; the effective batch to keep
+    defaults to its micro_batch_size x gradient_accumulation_steps. The result's run is `run` with the chosen
+    values (`with_values`: a new spec, the same hardware and explicit keys).
     """
+    budget = run.budget
+    if budget is None:
+        raise ValueError("search_plan: the run has no memory budget (resolved for the CPU); resolve it for a GPU")
     shape = model if isinstance(model, ModelShape) else model_shape(model)
-    effective_batch = effective_batch or base.micro_batch_size * base.gradient_accumulation_steps
-    limit = usable(budget_bytes, calibration)
-    leanest: Optional[tuple[TrainingPlan, MemoryEstimate]] = None
-    for plan in candidate_plans(shape, base, fixed, effective_batch):
-        estimate = estimate_memory(shape, plan, calibration)
-        if estimate.predicted_peak_bytes <= limit:
-            if plan.gradient_checkpointing and fixed.checkpointed_layers is None:
-                plan, estimate = fewest_checkpointed_layers(shape, plan, limit, calibration)
-            advice = (f"{describe(plan)}: predicted {_gib(estimate.predicted_peak_bytes)} of "
+    training = run.spec.training
+    effective_batch = effective_batch or training.micro_batch_size * training.gradient_accumulation_steps
+    limit = budget.usable_bytes
+    leanest: Optional[tuple[dict[str, Any], ResolvedRun, MemoryEstimate]] = None
+    for values in candidate_values(shape, run, effective_batch):
+        candidate = changed(run, values)
+        estimate = estimate_memory(shape, candidate, calibration)
+        if budget.fits(estimate.predicted_peak_bytes):
+            if values["training.gradient_checkpointing"] and not _fixed(run, "training.checkpointed_layers"):
+                layers, estimate = fewest_checkpointed_layers(shape, candidate, budget, calibration)
+                values = dict(values, **{"training.checkpointed_layers": layers})
+            chosen = run.with_values(copy.deepcopy(values))
+            advice = (f"{describe(chosen)}: predicted {_gib(estimate.predicted_peak_bytes)} of "
                       f"{_gib(limit)} usable")
-            return PlanResult(True, plan, estimate, budget_bytes, limit, budget_needed(estimate, calibration), None,
-                              advice)
-        if leanest is None or estimate.predicted_peak_bytes < leanest[1].predicted_peak_bytes:
-            leanest = (plan, estimate)
-    plan, estimate = leanest
-    smallest = budget_needed(estimate, calibration)
-    longest = _longest_seq_len(shape, plan, budget_bytes, calibration)
-    advice = (f"nothing fits {_gib(limit)} usable ({_gib(budget_bytes)} less the safety margin and CUDA context); "
-              f"the leanest plan ({describe(plan)}) needs {_gib(estimate.predicted_peak_bytes)} at seq_len "
-              f"{plan.seq_len}, so a GPU of at least {_gib(smallest)}")
+            return PlanResult(True, chosen, estimate, budget.budget_bytes, limit,
+                              Budget.needed_for(estimate.predicted_peak_bytes), None, advice)
+        if leanest is None or estimate.predicted_peak_bytes < leanest[2].predicted_peak_bytes:
+            leanest = (values, candidate, estimate)
+    values, candidate, estimate = leanest
+    chosen = run.with_values(copy.deepcopy(values))
+    seq_len = chosen.spec.training.max_seq_len
+    smallest = Budget.needed_for(estimate.predicted_peak_bytes)
+    longest = _longest_seq_len(shape, candidate, budget, calibration)
+    advice = (f"nothing fits {_gib(limit)} usable ({_gib(budget.budget_bytes)} less the safety margin and CUDA "
+              f"context); the leanest plan ({describe(chosen)}) needs {_gib(estimate.predicted_peak_bytes)} at "
+              f"seq_len {seq_len}, so a GPU of at least {_gib(smallest)}")
     if longest:
-        advice += f"; lower seq_len from {plan.seq_len} to {longest} to fit this one"
-    fixed_names = [f.name for f in dataclasses.fields(fixed) if getattr(fixed, f.name) is not None]
+        advice += f"; lower seq_len from {seq_len} to {longest} to fit this one"
+    fixed_names = [name for key, name in SEARCHED_KEYS.items() if _fixed(run, key)]
     if fixed_names:
-        free = search_plan(shape, budget_bytes, base, FixedChoices(), effective_batch, calibration)
+        unfixed = dataclasses.replace(run.spec, explicit_keys=run.spec.explicit_keys.difference(SEARCHED_KEYS))
+        free = search_plan(shape, resolve(unfixed, run.hardware), effective_batch, calibration)
         if free.fits:
-            advice += f"; or let the planner choose {', '.join(fixed_names)}: {describe(free.plan)} fits"
-    return PlanResult(False, plan, estimate, budget_bytes, limit, smallest, longest, advice)
+            advice += f"; or let the planner choose {', '.join(fixed_names)}: {describe(free.run)} fits"
+    return PlanResult(False, chosen, estimate, budget.budget_bytes, limit, smallest, longest, advice)

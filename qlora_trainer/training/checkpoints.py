@@ -115,7 +115,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, optimizer, scheduler,
-                    keep_last: int) -> Path:
+                    keep_last: int, scaler: Optional[torch.amp.GradScaler] = None) -> Path:
     """Write step-N atomically and prune all but the newest `keep_last` complete checkpoints."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,8 @@ def save_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, optimi
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    if scaler is not None:  # fp16: the loss scale, so a resumed run scales as the unbroken one would
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
     write_manifest(tmp)
     replace_folder_atomically(tmp, final)
@@ -167,7 +169,8 @@ def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
     return None
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> TrainerState:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and RNG from a verified checkpoint."""
     weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
@@ -176,4 +179,6 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> Tra
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    if scaler is not None and (folder / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
     return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))

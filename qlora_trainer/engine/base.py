@@ -1,18 +1,15 @@
-"""Load the frozen base model: NF4 / FP4 / 8-bit / 16-bit, compute dtype, tokenizer, gradient checkpointing."""
+"""Load the frozen base model (NF4 / FP4 / 8-bit / 16-bit) in the resolved compute dtype, and its tokenizer."""
 
 from dataclasses import dataclass
-from functools import cache, partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from qlora_trainer.config import ModelConfig, QuantizationConfig
-from qlora_trainer.errors import ConfigError, UserError
-from qlora_trainer.offload import layer_checkpoint
+from qlora_trainer.spec import ModelConfig, QuantizationConfig
+from qlora_trainer.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -25,24 +22,9 @@ class LoadedBase:
     device: torch.device
 
 
-def pick_device() -> torch.device:
-    """The first CUDA GPU when there is one, else the CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the device supports it, fp16 on GPUs without it (T4, compute capability < 8.0)."""
-    if name != "auto":
-        dtype = DTYPES[name]
-        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(
-                f"quantization.compute_dtype: bfloat16 is not supported by {torch.cuda.get_device_name(device)}; "
-                "use float16 or auto"
-            )
-        return dtype
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def device_for(device_type: str) -> torch.device:
+    """The torch device of a resolved run: the first CUDA GPU, or the CPU."""
+    return torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
 
 
 def check_model_folder(path: str) -> None:
@@ -104,60 +86,14 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-class _CheckpointedLayer:
-    """Mixed into a decoder layer's class: its call runs under offload.py's checkpoint.
-
-    The checkpoint wraps the module call from outside, so a compiled layer (compiled_layers.py) compiles the
-    layer alone, whichever way the installed transformers hooks its own checkpointing in.
-    """
-
-    offload_checkpoint: bool
-
-    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if not (self.training and torch.is_grad_enabled()):
-            return nn.Module.__call__(self, hidden_states, *args, **kwargs)
-        run = partial(_call_module, self, args=args, kwargs=kwargs)
-        return layer_checkpoint(run, hidden_states, offload=self.offload_checkpoint)
-
-
-def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
-    return nn.Module.__call__(module, hidden_states, *args, **kwargs)
-
-
-@cache
-def mixed_class(mixin: type, base: type) -> type:
-    """`base` with `mixin`'s methods in front, one class per pair: a compiled graph is shared by modules of a class."""
-    return type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base), {})
-
-
-def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
-                                    offload: bool = False) -> None:
-    """Checkpointing of the first `checkpointed_layers` decoder layers (None = all of them) with offload.py's
-    reentrant checkpoint, their inputs kept in pinned CPU memory when `offload`.
-
-    The last layers are the ones left out: backward reaches them first, so their kept activations are freed
-    before any checkpointed layer recomputes its own. transformers' own checkpointing stays off.
-    """
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = False
-        if checkpointed_layers is None or index < checkpointed_layers:
-            layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
-            layer.offload_checkpoint = offload
-    model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad
-
-
-def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkpointing: bool,
-              device: Optional[torch.device] = None, checkpointed_layers: Optional[int] = None,
-              offload_checkpoints: bool = False) -> LoadedBase:
-    """Load the frozen base as configured, ready for adapters.
+def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: torch.dtype,
+              device: torch.device) -> LoadedBase:
+    """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
 
     Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
     dtype unless model.upcast_non_quantized is set: upcasting them costs ~0.5 GiB on a 7B model for no gain
     with fp32 adapters.
     """
-    device = device or pick_device()
-    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     load_model_config(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
     kwargs = dict(
@@ -180,6 +116,4 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, gradient_checkp
         param.requires_grad_(False)
     if model_cfg.upcast_non_quantized:
         upcast_non_quantized(model)
-    if gradient_checkpointing:
-        enable_activation_checkpointing(model, checkpointed_layers, offload_checkpoints)
     return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)

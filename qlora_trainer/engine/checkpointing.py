@@ -1,4 +1,4 @@
-"""Checkpointed decoder layers (a reentrant checkpoint), their inputs kept on the GPU or in pinned CPU memory.
+"""Checkpointed decoder layers (our reentrant checkpoint), their inputs kept on the GPU or in pinned CPU memory.
 
 Gradient checkpointing keeps one tensor per layer on the GPU, the layer's input (layers x tokens x hidden x 2 bytes:
 4 GiB for a 7B model at 16k tokens). With offloading, that input is copied to pinned host memory during the
@@ -10,12 +10,17 @@ Without offloading it is also our default checkpoint: its no-grad forward skips 
 torch's non-reentrant checkpoint runs for every tensor. With compiled layers on an H100 (Llama-2-7B, seq 2048) the
 offloaded reentrant path beat torch's non-reentrant checkpoint in two of three same-run comparisons and lost one
 (benchmarks/results/vs-reference-h100/development-2026-11-23.jsonl); it also wraps the layer from outside, which
-keeps the checkpoint out of torch.compile's graphs on every transformers version (model.py).
+keeps the checkpoint out of torch.compile's graphs on every transformers version (`_CheckpointedLayer` below).
 """
 
-from typing import Callable
+from functools import partial
+from typing import Callable, Optional
 
 import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from qlora_trainer.engine.class_mixing import mixed_class
 
 
 class _LayerCheckpoint(torch.autograd.Function):
@@ -56,3 +61,40 @@ class _LayerCheckpoint(torch.autograd.Function):
 def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False) -> torch.Tensor:
     """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload`."""
     return _LayerCheckpoint.apply(function, offload, hidden_states)
+
+
+class _CheckpointedLayer:
+    """Mixed into a decoder layer's class: its call runs under `layer_checkpoint` above.
+
+    The checkpoint wraps the module call from outside, so a compiled layer (compiled_layers.py) compiles the
+    layer alone, whichever way the installed transformers hooks its own checkpointing in.
+    """
+
+    offload_checkpoint: bool
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return nn.Module.__call__(self, hidden_states, *args, **kwargs)
+        run = partial(_call_module, self, args=args, kwargs=kwargs)
+        return layer_checkpoint(run, hidden_states, offload=self.offload_checkpoint)
+
+
+def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+    return nn.Module.__call__(module, hidden_states, *args, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
+                                    offload: bool = False) -> None:
+    """Checkpointing of the first `checkpointed_layers` decoder layers (None = all of them) with our
+    reentrant checkpoint (above), their inputs kept in pinned CPU memory when `offload`.
+
+    The last layers are the ones left out: backward reaches them first, so their kept activations are freed
+    before any checkpointed layer recomputes its own. transformers' own checkpointing stays off.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = False
+        if checkpointed_layers is None or index < checkpointed_layers:
+            layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
+            layer.offload_checkpoint = offload
+    model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad

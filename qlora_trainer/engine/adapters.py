@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer.config import AdapterConfig
+from qlora_trainer.spec import AdapterConfig
 from qlora_trainer.errors import ConfigError
 
 SHORTHANDS = ("attn", "mlp", "all-linear")
@@ -154,8 +154,8 @@ def peft_config(adapter: AdapterConfig, target_keys: list[str]) -> PeftConfig:
     common = dict(r=adapter.r, target_modules=target_keys, task_type="CAUSAL_LM")
     if adapter.type == "lora":
         return LoraConfig(
-            lora_alpha=adapter.alpha,
-            lora_dropout=adapter.dropout,
+            lora_alpha=adapter.lora_alpha,
+            lora_dropout=adapter.lora_dropout,
             use_rslora=adapter.use_rslora,
             use_dora=adapter.use_dora,
             bias="none",
@@ -163,8 +163,8 @@ def peft_config(adapter: AdapterConfig, target_keys: list[str]) -> PeftConfig:
             **common,
         )
     if adapter.type == "loha":
-        return LoHaConfig(alpha=adapter.alpha, module_dropout=adapter.dropout, **common)
-    return LoKrConfig(alpha=adapter.alpha, module_dropout=adapter.dropout, **common)
+        return LoHaConfig(alpha=adapter.lora_alpha, module_dropout=adapter.lora_dropout, **common)
+    return LoKrConfig(alpha=adapter.lora_alpha, module_dropout=adapter.lora_dropout, **common)
 
 
 def _is_4bit(module: nn.Module) -> bool:

@@ -1,9 +1,8 @@
-"""Training data: load a file or data set, format rows (alpaca / chat / text), mask prompts, pack, collate.
+"""Training examples: load a file or data set, format rows (alpaca / chat / text), mask prompts, pack.
 
-`prepare_data` turns `data.*` of the run config into token ids and labels: it reads the rows, formats and
+`prepare_data` turns `data.*` of the run specification into token ids and labels: it reads the rows, formats and
 tokenizes each one (a malformed row is skipped and counted, or raises with its row number), masks the prompt
 with -100, truncates to `max_seq_len`, holds out a seeded eval split and packs the train split if asked.
-`collate` right-pads a micro-batch.
 """
 
 import json
@@ -15,9 +14,8 @@ from typing import Any
 
 import datasets
 import jinja2
-import torch
 
-from qlora_trainer.config import DataConfig
+from qlora_trainer.spec import DataConfig
 from qlora_trainer.errors import UserError
 
 IGNORE_INDEX = -100
@@ -319,17 +317,3 @@ def prepare_data(config: DataConfig, tokenizer, max_seq_len: int, seed: int) -> 
         eval_examples=len(held_out),
     )
     return TokenizedData(train=train, eval=held_out, stats=stats)
-
-
-def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with pad_token_id, attention_mask 0 and labels -100 on pads."""
-    length = max(len(example["input_ids"]) for example in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

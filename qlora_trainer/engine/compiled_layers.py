@@ -2,23 +2,12 @@
 few fused kernels, which matters at micro-batch 1 where a 7B model's GPU otherwise waits on Python dispatch.
 
 Layers share one compiled graph (their parameters are graph inputs), so the cost is one compilation, paid on the
-first step. Gradient checkpointing (model.py, offload.py) wraps the compiled call; it is not traced.
+first step. Gradient checkpointing (checkpointing.py) wraps the compiled call; it is not traced. Whether layers are
+compiled is the resolved run's `compile_layers` (spec/resolve.py).
 """
 
-import importlib.util
-
-import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
-
-
-def should_compile(setting: str, device: torch.device) -> bool:
-    """`auto` compiles on CUDA GPUs that Triton can generate kernels for (compute capability 7.0 and up, Triton
-    installed); on the CPU it would add a C++ build to every run."""
-    if setting != "auto":
-        return setting == "on"
-    return (device.type == "cuda" and importlib.util.find_spec("triton") is not None
-            and torch.cuda.get_device_capability(device) >= (7, 0))
 
 
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:

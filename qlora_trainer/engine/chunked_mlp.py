@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.model import mixed_class
+from qlora_trainer.engine.class_mixing import mixed_class
 
 
 class _ChunkedForward:

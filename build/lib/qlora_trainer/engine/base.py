@@ -1,0 +1,119 @@
+"""Load the frozen base model (NF4 / FP4 / 8-bit / 16-bit) in the resolved compute dtype, and its tokenizer."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
+
+from qlora_trainer.spec import ModelConfig, QuantizationConfig
+from qlora_trainer.errors import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    model: nn.Module
+    tokenizer: object
+    compute_dtype: torch.dtype
+    device: torch.device
+
+
+def device_for(device_type: str) -> torch.device:
+    """The torch device of a resolved run: the first CUDA GPU, or the CPU."""
+    return torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+
+
+def check_model_folder(path: str) -> None:
+    """A local model folder must hold config.json and safetensors weights; hub names are passed through."""
+    folder = Path(path)
+    if not folder.exists():
+        if "/" in path and not path.startswith((".", "/")) and path.count("/") == 1:
+            return  # looks like a hub name (org/model); from_pretrained reports whether it is reachable
+        raise UserError(f"model.path: {path} does not exist; give a local model folder with config.json")
+    if not folder.is_dir():
+        raise UserError(f"model.path: {path} is a file; give the folder that holds config.json and the weights")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.path: {path} has no config.json; give a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"model.path: {path} has no *.safetensors weights (only safetensors are loaded)")
+
+
+def load_model_config(model: ModelConfig) -> PretrainedConfig:
+    """The transformers config of the base, read without loading weights."""
+    check_model_folder(model.path)
+    try:
+        return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path: cannot read the config of {model.path}: {str(err).splitlines()[0]}") from None
+
+
+def quantization_config(quant: QuantizationConfig, compute_dtype: torch.dtype) -> Optional[BitsAndBytesConfig]:
+    """The bitsandbytes settings for the base, or None for a plain 16-bit base."""
+    if quant.mode in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.mode,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if quant.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(model: ModelConfig):
+    """The tokenizer beside the model (or at model.tokenizer_path), with a pad token."""
+    path = model.tokenizer_path or model.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        key = "model.tokenizer_path" if model.tokenizer_path else "model.path"
+        raise UserError(f"{key}: no usable tokenizer in {path} ({str(err).splitlines()[0][:120]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def upcast_non_quantized(model: nn.Module) -> None:
+    """Cast every floating parameter that is not a quantized weight (embeddings, norms, lm_head) to fp32."""
+    for param in model.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16) and not hasattr(param, "quant_state"):
+            param.data = param.data.float()
+
+
+def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: torch.dtype,
+              device: torch.device) -> LoadedBase:
+    """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
+
+    Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
+    dtype unless model.upcast_non_quantized is set: upcasting them costs ~0.5 GiB on a 7B model for no gain
+    with fp32 adapters.
+    """
+    load_model_config(model_cfg)
+    tokenizer = load_tokenizer(model_cfg)
+    kwargs = dict(
+        dtype=compute_dtype,
+        quantization_config=quantization_config(quant, compute_dtype),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=True,
+    )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"model.path: cannot load {model_cfg.path}: {str(err).splitlines()[0][:200]}") from None
+    if device.type != "cuda" and quant.mode == "none":
+        model.to(device)
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if model_cfg.upcast_non_quantized:
+        upcast_non_quantized(model)
+    return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)

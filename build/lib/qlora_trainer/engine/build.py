@@ -1,0 +1,92 @@
+"""Build a training session from a resolved run: one ordered pipeline, from the quantized base to the optimizer.
+
+    1. the frozen base, quantized as specified, in the resolved compute dtype (base.py)
+    2. the adapter, through peft, in adapter.dtype (adapters.py)
+    3. checkpointing of the decoder layers, their inputs offloaded to CPU memory if asked (checkpointing.py)
+    4. the fused LoRA-on-4-bit forward, where it applies (fused_lora.py)
+    5. MLPs a chunk of tokens at a time, if asked (chunked_mlp.py)
+    6. compiled decoder layers, where they apply (compiled_layers.py); last, so the graphs trace steps 3-5's forwards
+    7. the optimizer, the learning-rate schedule and, for fp16, the gradient scaler
+
+`train`, `bench` and the peer comparison build through here; `step.py` takes the session's steps.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, get_scheduler
+
+from qlora_trainer.engine import adapters
+from qlora_trainer.engine.base import DTYPES, device_for, load_base
+from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
+from qlora_trainer.engine.chunked_mlp import chunk_mlps
+from qlora_trainer.engine.compiled_layers import compile_decoder_layers
+from qlora_trainer.engine.fused_lora import use_fused_lora
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.spec import ResolvedRun
+
+
+@dataclass
+class Session:
+    """What the training steps work with, once everything is built."""
+
+    run: ResolvedRun
+    model: nn.Module  # the peft model
+    causal_lm: nn.Module  # the transformers model inside it
+    tokenizer: object
+    device: torch.device
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler]  # fp16 only: loss scaling
+    summary: adapters.AdapterSummary
+
+
+def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> None:
+    """What can be checked against the model's shapes without its weights: targets, rank, checkpointed layers."""
+    spec = run.spec
+    _, layers = adapters.resolve_targets(adapters.meta_model(model_config, spec.model.trust_remote_code),
+                                         spec.adapter.target_modules)
+    adapters.check_rank(spec.adapter, layers)
+    count, limit = spec.training.checkpointed_layers or 0, model_config.num_hidden_layers
+    if count > limit:
+        raise ConfigError(f"training.checkpointed_layers: {count} is more than the model's {limit} decoder "
+                          f"layers; use 0 to {limit}")
+
+
+def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch AdamW, or bitsandbytes 8-bit AdamW (optionally in paged unified memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def build(run: ResolvedRun) -> Session:
+    """Load and prepare everything `run` trains with, in the order of the module docstring."""
+    spec, training = run.spec, run.spec.training
+    device = device_for(run.device_type)
+    base = load_base(spec.model, spec.quantization, DTYPES[run.compute_dtype], device)  # 1
+    keys, layers = adapters.resolve_targets(base.model, spec.adapter.target_modules)
+    model, summary = adapters.attach_adapter(base.model, spec.adapter, keys, layers)  # 2
+    if training.gradient_checkpointing:  # 3
+        enable_activation_checkpointing(model.get_base_model(), training.checkpointed_layers,
+                                        training.offload_checkpoints)
+    if run.fused_lora:  # 4
+        use_fused_lora(model)
+    if training.mlp_chunk_tokens:  # 5
+        chunk_mlps(model, training.mlp_chunk_tokens)
+    if run.compile_layers:  # 6
+        compile_decoder_layers(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # 7
+    optimizer = build_optimizer(training.optimizer, trainable, training.learning_rate, training.weight_decay)
+    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
+                              num_training_steps=training.max_steps)
+    scaler = torch.amp.GradScaler(device.type) if run.loss_scaling else None
+    model.train()
+    return Session(run, model, model.get_base_model(), base.tokenizer, device, trainable, optimizer, scheduler,
+                   scaler, summary)

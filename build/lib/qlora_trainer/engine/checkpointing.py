@@ -1,0 +1,100 @@
+"""Checkpointed decoder layers (our reentrant checkpoint), their inputs kept on the GPU or in pinned CPU memory.
+
+Gradient checkpointing keeps one tensor per layer on the GPU, the layer's input (layers x tokens x hidden x 2 bytes:
+4 GiB for a 7B model at 16k tokens). With offloading, that input is copied to pinned host memory during the
+forward and copied back when backward reaches the layer, which then recomputes its activations as usual. It is
+a reentrant checkpoint: the layer runs without autograd in the forward and again, with autograd, inside this
+function's backward, under the forward's autocast and RNG state so that dropout masks match.
+
+Without offloading it is also our default checkpoint: its no-grad forward skips the saved-tensor hooks that
+torch's non-reentrant checkpoint runs for every tensor. With compiled layers on an H100 (Llama-2-7B, seq 2048) the
+offloaded reentrant path beat torch's non-reentrant checkpoint in two of three same-run comparisons and lost one
+(benchmarks/results/vs-reference-h100/development-2026-11-23.jsonl); it also wraps the layer from outside, which
+keeps the checkpoint out of torch.compile's graphs on every transformers version (`_CheckpointedLayer` below).
+"""
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from qlora_trainer.engine.class_mixing import mixed_class
+
+
+class _LayerCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run_function: Callable, offload: bool, hidden_states: torch.Tensor):
+        ctx.run_function = run_function
+        ctx.device = hidden_states.device
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device.type), torch.get_autocast_dtype(ctx.device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+        if offload and ctx.device.type == "cuda":
+            ctx.stored = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
+            ctx.stored.copy_(hidden_states, non_blocking=True)
+        else:
+            ctx.stored = hidden_states.detach()
+        with torch.no_grad():
+            return run_function(hidden_states)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        hidden_states = ctx.stored.to(ctx.device, non_blocking=True).requires_grad_(True)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                outputs = ctx.run_function(hidden_states)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if torch.is_tensor(o) and o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.stored = None
+        return None, None, hidden_states.grad
+
+
+def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False) -> torch.Tensor:
+    """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload`."""
+    return _LayerCheckpoint.apply(function, offload, hidden_states)
+
+
+class _CheckpointedLayer:
+    """Mixed into a decoder layer's class: its call runs under `layer_checkpoint` above.
+
+    The checkpoint wraps the module call from outside, so a compiled layer (compiled_layers.py) compiles the
+    layer alone, whichever way the installed transformers hooks its own checkpointing in.
+    """
+
+    offload_checkpoint: bool
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return nn.Module.__call__(self, hidden_states, *args, **kwargs)
+        run = partial(_call_module, self, args=args, kwargs=kwargs)
+        return layer_checkpoint(run, hidden_states, offload=self.offload_checkpoint)
+
+
+def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+    return nn.Module.__call__(module, hidden_states, *args, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
+                                    offload: bool = False) -> None:
+    """Checkpointing of the first `checkpointed_layers` decoder layers (None = all of them) with our
+    reentrant checkpoint (above), their inputs kept in pinned CPU memory when `offload`.
+
+    The last layers are the ones left out: backward reaches them first, so their kept activations are freed
+    before any checkpointed layer recomputes its own. transformers' own checkpointing stays off.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = False
+        if checkpointed_layers is None or index < checkpointed_layers:
+            layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
+            layer.offload_checkpoint = offload
+    model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad

@@ -1,0 +1,201 @@
+"""`plan-memory`: its arguments, the RunSpec they describe, and the readable table and JSON object of a plan."""
+
+import argparse
+import dataclasses
+import json
+import math
+from typing import Any, Union
+
+from qlora_trainer.engine.adapters import SHORTHANDS
+from qlora_trainer.errors import ConfigError, UserError
+from qlora_trainer.hardware import GPU_CATALOGUE, GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
+from qlora_trainer.planner.search import PlanResult, search_plan
+from qlora_trainer.planner.shapes import load_model_config, model_shape, preset_names
+from qlora_trainer.spec.resolve import resolve
+from qlora_trainer.spec.sections import RunSpec
+
+GIB = 2**30
+# The one mapping of plan-memory's flags (argparse names) to spec keys. A flag with a value sets its key and makes
+# it explicit, so the search keeps it (--seq-len, --quant, --adapter and --adapter-dtype always have one, their
+# defaults); the searched keys whose flags are left out are the planner's to choose. --batch-size is the
+# effective batch the search keeps: micro-batch 1 (or --micro-batch-size) x accumulation (see spec_from_args).
+FLAG_KEYS = {
+    "seq_len": "training.max_seq_len",
+    "micro_batch_size": "training.micro_batch_size",
+    "rank": "adapter.r",
+    "alpha": "adapter.lora_alpha",
+    "targets": "adapter.target_modules",
+    "grad_ckpt": "training.gradient_checkpointing",
+    "optimizer": "training.optimizer",
+    "quant": "quantization.mode",
+    "adapter": "adapter.type",
+    "adapter_dtype": "adapter.dtype",
+}
+
+
+def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())}")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--gpu", help=f"a catalogue GPU: {', '.join(GPU_CATALOGUE)} (default: the GPU here)")
+    budget.add_argument("--vram", type=float, metavar="GIB", help="the GPU's memory in GiB, for any card")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="effective batch: sequences per optimizer step, kept through accumulation (default 16)")
+    parser.add_argument("--micro-batch-size", type=int, help="fix the micro-batch (default: chosen)")
+    parser.add_argument("--rank", type=int, help="fix the adapter rank (default: chosen)")
+    parser.add_argument("--alpha", type=float, help="fix lora_alpha (default 2 x rank)")
+    parser.add_argument("--targets", help="fix the targets: attn | mlp | all-linear | q_proj,v_proj,... "
+                                          "(default: chosen)")
+    parser.add_argument("--grad-ckpt", choices=("on", "off", "auto"), default="auto",
+                        help="gradient checkpointing (default auto: chosen)")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
+                        help="fix the optimizer (default: chosen)")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "int8", "none"), default="nf4",
+                        help="how the base is stored (default nf4)")
+    parser.add_argument("--adapter", choices=("lora", "loha", "lokr"), default="lora", help="adapter type")
+    parser.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def _gpu(args: argparse.Namespace) -> GpuSpec:
+    if args.gpu is not None:
+        return lookup_gpu(args.gpu)
+    if args.vram is not None:
+        return budget_gpu(args.vram)
+    detected = detect_gpu()
+    if detected is None:
+        raise UserError("--gpu/--vram: no GPU here; name one (--gpu T4) or give its memory (--vram 15.5)")
+    return detected
+
+
+def _targets(text: str) -> Union[str, list[str]]:
+    if text in SHORTHANDS:
+        return text
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UserError(f"--targets {text!r}: use attn, mlp, all-linear or module names such as q_proj,v_proj")
+    return names
+
+
+def _flag_value(dest: str, value: Any) -> Any:
+    """A flag's value in its spec key's type; None for a flag left out (--grad-ckpt auto included)."""
+    if value is None:
+        return None
+    if dest == "targets":
+        return _targets(value)
+    if dest == "grad_ckpt":
+        return {"on": True, "off": False}.get(value)
+    return value
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The run the command line describes: RunSpec defaults, the flags' values (explicit), model.path = --model."""
+    given = {key: value for dest, key in FLAG_KEYS.items()
+             if (value := _flag_value(dest, getattr(args, dest))) is not None}
+    micro = given.get("training.micro_batch_size", 1)
+    values = {"model.path": args.model, "training.micro_batch_size": micro,
+              "training.gradient_accumulation_steps": max(1, math.ceil(args.batch_size / micro)), **given}
+    return dataclasses.replace(RunSpec().with_values(values), explicit_keys=frozenset(given))
+
+
+def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
+    """Run the search the command line asks for."""
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                        ("--micro-batch-size", args.micro_batch_size), ("--rank", args.rank)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} {value}: not allowed; it must be a positive integer")
+    if args.alpha is not None and not args.alpha > 0:
+        raise UserError(f"--alpha {args.alpha:g}: not allowed; it must be > 0")
+    gpu = _gpu(args)
+    shape = model_shape(load_model_config(args.model))
+    run = resolve(spec_from_args(args), Hardware.planned(gpu))
+    try:
+        return search_plan(shape, run, args.batch_size), gpu
+    except ConfigError as err:  # target names that match no layer, worded for the command line
+        raise UserError(str(err).replace("adapter.target_modules", "--targets", 1)) from None
+
+
+def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
+    run, estimate = result.run, result.estimate
+    adapter, training = run.spec.adapter, run.spec.training
+    return {
+        "fits": result.fits,
+        "gpu": gpu.name,
+        "budget_bytes": result.budget_bytes,
+        "usable_bytes": result.usable_bytes,
+        "predicted_peak_bytes": estimate.predicted_peak_bytes,
+        "predicted_peak_allocated_bytes": estimate.predicted_peak_allocated_bytes,
+        "cuda_context_bytes": estimate.cuda_context_bytes,
+        "paged_optimizer_bytes": estimate.paged_optimizer_bytes,
+        "peak_phase": estimate.phase,
+        "breakdown": estimate.breakdown,
+        "plan": {  # these names are read by users and tests: they stay as they are
+            "rank": adapter.r,
+            "lora_alpha": adapter.lora_alpha,
+            "target_modules": adapter.target_modules if isinstance(adapter.target_modules, str)
+            else list(adapter.target_modules),
+            "gradient_checkpointing": training.gradient_checkpointing,
+            "checkpointed_layers": training.checkpointed_layers,
+            "offload_checkpoints": training.offload_checkpoints,
+            "mlp_chunk_tokens": training.mlp_chunk_tokens,
+            "micro_batch_size": training.micro_batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "seq_len": training.max_seq_len,
+            "optimizer": training.optimizer,
+            "compute_dtype": run.compute_dtype,
+            "adapter_dtype": adapter.dtype,
+            "adapter_type": adapter.type,
+            "quant": run.spec.quantization.mode,
+        },
+        "trainable_params": estimate.trainable_params,
+        "total_params": estimate.total_params,
+        "smallest_fitting_budget_bytes": result.smallest_fitting_budget_bytes,
+        "longest_fitting_seq_len": result.longest_fitting_seq_len,
+        "advice": result.advice,
+    }
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:8.2f}"
+
+
+def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
+    estimate, run = result.estimate, result.run
+    adapter, training = run.spec.adapter, run.spec.training
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
+    lines = [f"{model} on {gpu.name} ({result.budget_bytes / GIB:.2f} GiB)", "",
+             f"{'component':<34}{'GiB':>8}"]
+    lines += [f"  {name:<32}{_gib(value)}" for name, value in estimate.breakdown.items()]
+    margin = result.budget_bytes - result.usable_bytes - estimate.cuda_context_bytes
+    checkpointed = "all" if training.gradient_checkpointing and training.checkpointed_layers is None else (
+        training.checkpointed_layers if training.gradient_checkpointing else 0)
+    lines += [f"{'peak reserved by PyTorch':<34}{_gib(estimate.predicted_peak_bytes)}   (at the {estimate.phase})",
+              f"{'PyTorch may reserve':<34}{_gib(result.usable_bytes)}   ({result.budget_bytes / GIB:.2f} GiB less "
+              f"{margin / GIB:.2f} GiB margin and {estimate.cuda_context_bytes / GIB:.2f} GiB CUDA context)"]
+    if estimate.paged_optimizer_bytes:
+        lines.append(f"  + {estimate.paged_optimizer_bytes / GIB:.2f} GiB of paged optimizer states in unified "
+                     "memory (moved to CPU RAM when the GPU runs short)")
+    lines += ["", "plan:" if result.fits else "leanest plan (does not fit):",
+              f"  adapter.type / target_modules        {adapter.type} / {targets}",
+              f"  adapter.r / adapter.lora_alpha       {adapter.r} / {adapter.lora_alpha:g}",
+              f"  training.gradient_checkpointing      {str(training.gradient_checkpointing).lower()}",
+              f"  training.checkpointed_layers         {checkpointed}",
+              f"  training.offload_checkpoints         {str(training.offload_checkpoints).lower()}",
+              f"  training.mlp_chunk_tokens            {training.mlp_chunk_tokens}",
+              f"  training.micro_batch_size            {training.micro_batch_size}",
+              f"  training.gradient_accumulation_steps {training.gradient_accumulation_steps}",
+              f"  training.max_seq_len                 {training.max_seq_len}",
+              f"  training.optimizer                   {training.optimizer}",
+              f"  quantization.mode                    {run.spec.quantization.mode}",
+              f"  compute / adapter dtype              {run.compute_dtype} / {adapter.dtype}",
+              f"  trainable params                     {estimate.trainable_params:,} of {estimate.total_params:,}",
+              "", ("fits: " if result.fits else "does not fit: ") + result.advice]
+    return "\n".join(lines)
+
+
+def run_plan_memory(args: argparse.Namespace) -> int:
+    """Print the plan; 0 when it fits, 1 when nothing does. Bad input raises UserError (exit 2)."""
+    result, gpu = plan_result(args)
+    print(json.dumps(result_json(result, gpu), indent=1) if args.json else result_table(result, gpu, args.model))
+    return 0 if result.fits else 1

@@ -1,0 +1,167 @@
+"""The run specification: one dataclass per YAML section, documented field by field, and its one `validate()`.
+
+A `RunSpec` is the only description of a run: `train`, `plan-memory`, `bench` and the peer comparison all build
+one, and the planner returns a changed copy (`with_values`). Names follow peft where peft has them
+(`lora_alpha`, `lora_dropout`). Checks that need the model's shapes live in `engine/adapters.py`.
+"""
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from qlora_trainer.errors import ConfigError
+
+QuantMode = Literal["nf4", "fp4", "int8", "none"]
+DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local Hugging Face model folder (config.json + safetensors + tokenizer), or a hub name
+    tokenizer_path: Optional[str] = None  # tokenizer folder when it is not beside the model
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint; only when you trust it
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+    upcast_non_quantized: bool = False  # keep embeddings, norms and lm_head in fp32 (costs ~0.5 GiB on 7B)
+
+
+@dataclass
+class QuantizationConfig:
+    mode: QuantMode = "nf4"  # how the frozen base is stored: 4-bit NF4/FP4, 8-bit, or plain 16-bit
+    double_quant: bool = True  # quantize the 4-bit absmax constants again (saves ~0.37 bit/param)
+    compute_dtype: DTypeName = "auto"  # matmul dtype: auto = bf16 where supported, fp16 otherwise (T4)
+
+
+@dataclass
+class AdapterConfig:
+    type: Literal["lora", "loha", "lokr"] = "lora"  # adapter method (all through peft)
+    r: int = 16  # rank
+    lora_alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    lora_dropout: float = 0.05  # dropout on the adapter input (peft's lora_dropout; LoHa/LoKr: module_dropout)
+    target_modules: Union[str, list[str]] = "all-linear"  # attn | mlp | all-linear | list of module names
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the trainable adapter weights
+    use_rslora: bool = False  # LoRA only: rank-stabilised scaling alpha / sqrt(r)
+    use_dora: bool = False  # LoRA only: weight-decomposed LoRA (slower, more memory)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # JSONL / JSON / CSV / Parquet file, a save_to_disk folder, or a hub data set name
+    format: Literal["alpaca", "chat", "text"] = "alpaca"  # row layout
+    split: str = "train"  # split to read from a hub data set or a DatasetDict folder
+    eval_fraction: float = 0.0  # share of rows held out for eval loss (0 = no eval)
+    mask_prompt: bool = True  # train on the response only; prompt tokens get label -100
+    packing: bool = False  # concatenate examples into full max_seq_len rows
+    on_bad_row: Literal["skip", "error"] = "skip"  # what a malformed row does
+    text_field: str = "text"  # column read by the text format
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 100  # optimizer steps
+    learning_rate: float = 2e-4  # peak learning rate
+    micro_batch_size: int = 1  # sequences per forward/backward pass
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_seq_len: int = 512  # tokens per sequence; longer examples are truncated
+    save_steps: int = 50  # checkpoint every N optimizer steps (0 = only at the end)
+    save_total_limit: int = 2  # keep the newest K checkpoints
+    seed: int = 42  # seeds torch, python and data order
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # torch AdamW or bitsandbytes 8-bit
+    weight_decay: float = 0.0  # decoupled weight decay
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"  # decay after warm-up
+    warmup_steps: int = 0  # linear warm-up steps
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    gradient_checkpointing: bool = True  # recompute each decoder layer's activations in backward
+    checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
+    offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned CPU memory (less VRAM, host RAM)
+    loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
+    fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (engine/fused_lora.py)
+    compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto = on CUDA GPUs
+    mlp_chunk_tokens: int = 0  # > 0: MLPs run this many tokens at a time, each chunk recomputed (long sequences)
+    logging_steps: int = 1  # write metrics every N optimizer steps
+    eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
+    resume: Literal["off", "auto"] = "off"  # auto = continue from the newest complete checkpoint
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss or gradient
+    oom_retry: Literal["off", "halve-micro-batch"] = "off"  # on GPU out-of-memory: stop, or halve and go on
+    plan: Literal["off", "auto"] = "off"  # auto = the planner picks what you left out to fit the GPU
+    memory_cap_gib: float = 0.0  # use at most this much of the GPU (0 = all of it); also the planner's budget
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/run"  # where checkpoints, metrics.jsonl and the final adapter go
+    overwrite: bool = False  # allow writing into a folder that already holds a run
+
+
+@dataclass
+class RunSpec:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    explicit_keys: frozenset = frozenset()  # "section.key" names the user set (the planner fills the others)
+
+    def value(self, key: str) -> Any:
+        """The value of `section.key`."""
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
+
+    def with_values(self, values: dict[str, Any]) -> "RunSpec":
+        """A copy with each `section.key` set to its value; `explicit_keys` unchanged (choices made for the user
+        stay the planner's to revisit)."""
+        changed = copy.deepcopy(self)
+        for key, value in values.items():
+            section, name = key.split(".")
+            if not hasattr(getattr(changed, section), name):
+                raise KeyError(key)
+            setattr(getattr(changed, section), name, value)
+        return changed
+
+    def validate(self) -> None:
+        """Reject values no run can use. Checks that need the model's shapes live in `adapters.py`."""
+        if not self.model.path:
+            raise ConfigError("model.path: missing; set it to a local model folder")
+        if not self.data.path:
+            raise ConfigError("data.path: missing; set it to a JSONL/JSON/CSV/Parquet file or a dataset folder")
+        positive = {
+            "adapter.r": self.adapter.r,
+            "adapter.lora_alpha": self.adapter.lora_alpha,
+            "training.max_steps": self.training.max_steps,
+            "training.learning_rate": self.training.learning_rate,
+            "training.micro_batch_size": self.training.micro_batch_size,
+            "training.gradient_accumulation_steps": self.training.gradient_accumulation_steps,
+            "training.max_seq_len": self.training.max_seq_len,
+            "training.logging_steps": self.training.logging_steps,
+            "training.save_total_limit": self.training.save_total_limit,
+            "training.loss_chunk_tokens": self.training.loss_chunk_tokens,
+            "training.max_bad_steps": self.training.max_bad_steps,
+        }
+        for key, value in positive.items():
+            if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{key}: {value} is not allowed; it must be a finite number > 0")
+        non_negative = {
+            "training.save_steps": self.training.save_steps,
+            "training.warmup_steps": self.training.warmup_steps,
+            "training.weight_decay": self.training.weight_decay,
+            "training.max_grad_norm": self.training.max_grad_norm,
+            "training.eval_steps": self.training.eval_steps,
+            "training.memory_cap_gib": self.training.memory_cap_gib,
+            "training.checkpointed_layers": self.training.checkpointed_layers or 0,
+            "training.mlp_chunk_tokens": self.training.mlp_chunk_tokens,
+        }
+        for key, value in non_negative.items():
+            if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{key}: {value} is not allowed; it must be a finite number >= 0")
+        if not 0.0 <= self.adapter.lora_dropout < 1.0:
+            raise ConfigError(f"adapter.lora_dropout: {self.adapter.lora_dropout} is not allowed; use 0 <= dropout < 1")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: {self.data.eval_fraction} is not allowed; use 0 <= x < 1")
+        targets = self.adapter.target_modules
+        if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
+            raise ConfigError("adapter.target_modules: empty; use attn, mlp, all-linear or a list of module names")
+        if isinstance(targets, str) and not targets.strip():
+            raise ConfigError("adapter.target_modules: empty; use attn, mlp, all-linear or a list of module names")
+        if self.adapter.type != "lora" and (self.adapter.use_dora or self.adapter.use_rslora):
+            raise ConfigError(f"adapter.use_dora/use_rslora: only for adapter.type lora, not {self.adapter.type}")

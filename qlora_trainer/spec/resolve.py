@@ -1,0 +1,121 @@
+"""Resolve a run specification for the hardware it runs on: everything derived is fixed here, once.
+
+`resolve(spec, hardware)` decides the compute dtype (honouring `quantization.compute_dtype`), loss scaling, the
+speed paths that apply on this device (compiled layers, fused LoRA) and the memory budget with its one `fits`
+rule. `train`, `plan-memory`, `bench` and the peer comparison all go through it, and the planner's search returns
+a `ResolvedRun` of a changed spec (`with_values`), resolved for the same hardware.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.hardware import GIB, Hardware
+from qlora_trainer.spec.sections import RunSpec
+
+# from measurement: benchmarks/results/cuda-context-h100.json (benchmarks/cuda_context.py: NVML's used memory less
+# PyTorch's reserved pool after an NF4 + LoRA + SDPA forward and backward, H100, torch 2.11 / CUDA 13); it sits on
+# the card outside PyTorch's pool
+CUDA_CONTEXT_BYTES = 764 * 2**20
+# from measurement: benchmarks/results/planner-accuracy-h100.md, whose largest under-prediction is 3.6%, plus
+# headroom: the share of the budget a plan leaves free
+SAFETY_MARGIN_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The GPU memory a run may use, and the one rule for whether a predicted peak fits it."""
+
+    device_name: str  # e.g. "T4", "NVIDIA H100 80GB HBM3 capped at 15 GiB"
+    budget_bytes: int  # the card's usable memory, or the cap
+
+    @property
+    def usable_bytes(self) -> int:
+        """What PyTorch's pool may reserve: the budget less the safety margin and the CUDA context."""
+        return int(self.budget_bytes * (1 - SAFETY_MARGIN_FRACTION)) - CUDA_CONTEXT_BYTES
+
+    def fits(self, predicted_peak_bytes: int) -> bool:
+        return predicted_peak_bytes <= self.usable_bytes
+
+    @staticmethod
+    def needed_for(predicted_peak_bytes: int) -> int:
+        """The smallest budget a predicted peak fits."""
+        return math.ceil((predicted_peak_bytes + CUDA_CONTEXT_BYTES) / (1 - SAFETY_MARGIN_FRACTION))
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run specification with everything that depends on the hardware decided."""
+
+    spec: RunSpec
+    hardware: Hardware
+    compute_dtype: str  # "bfloat16" | "float16" | "float32": the base's matmuls and autocast
+    loss_scaling: bool  # fp16 on a GPU: a gradient scaler guards against underflow
+    compile_layers: bool  # torch.compile each decoder layer (training.compile_layers, auto = on capable GPUs)
+    fused_lora: bool  # fused LoRA-on-4-bit forward (training.fused_lora, for LoRA over a 4-bit base)
+    budget: Optional[Budget]  # None on the CPU
+
+    @property
+    def device_type(self) -> str:
+        """Where tensors live: "cuda" or "cpu"."""
+        return self.hardware.device_type
+
+    def with_values(self, values: dict[str, Any]) -> "ResolvedRun":
+        """This run with some `section.key` values changed, resolved again for the same hardware."""
+        return resolve(self.spec.with_values(values), self.hardware)
+
+
+def _compute_dtype(spec: RunSpec, hardware: Hardware) -> str:
+    requested = spec.quantization.compute_dtype
+    bf16 = hardware.gpu is None or hardware.device_type == "cpu" or hardware.gpu.supports_bf16
+    if requested == "auto":
+        return "bfloat16" if bf16 else "float16"
+    if requested == "bfloat16" and not bf16:
+        raise ConfigError(f"quantization.compute_dtype: bfloat16 is not supported by {hardware.gpu.name}; "
+                          "use float16 or auto")
+    return requested
+
+
+# from measurement: with torch 2.11 (and transformers 5.17) the compiled decoder layers gave the adapters zero
+# gradients, on an H100 and in tests/test_fast_paths.py's compiled-layer test on the CPU; that test passes from
+# torch 2.13 on (benchmarks/results/engine-h100.md)
+COMPILE_MIN_TORCH = (2, 13)
+
+
+def _compiles(setting: str, hardware: Hardware) -> bool:
+    """`auto` compiles on CUDA GPUs Triton can generate kernels for (compute capability 7.0 and up, Triton
+    installed) with a torch whose compiled layers train; on the CPU it would add a C++ build to every run."""
+    if setting == "on" and hardware.torch_version < COMPILE_MIN_TORCH:
+        version = ".".join(map(str, hardware.torch_version))
+        raise ConfigError(f"training.compile_layers: on needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))}: "
+                          f"with torch {version} compiled layers train nothing (zero adapter gradients); use auto or off")
+    if setting != "auto":
+        return setting == "on"
+    return (hardware.device_type == "cuda" and hardware.gpu is not None and hardware.triton
+            and hardware.gpu.compute_capability >= (7, 0) and hardware.torch_version >= COMPILE_MIN_TORCH)
+
+
+def _budget(spec: RunSpec, hardware: Hardware) -> Optional[Budget]:
+    gpu = hardware.gpu
+    if gpu is None:
+        return None
+    cap = spec.training.memory_cap_gib
+    if cap > 0:
+        return Budget(f"{gpu.name} capped at {cap:g} GiB", min(int(cap * GIB), gpu.usable_bytes))
+    return Budget(gpu.name, gpu.usable_bytes)
+
+
+def resolve(spec: RunSpec, hardware: Hardware) -> ResolvedRun:
+    """Everything `spec` leaves to the hardware, decided for `hardware`."""
+    compute_dtype = _compute_dtype(spec, hardware)
+    return ResolvedRun(
+        spec=spec,
+        hardware=hardware,
+        compute_dtype=compute_dtype,
+        loss_scaling=compute_dtype == "float16" and hardware.device_type == "cuda",
+        compile_layers=_compiles(spec.training.compile_layers, hardware),
+        fused_lora=(spec.training.fused_lora and spec.adapter.type == "lora"
+                    and spec.quantization.mode in ("nf4", "fp4")),
+        budget=_budget(spec, hardware),
+    )

@@ -1,0 +1,228 @@
+"""The training recipe: resolve and check, build, then `for step: take a step, log, maybe eval, maybe checkpoint`.
+
+The pieces live beside it: the planner's gate (gate.py), checkpoints (checkpoints.py), the run folder and its
+metrics (run_folder.py), signals (signals.py); the model and the step itself are the engine's (engine/).
+"""
+
+import dataclasses
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from qlora_trainer.data.batches import collate, micro_batches
+from qlora_trainer.data.prepare import TokenizedData, prepare_data
+from qlora_trainer.engine.base import load_model_config
+from qlora_trainer.engine.build import Session, build, check_before_loading
+from qlora_trainer.engine.step import StepResult, eval_loss, train_step
+from qlora_trainer.errors import OutOfMemoryAbort, UserError
+from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, peak_memory_bytes
+from qlora_trainer.spec import RunSpec, resolve
+from qlora_trainer.training import checkpoints
+from qlora_trainer.training.gate import fit_to_budget
+from qlora_trainer.training.run_folder import (ADAPTER, MetricsLog, prepare_output_dir, save_final_adapter,
+                                               write_run_config)
+from qlora_trainer.training.signals import Interrupted, stop_on_signals
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a NaN/inf loss or gradient, or a step that gave the adapter no gradient at
+    all. Exit 4."""
+
+    exit_code = 4
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    final_step: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run in this process
+    eval_loss: Optional[float] = None
+    tokens_per_second: Optional[float] = None  # median over the steps after two warm-up steps
+    peak_allocated_bytes: Optional[int] = None  # GPU only
+    peak_reserved_bytes: Optional[int] = None  # GPU only
+
+
+class _Feed:
+    """The step's micro-batches from the seeded stream, re-entered at the data position after an OOM retry."""
+
+    def __init__(self, examples: list, pad_id: int, micro_batch_size: int, accumulation: int, seed: int,
+                 examples_done: int):
+        self.examples, self.pad_id, self.seed = examples, pad_id, seed
+        self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
+        self.stream = micro_batches(len(examples), micro_batch_size, seed, examples_done)
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.micro_batch_size * self.accumulation
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        return [collate([self.examples[i] for i in next(self.stream)], self.pad_id) for _ in range(self.accumulation)]
+
+    def halve(self, examples_done: int) -> None:
+        """Half the micro-batch, twice the accumulation: the same examples per step, less memory."""
+        self.micro_batch_size, self.accumulation = self.micro_batch_size // 2, self.accumulation * 2
+        self.stream = micro_batches(len(self.examples), self.micro_batch_size, self.seed, examples_done)
+
+
+def _oom_advice(spec: RunSpec) -> str:
+    training = spec.training
+    hints = []
+    if training.micro_batch_size > 1:
+        hints.append(f"training.micro_batch_size {training.micro_batch_size} -> {training.micro_batch_size // 2} "
+                     f"with gradient_accumulation_steps {training.gradient_accumulation_steps * 2}")
+    if not training.gradient_checkpointing:
+        hints.append("training.gradient_checkpointing true")
+    hints.append(f"training.max_seq_len {training.max_seq_len} -> {training.max_seq_len // 2}")
+    return "; or ".join(hints) + " (training.oom_retry: halve-micro-batch does the first for you)"
+
+
+def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, save: Callable, progress: tqdm) -> None:
+    """Out of GPU memory in a step: halve the micro-batch and go on where asked and possible, else checkpoint the
+    last completed step and stop with the planner's kind of advice (exit 3)."""
+    session.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    spec = session.run.spec
+    if spec.training.oom_retry == "halve-micro-batch" and feed.micro_batch_size > 1:
+        feed.halve(state.examples_done)
+        progress.write(f"out of memory at step {state.step + 1}: retrying with micro_batch_size "
+                       f"{feed.micro_batch_size} and gradient_accumulation_steps {feed.accumulation}", file=sys.stderr)
+        return
+    progress.close()
+    where = f"; checkpoint of step {state.step} at {save(state)}" if state.step else ""
+    raise OutOfMemoryAbort(f"out of GPU memory at step {state.step + 1}{where}. Lower {_oom_advice(spec)}") from None
+
+
+def _skip_step(step: StepResult, state: checkpoints.TrainerState, bad_steps: int, max_bad_steps: int,
+               output_dir: Path, progress: tqdm) -> None:
+    """A step whose loss or gradient was not finite was skipped; too many in a row stop the run (exit 4)."""
+    progress.write(f"step {state.step + 1} skipped: loss {step.loss}, gradient norm {step.grad_norm}", file=sys.stderr)
+    if bad_steps >= max_bad_steps:
+        progress.close()
+        latest = checkpoints.latest_valid_checkpoint(output_dir)
+        raise TrainingDiverged(
+            f"training.max_bad_steps: {bad_steps} consecutive steps had a non-finite loss or gradient "
+            f"(at step {state.step + 1}); last good checkpoint: {latest or 'none yet'}. "
+            "Lower training.learning_rate or check the data")
+
+
+def _no_gradient_message(step_number: int, step: StepResult, session: Session) -> str:
+    fix = "set training.compile_layers: off" if session.run.compile_layers else "check adapter.target_modules"
+    return (f"training: step {step_number} gave the adapter no gradient at all (norm 0 over {step.label_tokens} "
+            f"labelled tokens), so the run would train nothing; {fix}")
+
+
+def _log_record(step: int, result: StepResult, tokens_per_second: float, session: Session, micro_batch_size: int,
+                tokens_seen: int, rows_skipped: int) -> dict:
+    peak_allocated, peak_reserved = peak_memory_bytes(session.device.type)
+    return {"step": step, "loss": result.loss, "learning_rate": session.scheduler.get_last_lr()[0],
+            "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second, "peak_vram_bytes": peak_reserved,
+            "peak_allocated_bytes": peak_allocated, "tokens_seen": tokens_seen, "micro_batch_size": micro_batch_size,
+            "rows_skipped": rows_skipped}
+
+
+def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force: bool = False,
+          hardware: Optional[Hardware] = None) -> TrainResult:
+    """Run the whole recipe for `spec` on `hardware` (this machine's by default)."""
+    output_dir = Path(spec.output.dir)
+    resume = resume or spec.training.resume == "auto"
+
+    # 1. Everything that can be decided or checked without weights, before the slow load.
+    model_config = load_model_config(spec.model)
+    run = fit_to_budget(resolve(spec, hardware or detect_hardware()), model_config, force)
+    spec, training = run.spec, run.spec.training
+    check_before_loading(run, model_config)
+    prepare_output_dir(output_dir, resume, spec.output.overwrite)
+
+    # 2. Build the model and read the data.
+    set_seed(training.seed)
+    apply_memory_cap(training.memory_cap_gib)
+    session = build(run)
+    data: TokenizedData = prepare_data(spec.data, session.tokenizer, training.max_seq_len, training.seed)
+    stats = data.stats
+    print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "
+          f"{stats.rows_bad} bad rows skipped {dict(stats.bad_reasons) or ''}".rstrip())
+    print(session.summary.line())
+    write_run_config(output_dir, spec)
+
+    # 3. Resume from the newest complete checkpoint.
+    state = checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0)
+    metrics = MetricsLog(output_dir)
+    if resume:
+        latest = checkpoints.latest_valid_checkpoint(output_dir)
+        if latest is not None:
+            state = checkpoints.load_checkpoint(latest, session.model, session.optimizer, session.scheduler,
+                                                session.scaler)
+            print(f"resumed from {latest} (step {state.step})")
+        metrics.truncate_after(state.step)
+
+    def save(at: checkpoints.TrainerState) -> Path:
+        return checkpoints.save_checkpoint(output_dir, at, session.model, session.optimizer, session.scheduler,
+                                           training.save_total_limit, session.scaler)
+
+    # 4. The loop.
+    feed = _Feed(data.train, session.tokenizer.pad_token_id, training.micro_batch_size,
+                 training.gradient_accumulation_steps, training.seed, state.examples_done)
+    result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step)
+    speeds: list[float] = []
+    bad_steps = 0
+    if session.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    progress = tqdm(total=training.max_steps, initial=state.step, disable=not show_progress, desc="train")
+    with stop_on_signals() as signals:
+        while state.step < training.max_steps:
+            started = time.perf_counter()
+            try:
+                step = train_step(session, feed.next_step())
+            except torch.cuda.OutOfMemoryError:
+                _after_oom(session, feed, state, save, progress)
+                continue
+            if not step.stepped:
+                bad_steps += 1
+                _skip_step(step, state, bad_steps, training.max_bad_steps, output_dir, progress)
+                state = dataclasses.replace(state, examples_done=state.examples_done + feed.examples_per_step)
+                continue
+            bad_steps = 0
+            if step.grad_norm == 0.0 and step.label_tokens:  # nothing would ever train: stop rather than pretend
+                progress.close()
+                raise TrainingDiverged(_no_gradient_message(state.step + 1, step, session))
+            if session.device.type == "cuda":
+                torch.cuda.synchronize()
+            tokens_per_second = step.input_tokens / (time.perf_counter() - started)
+            state = checkpoints.TrainerState(step=state.step + 1,
+                                             examples_done=state.examples_done + feed.examples_per_step,
+                                             tokens_seen=state.tokens_seen + step.input_tokens)
+            speeds.append(tokens_per_second)
+            result.losses.append(step.loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step.loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+            is_last = state.step == training.max_steps
+            record = None
+            if state.step % training.logging_steps == 0 or is_last:
+                record = _log_record(state.step, step, tokens_per_second, session, feed.micro_batch_size,
+                                     state.tokens_seen, stats.rows_bad)
+            if data.eval and ((training.eval_steps and state.step % training.eval_steps == 0) or is_last):
+                result.eval_loss = eval_loss(session, data.eval, feed.micro_batch_size)
+                record = (record or {"step": state.step}) | {"eval_loss": result.eval_loss}
+            if record is not None:
+                metrics.write(record)
+            saved = None
+            if is_last or signals or (training.save_steps and state.step % training.save_steps == 0):
+                saved = save(state)
+            if signals and not is_last:
+                progress.close()
+                raise Interrupted(signals[0], saved)
+    progress.close()
+    result.final_step = state.step
+    save_final_adapter(session.model, output_dir)
+    timed = speeds[2:] or speeds
+    result.tokens_per_second = statistics.median(timed) if timed else None
+    result.peak_allocated_bytes, result.peak_reserved_bytes = peak_memory_bytes(session.device.type)
+    return result
