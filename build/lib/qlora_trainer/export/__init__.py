@@ -1,1 +1,0 @@
-"""Using a trained adapter: merging it into its base (`merge.py`) and generating with it (`generate.py`)."""
