@@ -126,6 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started (training turns it into a checkpoint and exit 130)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

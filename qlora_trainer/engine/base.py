@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 
 from qlora_trainer.spec import ModelConfig, QuantizationConfig
@@ -40,6 +41,34 @@ def check_model_folder(path: str) -> None:
         raise UserError(f"model.path: {path} has no config.json; give a Hugging Face model folder")
     if not any(folder.glob("*.safetensors")):
         raise UserError(f"model.path: {path} has no *.safetensors weights (only safetensors are loaded)")
+    weight_shapes(folder)  # every file's header is read now, so a broken file is named before anything loads
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the folder's safetensors files, read from their headers (no weights loaded); a
+    file that is empty, truncated or not safetensors is a UserError naming it."""
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as weights:
+                shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
+        except (SafetensorError, OSError) as err:
+            reason = (str(err).strip().splitlines() or ["unreadable"])[0]
+            raise UserError(f"model.path: {path} is not a complete safetensors file ({reason}); copy or save the "
+                            "model again") from None
+    return shapes
+
+
+def check_weights_match(model_path: str, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the architecture built from config.json shares with the weight files has the shape config.json
+    gives it; otherwise transformers would re-initialise it at random and train on silently."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return
+    for key, shape in weight_shapes(folder).items():
+        if key in expected and expected[key] != shape:
+            raise UserError(f"model.path: {model_path} holds {key} of shape {list(shape)} where its config.json "
+                            f"gives {list(expected[key])}; config.json does not describe these weights")
 
 
 def load_model_config(model: ModelConfig) -> PretrainedConfig:

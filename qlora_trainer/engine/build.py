@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig, get_scheduler
 
 from qlora_trainer.engine import adapters
-from qlora_trainer.engine.base import DTYPES, device_for, load_base
+from qlora_trainer.engine.base import DTYPES, check_weights_match, device_for, load_base
 from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
 from qlora_trainer.engine.chunked_mlp import chunk_mlps
 from qlora_trainer.engine.compiled_layers import compile_decoder_layers
@@ -45,10 +45,12 @@ class Session:
 
 
 def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> None:
-    """What can be checked against the model's shapes without its weights: targets, rank, checkpointed layers."""
+    """What can be checked against the model's shapes without its weights: the weight files against config.json,
+    targets, rank, checkpointed layers."""
     spec = run.spec
-    _, layers = adapters.resolve_targets(adapters.meta_model(model_config, spec.model.trust_remote_code),
-                                         spec.adapter.target_modules)
+    meta = adapters.meta_model(model_config, spec.model.trust_remote_code)
+    check_weights_match(spec.model.path, {name: tuple(t.shape) for name, t in meta.state_dict().items()})
+    _, layers = adapters.resolve_targets(meta, spec.adapter.target_modules)
     adapters.check_rank(spec.adapter, layers)
     count, limit = spec.training.checkpointed_layers or 0, model_config.num_hidden_layers
     if count > limit:
