@@ -1,7 +1,6 @@
 """GPU catalogue (memory, bf16 support), detection of the GPU at hand through torch or NVML, and the facts about
 this machine that resolving a run needs (`Hardware`)."""
 
-import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -104,26 +103,21 @@ class Hardware:
 
     gpu: Optional[GpuSpec]  # the card whose memory is the budget; None: no GPU
     device_type: str = "cuda"  # where tensors live: "cuda", or "cpu" (no GPU, or a CPU build of torch beside one)
-    triton: bool = True  # torch.compile can generate GPU kernels (Triton ships with CUDA builds of torch)
-    torch_version: tuple[int, int] = (2, 13)  # torch's major and minor version
 
     @staticmethod
     def planned(gpu: GpuSpec) -> "Hardware":
-        """A named or described card, planned for as a user's CUDA build of a current torch would run on it."""
-        return Hardware(gpu, "cuda", True)
+        """A named or described card, planned for as a user's CUDA build of torch would run on it."""
+        return Hardware(gpu, "cuda")
 
 
-CPU = Hardware(None, "cpu", False)
+CPU = Hardware(None, "cpu")
 
 
 def detect_hardware() -> Hardware:
-    """This machine: its first GPU, if any, where torch will put tensors, whether Triton is installed, torch's
-    version."""
+    """This machine: its first GPU, if any, and where torch will put tensors."""
     import torch
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    return Hardware(detect_gpu(), device_type, importlib.util.find_spec("triton") is not None, (major, minor))
+    return Hardware(detect_gpu(), "cuda" if torch.cuda.is_available() else "cpu")
 
 
 # Growable segments instead of fixed blocks: less reserved-but-unused memory, and a predictable peak.

@@ -30,8 +30,9 @@ def gpu(budget_bytes: int, bf16: bool = True) -> Hardware:
 
 
 def planned(budget_gib: float, values: dict = BASE) -> ResolvedRun:
-    """RunSpec defaults with `values`, resolved for a bf16 GPU of `budget_gib` GiB; no key explicit."""
-    return resolve(RunSpec().with_values(values), gpu(int(budget_gib * GIB)))
+    """RunSpec defaults with `values` and compiled layers (the path these expectations were derived for), resolved
+    for a bf16 GPU of `budget_gib` GiB; no key explicit."""
+    return resolve(RunSpec().with_values({"training.compile_layers": "on", **values}), gpu(int(budget_gib * GIB)))
 
 
 def fixing(run: ResolvedRun, values: dict) -> ResolvedRun:

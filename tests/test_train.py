@@ -142,7 +142,7 @@ def test_demo_config_trains_and_the_loss_clearly_falls(tmp_path):
 
 def _pretend_gpu(budget_bytes: int) -> Hardware:
     """A GPU of `budget_bytes` beside a CPU build of torch: the budget is the GPU's, the run stays on the CPU."""
-    return Hardware(GpuSpec("pretend GPU", budget_bytes, budget_bytes, True, (8, 0)), device_type="cpu", triton=False)
+    return Hardware(GpuSpec("pretend GPU", budget_bytes, budget_bytes, True, (8, 0)), device_type="cpu")
 
 
 def test_a_run_predicted_not_to_fit_is_refused_before_loading_unless_forced(tiny_llama_dir, alpaca_file, tmp_path,

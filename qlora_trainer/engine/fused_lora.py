@@ -19,6 +19,13 @@ from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 from torch import nn
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, but the tensor itself when it has that dtype: torch 2.11's torch.compile dropped this
+    function's adapter gradients (all zero) when its output was a no-op `.to()` of a tensor computed inside it
+    (benchmarks/results/engine-h100.md)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class _LoRAOn4bitFunction(torch.autograd.Function):
     """`x W^T + bias + scaling (lora_x A^T) B^T` with W dequantized from NF4; lora_x None means x itself (no dropout)."""
 
@@ -41,7 +48,7 @@ class _LoRAOn4bitFunction(torch.autograd.Function):
         ctx.packed, ctx.quant_state, ctx.scaling = packed, quant_state, scaling
         ctx.dtypes = (x.dtype, base_dtype, lora_a.dtype, lora_b.dtype)
         ctx.in_shape, ctx.separate_lora_x = x.shape, lora_x is not None
-        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+        return _cast(out.view(*x.shape[:-1], out.shape[-1]), x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -58,13 +65,13 @@ class _LoRAOn4bitFunction(torch.autograd.Function):
                 grad_x.addmm_(grad_xa, a)
             elif not ctx.separate_lora_x:
                 grad_x.add_((grad_xa @ a).to(base_dtype))
-            grad_x = grad_x.view(ctx.in_shape).to(x_dtype)
+            grad_x = _cast(grad_x.view(ctx.in_shape), x_dtype)
         if ctx.separate_lora_x and ctx.needs_input_grad[1]:
-            grad_lora_x = (grad_xa @ a).view(ctx.in_shape).to(x_dtype)
+            grad_lora_x = _cast((grad_xa @ a).view(ctx.in_shape), x_dtype)
         if ctx.needs_input_grad[5]:
-            grad_a = (grad_xa.t() @ lora_in).to(a_dtype)
+            grad_a = _cast(grad_xa.t() @ lora_in, a_dtype)
         if ctx.needs_input_grad[6]:
-            grad_b = (grad_lora.t() @ xa).mul_(ctx.scaling).to(b_dtype)
+            grad_b = _cast((grad_lora.t() @ xa).mul_(ctx.scaling), b_dtype)
         return grad_x, grad_lora_x, None, None, None, grad_a, grad_b, None, None, None
 
 
