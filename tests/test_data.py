@@ -1,6 +1,7 @@
 """Data loading and formatting with real datasets and the bundled demo tokenizer: masks, sources, errors, packing."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_trainer.spec import DataConfig
 from qlora_trainer.data.batches import collate
-from qlora_trainer.data.prepare import IGNORE_INDEX, alpaca_prompt, pack, prepare_data
+from qlora_trainer.data.prepare import IGNORE_INDEX, alpaca_prompt, pack, prepare_data, truncation_warning
 from qlora_trainer.errors import UserError
 
 ROWS = [{"instruction": f"Add {a} and {b}.", "input": "" if a % 2 else "numbers", "output": str(a + b)}
@@ -37,6 +38,12 @@ def labelled_runs(tokenizer, example) -> list[str]:
         elif current:
             runs, current = runs + [tokenizer.decode(current)], []
     return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def packed_examples(row: dict[str, list[int]]) -> list[dict[str, list[int]]]:
+    """The examples of a packed row, cut where its position ids restart."""
+    starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["position_ids"])]
+    return [{key: row[key][start:end] for key in row} for start, end in zip(starts, starts[1:])]
 
 
 def with_template(tokenizer, template):
@@ -189,10 +196,15 @@ def test_truncation_and_prompts_longer_than_max_seq_len(demo_tokenizer, tmp_path
     long_output = {"instruction": "Say it.", "input": "", "output": "apple " * 100}
     path = write_jsonl(tmp_path / "d.jsonl", ROWS[:2] + [long_output])
     data = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 60, 0)
-    assert data.stats.rows_truncated == 1 and data.stats.rows_bad == 0
-    full = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 1024, 0).train
+    assert data.stats.rows_truncated == 1 and data.stats.rows_bad == data.stats.rows_dropped == 0
+    full = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 1024, 0)
+    assert (full.stats.rows_truncated, full.stats.label_tokens_lost) == (0, 0)
+    full = full.train
     assert data.train[:2] == full[:2] and len(full[2]["input_ids"]) > 60
     assert data.train[2] == {"input_ids": full[2]["input_ids"][:60], "labels": full[2]["labels"][:60]}
+    labelled = [sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in full]
+    kept = sum(label != IGNORE_INDEX for label in data.train[2]["labels"][1:])
+    assert data.stats.label_tokens == sum(labelled) and data.stats.label_tokens_lost == labelled[2] - kept > 0
     prompt_tokens = len(demo_tokenizer(alpaca_prompt("Say it."))["input_ids"])
     alone = DataConfig(path=str(write_jsonl(tmp_path / "long.jsonl", [long_output, ROWS[0]])))
     # One response token fits: it is a label, so the row is usable; without it the row is bad.
@@ -200,6 +212,54 @@ def test_truncation_and_prompts_longer_than_max_seq_len(demo_tokenizer, tmp_path
     assert labelled_runs(demo_tokenizer, example) == ["apple"]
     with pytest.raises(UserError, match=rf"none of the 2 rows .*\(prompt longer than max_seq_len={prompt_tokens}: 2\)"):
         prepare_data(alone, demo_tokenizer, prompt_tokens, 0)
+
+
+LONG_ROW = {"instruction": "Say it.", "input": "", "output": "apple " * 100}
+
+
+def label_count(example: dict[str, list[int]]) -> int:
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
+@pytest.mark.parametrize("truncation", ["keep", "drop"])
+def test_rows_longer_than_max_seq_len_are_counted_and_warned_about(demo_tokenizer, tmp_path, truncation):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:18] + [LONG_ROW] * 2)  # 2 of 20 rows (10%) do not fit
+    data = prepare_data(DataConfig(path=str(path), truncation=truncation, on_bad_row="error"), demo_tokenizer, 60, 0)
+    whole = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 1024, 0).train
+    # 2 labels (answer and EOS) in each short row, 102 in each long one ("apple" 100 times, a space, EOS)
+    assert data.stats.label_tokens == sum(label_count(example) for example in whole) == 18 * 2 + 2 * 102
+    assert data.stats.rows_bad == 0 and data.train[:18] == whole[:18]
+    if truncation == "keep":
+        assert (data.stats.rows_truncated, data.stats.rows_dropped, len(data.train)) == (2, 0, 20)
+        # 36 prompt tokens leave 24 of the response's in 60, its EOS not among them
+        assert label_count(data.train[18]) == 24 and data.train[18]["labels"][-1] != demo_tokenizer.eos_token_id
+        assert data.stats.label_tokens_lost == 2 * (102 - 24)
+        share = 2 * (102 - 24) / 240
+        message = "2 truncated (a cut response loses its EOS too)"
+        fix = "raise training.max_seq_len or set data.truncation: drop"
+    else:
+        assert (data.stats.rows_truncated, data.stats.rows_dropped, len(data.train)) == (0, 2, 18)
+        assert data.stats.label_tokens_lost == 2 * 102
+        share, message, fix = 2 * 102 / 240, "2 dropped", "raise training.max_seq_len"
+    assert truncation_warning(data.stats, 60) == (
+        f"warning: 2 of 20 rows (10.0%) are longer than training.max_seq_len=60: {message}, {share:.1%} of the label "
+        f"tokens lost; {fix}")
+    one_in_twenty = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "e.jsonl", ROWS[:19] + [LONG_ROW])),
+                                            truncation=truncation), demo_tokenizer, 60, 0)
+    assert one_in_twenty.stats.rows_truncated + one_in_twenty.stats.rows_dropped == 1
+    assert truncation_warning(one_in_twenty.stats, 60) is None  # 5% is not more than 5%
+
+
+def test_drop_skips_rows_whose_prompt_alone_is_too_long(demo_tokenizer, tmp_path):
+    long_prompt = {"instruction": "Say it. " * 30, "input": "", "output": "yes"}
+    path = write_jsonl(tmp_path / "d.jsonl", [long_prompt, ROWS[0]])
+    kept = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 60, 0)
+    assert kept.stats.bad_reasons == {"prompt longer than max_seq_len=60": 1} and kept.stats.rows_truncated == 0
+    dropped = prepare_data(DataConfig(path=str(path), truncation="drop"), demo_tokenizer, 60, 0)
+    assert (dropped.stats.rows_bad, dropped.stats.rows_dropped, dropped.train) == (0, 1, kept.train)
+    with pytest.raises(UserError, match=r"none of the 1 rows .*\(longer than max_seq_len=60 \(data.truncation: drop\)"):
+        prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "e.jsonl", [long_prompt])), truncation="drop"),
+                     demo_tokenizer, 60, 0)
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -248,18 +308,55 @@ def test_eval_split_is_seeded_disjoint_and_keeps_file_order(demo_tokenizer, tmp_
     assert [e for e in everything if e not in first.eval] == first.train
 
 
-def test_packing_fills_rows_with_the_examples_in_order(demo_tokenizer, tmp_path):
+@pytest.mark.parametrize("max_seq_len, rows", [(64, 16), (128, 7), (200, 5)])  # 16 examples of 58 or 37 tokens
+def test_packing_keeps_every_example_whole_and_apart(demo_tokenizer, tmp_path, max_seq_len, rows):
     path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
-    unpacked = prepare_data(DataConfig(path=path, eval_fraction=0.2), demo_tokenizer, 64, 0)
-    packed = prepare_data(DataConfig(path=path, eval_fraction=0.2, packing=True), demo_tokenizer, 64, 0)
-    flat_ids = [token for example in unpacked.train for token in example["input_ids"]]
-    flat_labels = [label for example in unpacked.train for label in example["labels"]]
-    assert len(packed.train) == packed.stats.train_examples == len(flat_ids) // 64 > 1
-    assert all(len(row["input_ids"]) == len(row["labels"]) == 64 for row in packed.train)
-    assert [token for row in packed.train for token in row["input_ids"]] == flat_ids[:64 * len(packed.train)]
-    assert [label for row in packed.train for label in row["labels"]] == flat_labels[:64 * len(packed.train)]
+    unpacked = prepare_data(DataConfig(path=path, eval_fraction=0.2), demo_tokenizer, max_seq_len, 0)
+    packed = prepare_data(DataConfig(path=path, eval_fraction=0.2, packing=True), demo_tokenizer, max_seq_len, 0)
+    assert len(packed.train) == packed.stats.train_examples == rows
+    assert all(len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= max_seq_len
+               for row in packed.train)
+    # every example is in one row, whole, its positions counting from 0 and its first label masked as it is
+    # never predicted alone (the examples start with BOS, whose label the prompt mask already removed)
+    pieces = [piece for row in packed.train for piece in packed_examples(row)]
+    assert sorted(piece["input_ids"] for piece in pieces) == sorted(e["input_ids"] for e in unpacked.train)
+    for piece in pieces:
+        example = next(e for e in unpacked.train if e["input_ids"] == piece["input_ids"])
+        assert piece["labels"] == [IGNORE_INDEX] + example["labels"][1:]
+        assert piece["position_ids"] == list(range(len(example["input_ids"])))
+    assert packed.stats.train_tokens == unpacked.stats.train_tokens == sum(len(e["input_ids"]) for e in unpacked.train)
     assert packed.eval == unpacked.eval
-    assert pack([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 8) == [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
+
+
+def test_pack_is_best_fit_decreasing_and_masks_each_first_label():
+    examples = [{"input_ids": [n] * n, "labels": [10 + n] * n} for n in (2, 5, 3, 1, 4, 3, 2)]
+    rows = pack(examples, 8)
+    # longest first, each into the row it leaves the least room in: 5 | 4 | 3 -> 5+3 | 3 -> 4+3 | 2 -> new row
+    # | 2 -> 2+2 | 1 -> 4+3+1
+    assert [row["input_ids"] for row in rows] == [[5] * 5 + [3] * 3, [4] * 4 + [3] * 3 + [1], [2] * 4]
+    assert rows[1]["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 0]
+    assert rows[1]["labels"] == [IGNORE_INDEX, 14, 14, 14, IGNORE_INDEX, 13, 13, IGNORE_INDEX]
+    assert pack([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], 3) == [
+        {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3], "position_ids": [0, 1, 2]}]
+
+
+def test_demo_packing_keeps_every_token(demo_tokenizer):
+    config = DataConfig(path=str(DEMO_DATA_DIR / "alpaca-tiny.jsonl"), eval_fraction=0.1)  # as demo-tiny.yaml
+    unpacked = prepare_data(config, demo_tokenizer, 128, 42)
+    packed = prepare_data(dataclasses.replace(config, packing=True), demo_tokenizer, 128, 42)
+    assert packed.stats.train_tokens == unpacked.stats.train_tokens == 17_493
+    # 360 examples of 37 to 60 tokens: 2 or 3 whole ones a row, 153 rows with 2091 tokens of padding
+    assert (packed.stats.train_examples, 128 * packed.stats.train_examples - packed.stats.train_tokens) == (153, 2091)
+
+
+def test_collate_gives_packed_padding_positions_of_its_own():
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [9], "labels": [-100], "position_ids": [0]}]
+    batch = collate(rows, pad_token_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8], [-100, -100, -100, -100]]
+    assert "position_ids" not in collate([{"input_ids": [5], "labels": [5]}], pad_token_id=0)
 
 
 def test_collate_pads_right_with_masks():

@@ -301,8 +301,7 @@ def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():
     mistral = model_shape(load_model_config("mistral-7b"))  # window 4096, GQA with 8 kv heads
     assert mistral.sliding_window == 4096 and mistral.sliding_layers == frozenset(range(32))
     two_below, below, at = (
-        estimate_memory(mistral, run({"training.max_seq_len": seq, "training.gradient_checkpointing": False,
-                                      "data.packing": True}))
+        estimate_memory(mistral, run({"training.max_seq_len": seq, "training.gradient_checkpointing": False}))
         .predicted_peak_allocated_bytes for seq in (4094, 4095, 4096))
     per_layer = 2 * (2 * (4096 - 1024) + 4096) * 4096  # repeated keys/values and the additive mask, per token
     mask = 4096 * 4096  # the bool mask, once

@@ -190,7 +190,7 @@ def test_offloading_is_the_last_resort_that_keeps_targets_and_rank(llama2):
 
 
 def test_mlp_chunks_come_after_offloading_for_sequences_nothing_else_fits(llama2):
-    base = planned(15, {"training.max_seq_len": 65536, "training.micro_batch_size": 1, "data.packing": True,
+    base = planned(15, {"training.max_seq_len": 65536, "training.micro_batch_size": 1,
                         "adapter.lora_dropout": 0.0, "training.loss_chunk_tokens": 512})
     fixed = {"adapter.target_modules": "attn", "adapter.r": 16}
     result = search_plan(llama2, fixing(base, fixed))

@@ -38,12 +38,13 @@ METHODS = FULL_METHODS + tuple(ADAPTER_METHODS)
 
 def method_spec(method: str, model_path: str, seq_len: int, micro_batch_size: int, rank: int = 16,
                 target_modules: str = "all-linear", steps: int = 6) -> RunSpec:
-    """The run specification of one method: packed rows of `seq_len` random tokens, dropout 0. Full methods are
-    described as a 16-bit run (what their activations cost) and are never compiled."""
+    """The run specification of one method: rows of `seq_len` random tokens, one sequence per row (no packing, no
+    padding), dropout 0. Full methods are described as a 16-bit run (what their activations cost) and are never
+    compiled."""
     values = {"model.path": model_path, "training.max_seq_len": seq_len, "training.micro_batch_size": micro_batch_size,
               "training.max_steps": steps, "training.learning_rate": 1e-5, "training.lr_scheduler": "constant",
               "adapter.r": rank, "adapter.lora_alpha": 2.0 * rank, "adapter.lora_dropout": 0.0,
-              "adapter.target_modules": target_modules, "data.packing": True}
+              "adapter.target_modules": target_modules}
     values |= ADAPTER_METHODS.get(method, {"quantization.mode": "none", "training.compile_layers": "off"})
     return RunSpec().with_values(values)
 

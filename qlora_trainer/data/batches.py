@@ -31,7 +31,12 @@ def micro_batches(n_examples: int, micro_batch_size: int, seed: int, start_examp
 
 
 def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with pad_token_id, attention_mask 0 and labels -100 on pads."""
+    """Right-pad to the longest example: input_ids with pad_token_id, attention_mask 0 and labels -100 on pads.
+
+    Packed rows (data/prepare.py `pack`) bring position_ids that restart at every example; a row's padding
+    continues them as one more sequence of its own (0, 1, ...), so the pads, like each example, attend only
+    among themselves (engine/loss.py).
+    """
     length = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -41,4 +46,9 @@ def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
         input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "position_ids" in examples[0]:
+        positions = [example["position_ids"] + list(range(length - len(example["position_ids"])))
+                     for example in examples]
+        batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+    return batch

@@ -2,15 +2,17 @@
 
 `prepare_data` turns `data.*` of the run specification into token ids and labels: it reads the rows, formats and
 tokenizes each one (a malformed row is skipped and counted, or raises with its row number), masks the prompt
-with -100, truncates to `max_seq_len`, holds out a seeded eval split and packs the train split if asked.
+with -100, truncates a row longer than `max_seq_len` or drops it (data.truncation, counted either way), holds out
+a seeded eval split and packs the train split if asked.
 """
 
+import bisect
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import datasets
 import jinja2
@@ -19,6 +21,7 @@ from qlora_trainer.spec import DataConfig
 from qlora_trainer.errors import UserError
 
 IGNORE_INDEX = -100
+TRUNCATION_WARNING_SHARE = 0.05  # more rows than this share cut or dropped for length: say so before training
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -39,8 +42,12 @@ class DataStats:
     rows_read: int  # rows in the source
     rows_bad: int  # rows skipped as malformed
     bad_reasons: dict[str, int]  # reason -> count, e.g. {"missing field 'output'": 3}
-    rows_truncated: int  # usable rows cut to max_seq_len
+    rows_truncated: int  # usable rows longer than max_seq_len, cut to it (data.truncation: keep)
+    rows_dropped: int  # usable rows longer than max_seq_len, skipped (data.truncation: drop)
+    label_tokens: int  # label tokens of the usable rows before any cut, as the loss counts them (not a row's first)
+    label_tokens_lost: int  # of those, how many truncation cut off or dropped with their row
     train_examples: int  # examples (or packed rows) in the train split
+    train_tokens: int  # tokens of the train split, padding excluded (packing keeps them all)
     eval_examples: int  # examples in the eval split (never packed)
 
 
@@ -242,19 +249,27 @@ def _segments(row: Any, config: DataConfig, tokenizer) -> list[tuple[list[int], 
     return [(tokenizer(text, add_special_tokens=True)["input_ids"] + eos, True)]
 
 
-def _tokenize_row(row: Any, config: DataConfig, tokenizer, max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
-    """One example with labels, and whether it was truncated; raises BadRow for unusable rows."""
+def _tokenize_row(row: Any, config: DataConfig, tokenizer) -> dict[str, list[int]]:
+    """One example with labels, whole (not yet fitted to max_seq_len); raises BadRow for unusable rows."""
     input_ids: list[int] = []
     labels: list[int] = []
     for ids, is_target in _segments(row, config, tokenizer):
         input_ids += ids
         labels += ids if (is_target or not config.mask_prompt) else [IGNORE_INDEX] * len(ids)
-    truncated = len(input_ids) > max_seq_len
-    input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
-    # The first token is never predicted (the loss shifts labels by one), so a label there alone teaches nothing.
-    if all(label == IGNORE_INDEX for label in labels[1:]):
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _label_count(labels: list[int]) -> int:
+    """Labels the loss is taken on: the first token is never predicted (the loss shifts labels by one)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+def _truncate(example: dict[str, list[int]], max_seq_len: int) -> dict[str, list[int]]:
+    """The first max_seq_len tokens; raises BadRow when no label is left in them."""
+    cut = {"input_ids": example["input_ids"][:max_seq_len], "labels": example["labels"][:max_seq_len]}
+    if not _label_count(cut["labels"]):
         raise BadRow(f"prompt longer than max_seq_len={max_seq_len}")
-    return {"input_ids": input_ids, "labels": labels}, truncated
+    return cut
 
 
 def _split_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -268,22 +283,57 @@ def _split_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, 
     return train, [example for i, example in enumerate(examples) if i in held_out]
 
 
+def _packed_row(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Examples end to end, with position ids that restart at 0 for each. Each example's first label is masked:
+    there it would be predicted from the previous example's last token, and alone nothing predicts it."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        row["position_ids"] += range(len(example["input_ids"]))
+    return row
+
+
 def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:
-    """Concatenate examples (each already ends with EOS) and cut rows of exactly max_seq_len tokens; a last
-    partial row is dropped when there are full ones."""
-    ids = [token for example in examples for token in example["input_ids"]]
-    labels = [label for example in examples for label in example["labels"]]
-    rows = [
-        {"input_ids": ids[start:start + max_seq_len], "labels": labels[start:start + max_seq_len]}
-        for start in range(0, len(ids), max_seq_len)
-    ]
-    if len(rows) > 1 and len(rows[-1]["input_ids"]) < max_seq_len:
-        rows.pop()
-    return rows
+    """Whole examples (none longer than max_seq_len) in rows of at most max_seq_len tokens, best fit decreasing:
+    longest first, each into the row it leaves the least room in, or a new row. No example is split or dropped;
+    what a row leaves free is padded by `collate`. Rows carry position_ids that restart at every example, from
+    which the model blocks attention across examples (engine/loss.py)."""
+    rows: list[list[dict[str, list[int]]]] = []
+    rooms: list[tuple[int, int]] = []  # (tokens free, row index), sorted: the best fit is the first with enough room
+    for example in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):  # stable: ties keep order
+        length = len(example["input_ids"])
+        at = bisect.bisect_left(rooms, (length, -1))
+        if at == len(rooms):
+            rows.append([])
+            room, index = max_seq_len, len(rows) - 1
+        else:
+            room, index = rooms.pop(at)
+        rows[index].append(example)
+        if room > length:
+            bisect.insort(rooms, (room - length, index))
+    return [_packed_row(row) for row in rows]
+
+
+def truncation_warning(stats: DataStats, max_seq_len: int) -> Optional[str]:
+    """A one-line warning when more than 5% of the usable rows did not fit max_seq_len, else None."""
+    usable = stats.rows_read - stats.rows_bad
+    cut = stats.rows_truncated + stats.rows_dropped
+    if cut <= TRUNCATION_WARNING_SHARE * usable:
+        return None
+    if stats.rows_truncated:
+        what = f"{stats.rows_truncated} truncated (a cut response loses its EOS too)"
+        fix = "raise training.max_seq_len or set data.truncation: drop"
+    else:
+        what, fix = f"{stats.rows_dropped} dropped", "raise training.max_seq_len"
+    lost = stats.label_tokens_lost / stats.label_tokens
+    return (f"warning: {cut} of {usable} rows ({cut / usable:.1%}) are longer than training.max_seq_len="
+            f"{max_seq_len}: {what}, {lost:.1%} of the label tokens lost; {fix}")
 
 
 def prepare_data(config: DataConfig, tokenizer, max_seq_len: int, seed: int) -> TokenizedData:
-    """Read, check, tokenize and split the data; bad rows are skipped and counted (or raise, on_bad_row=error)."""
+    """Read, check, tokenize and split the data; bad rows are skipped and counted (or raise, on_bad_row=error),
+    rows longer than max_seq_len are truncated or dropped (data.truncation) and counted."""
     if config.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError("data.format: chat needs a tokenizer with a chat template and this one has none; "
                         "use alpaca or text, or a tokenizer with a chat_template")
@@ -291,19 +341,31 @@ def prepare_data(config: DataConfig, tokenizer, max_seq_len: int, seed: int) -> 
         raise UserError(f"data.format: {config.format} ends each example with the tokenizer's EOS token and this "
                         "tokenizer has none; use a tokenizer with an eos_token")
     rows = _read_rows(config)
-    examples, reasons, truncated = [], Counter(), 0
+    examples, reasons = [], Counter()
+    truncated = dropped = label_tokens = label_tokens_lost = 0
     for number, row in enumerate(rows, start=1):
         try:
-            example, was_truncated = _tokenize_row(row, config, tokenizer, max_seq_len)
+            example = _tokenize_row(row, config, tokenizer)
+            written_labels = _label_count(example["labels"])
+            too_long = len(example["input_ids"]) > max_seq_len
+            if too_long and config.truncation == "keep":
+                example = _truncate(example, max_seq_len)
         except BadRow as bad:
             if config.on_bad_row == "error":
                 raise UserError(f"data.path: row {number}: {bad} (data.on_bad_row: skip would skip it)") from None
             reasons[str(bad)] += 1
             continue
+        label_tokens += written_labels
+        if too_long and config.truncation == "drop":
+            dropped += 1
+            label_tokens_lost += written_labels
+            continue
+        truncated += too_long
+        label_tokens_lost += written_labels - _label_count(example["labels"])
         examples.append(example)
-        truncated += was_truncated
     if not examples:
-        summary = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
+        counts = reasons + Counter({f"longer than max_seq_len={max_seq_len} (data.truncation: drop)": dropped})
+        summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
         raise UserError(f"data.path: none of the {len(rows)} rows of {config.path} is usable ({summary})")
     train, held_out = _split_eval(examples, config.eval_fraction, seed)
     if config.packing:
@@ -313,7 +375,11 @@ def prepare_data(config: DataConfig, tokenizer, max_seq_len: int, seed: int) -> 
         rows_bad=sum(reasons.values()),
         bad_reasons=dict(reasons),
         rows_truncated=truncated,
+        rows_dropped=dropped,
+        label_tokens=label_tokens,
+        label_tokens_lost=label_tokens_lost,
         train_examples=len(train),
+        train_tokens=sum(len(example["input_ids"]) for example in train),
         eval_examples=len(held_out),
     )
     return TokenizedData(train=train, eval=held_out, stats=stats)

@@ -4,6 +4,10 @@ A plain forward materialises bf16 logits for every position plus an fp32 copy fo
 seq 8192 with a 32k vocabulary, 11 GiB with a 152k one. Here the decoder's hidden states are gathered at the
 labelled positions only (prompt tokens cost nothing), and lm_head + cross-entropy run on `chunk_tokens` of
 them at a time under a checkpoint, so one chunk's logits are alive at any moment, in forward and backward.
+
+Packed rows (several examples per row, data/prepare.py `pack`) reach the model as position ids that restart at
+every example and no attention_mask: transformers reads the restarts as sequence boundaries and gives each
+example a causal mask of its own (`model_inputs`), so the row computes what its examples would alone.
 """
 
 from dataclasses import dataclass
@@ -33,6 +37,25 @@ def _supports_chunked(causal_lm: nn.Module) -> bool:
     )
 
 
+def model_inputs(batch: dict[str, torch.Tensor], flatten: bool) -> dict[str, torch.Tensor | bool]:
+    """The keyword arguments the model runs `batch` with.
+
+    Unpacked rows: input_ids and the padding mask, as always. Packed rows: input_ids and position_ids, without
+    the 2D mask and the cache, either of which turns off transformers' packed-sequence detection
+    (masking_utils._preprocess_mask_arguments -> find_packed_sequence_indices; read in transformers 5.0, 5.17
+    and 5.24): from where the position ids restart it builds a block-diagonal causal mask for SDPA and eager,
+    sliding windows included. Flash attention finds the restarts only in a batch of one row
+    (modeling_flash_attention_utils._is_packed_sequence, then its varlen kernel), so for it `flatten` lays the
+    rows end to end.
+    """
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if flatten:
+        inputs = {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}
+    return inputs | {"use_cache": False}
+
+
 def _chunk_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, softcap: float) -> torch.Tensor:
     logits = lm_head(hidden).float()
     if softcap:
@@ -45,12 +68,14 @@ def causal_lm_loss(causal_lm: nn.Module, batch: dict[str, torch.Tensor], chunk_t
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     label_tokens = int(keep.sum())
+    inputs = model_inputs(batch, flatten="flash" in getattr(causal_lm.config, "_attn_implementation", ""))
+    rows = batch["input_ids"].shape  # a flattened batch's outputs go back to rows
     if not _supports_chunked(causal_lm):
-        logits = causal_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = causal_lm(**inputs).logits.reshape(*rows, -1)
         loss_sum = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
         return LossParts(loss_sum, label_tokens)
-    hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = hidden.last_hidden_state[:, :-1][keep]
+    hidden = causal_lm.base_model(**inputs).last_hidden_state.reshape(*rows, -1)
+    hidden = hidden[:, :-1][keep]
     targets = labels[keep]
     lm_head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None) or 0.0

@@ -180,14 +180,15 @@ def checkpointed_layer_count(shape: ModelShape, run: ResolvedRun) -> int:
 
 def sdpa_gets_mask(shape: ModelShape, run: ResolvedRun, layer_index: int) -> bool:
     """Whether transformers hands SDPA an explicit mask for this layer rather than `is_causal`: with padding in
-    the batch (micro-batch > 1, not packed), or in a sliding-window layer once the sequence reaches the window
+    the batch (micro-batch > 1), with packed rows (the block-diagonal mask that keeps their examples apart,
+    engine/loss.py), or in a sliding-window layer once the sequence reaches the window
     (masking_utils._ignore_causal_mask_sdpa)."""
     spec = run.spec
     if spec.model.attn_implementation != "sdpa":
         return False
-    padded = spec.training.micro_batch_size > 1 and not spec.data.packing
+    masked_rows = spec.training.micro_batch_size > 1 or spec.data.packing
     windowed = layer_index in shape.sliding_layers and spec.training.max_seq_len >= shape.sliding_window
-    return padded or windowed
+    return masked_rows or windowed
 
 
 def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_len: int, compute: int,

@@ -51,8 +51,9 @@ class DataConfig:
     split: str = "train"  # split to read from a hub data set or a DatasetDict folder
     eval_fraction: float = 0.0  # share of rows held out for eval loss (0 = no eval)
     mask_prompt: bool = True  # train on the response only; prompt tokens get label -100
-    packing: bool = False  # concatenate examples into full max_seq_len rows
+    packing: bool = False  # several whole examples per max_seq_len row; none attends to another or loses a token
     on_bad_row: Literal["skip", "error"] = "skip"  # what a malformed row does
+    truncation: Literal["drop", "keep"] = "keep"  # a row longer than max_seq_len: skipped or cut, counted either way
     text_field: str = "text"  # column read by the text format
 
 
