@@ -1,18 +1,21 @@
 """Target-module resolution across architectures, adapter parameter counts, dtypes and the NF4 base."""
 
+import re
+
 import bitsandbytes as bnb
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Phi3Config, Qwen2Config)
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer.engine import adapters
-from qlora_trainer.spec import AdapterConfig, ModelConfig
-from qlora_trainer.errors import ConfigError
+from qlora_trainer.spec import AdapterConfig, ModelConfig, QuantizationConfig
+from qlora_trainer.errors import ConfigError, UserError
 from qlora_trainer.engine.base import load_model_config
-from conftest import tiny_base
+from conftest import save_tiny_tokenizer, tiny_base
+from tiny_models import ADAPTER_WEIGHT_STD, make_adapter, save_tiny_model
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 ARCHITECTURES = {
@@ -176,3 +179,85 @@ def test_checkpointed_layers_give_the_gradients_of_no_checkpointing(tiny_llama_d
         assert gradients[mode].keys() == gradients["none"].keys()
         for name, got in gradients[mode].items():
             torch.testing.assert_close(got, gradients["none"][name])
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2")
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_saved_adapter_loads_onto_the_4bit_base_with_the_logits_it_was_saved_with(tiny_llama_dir, gpt2_dir,
+                                                                                   tmp_path, arch, adapter_type):
+    model_dir = {"llama": tiny_llama_dir, "gpt2": gpt2_dir}[arch]
+    base = tiny_base(model_dir).model
+    keys, layers = adapters.resolve_targets(base, "all-linear")
+    trained, _ = adapters.attach_adapter(base, AdapterConfig(type=adapter_type, r=4, lora_dropout=0.0), keys, layers)
+    generator = torch.Generator().manual_seed(0)
+    for param in trained.parameters():
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * ADAPTER_WEIGHT_STD[adapter_type]
+    trained.eval()
+    x = torch.randint(0, 300, (1, 16), generator=generator)
+    with torch.no_grad():
+        saved_logits = trained(input_ids=x).logits
+        with trained.disable_adapter():
+            base_logits = trained(input_ids=x).logits
+    trained.save_pretrained(tmp_path)
+
+    loaded = adapters.load_adapter(tiny_base(model_dir).model, tmp_path)
+    with torch.no_grad():
+        loaded_logits = loaded(input_ids=x).logits
+    assert torch.equal(loaded_logits, saved_logits)  # the same layers, weights and 4-bit treatment as in training
+    assert not torch.equal(loaded_logits, base_logits)
+    assert torch.equal(loaded.unload()(input_ids=x).logits, base_logits)  # unload gives back the base as it was
+
+
+def test_an_adapter_of_another_model_is_a_one_line_user_error(tiny_llama_dir, tmp_path):
+    # same layer shapes, one decoder layer more: peft alone would load it and leave layer 2 without trained weights
+    deeper = LlamaConfig.from_pretrained(tiny_llama_dir)
+    deeper.num_hidden_layers = 3
+    AutoModelForCausalLM.from_config(deeper).to(torch.bfloat16).save_pretrained(tmp_path / "deeper")
+    save_tiny_tokenizer(tmp_path / "deeper")
+    adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    with pytest.raises(UserError, match=r"does not fit this base model: it has no .*layers\.2\..*; use the base"):
+        adapters.load_adapter(tiny_base(tmp_path / "deeper").model, adapter_dir)
+
+
+def test_usability_note_says_before_training_where_an_adapter_will_not_load():
+    llama, gpt2 = ARCHITECTURES["llama"][0], ARCHITECTURES["gpt2"][0]
+    for adapter_type, quant_mode, config in [("lora", "nf4", gpt2), ("lora", "none", gpt2), ("loha", "none", llama),
+                                             ("lokr", "int8", llama)]:
+        assert adapters.usability_note(adapter_type, quant_mode, config) is None
+    assert adapters.usability_note("loha", "nf4", llama) == (
+        "adapter.type: plain peft cannot load this LoHa adapter onto the 4-bit base (it sizes them from the packed "
+        "weights); qlora-trainer generate and merge can, and the merged model loads anywhere")
+    assert "onto the 16-bit base (it has no LoKr for Conv1D layers);" in adapters.usability_note("lokr", "int8", gpt2)
+    assert "onto the 4-bit base (it sizes them from the packed weights) nor the 16-bit base" in \
+        adapters.usability_note("lokr", "fp4", gpt2)
+    message = ("adapter.type: peft's LoKr cannot wrap Conv1D layers (transformer.h.0.attn.c_attn) on a 16-bit base; "
+               "use adapter.type lora, or quantization.mode nf4, fp4 or int8")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        adapters.usability_note("lokr", "none", gpt2)
+    # training such a combination stops with a ConfigError too, not peft's TypeError
+    real = AutoModelForCausalLM.from_config(gpt2)
+    keys, layers = adapters.resolve_targets(real, "all-linear")
+    with pytest.raises(ConfigError, match=r"^adapter.type: peft's LoHa cannot wrap Conv1D layers \(transformer"):
+        adapters.attach_adapter(real, AdapterConfig(type="loha", r=4), keys, layers)
+
+
+def test_plain_peft_fails_where_usability_note_says_so(tiny_llama_dir, gpt2_dir, tmp_path):
+    """Pins peft's own limits behind the notes above: when peft lifts one, this fails and the note should change."""
+    x = torch.randint(0, 300, (1, 8))
+    llama_loha = make_adapter(tiny_llama_dir, tmp_path / "llama-loha", "loha")
+    with pytest.raises(RuntimeError, match="size mismatch"):  # sized from the packed 4-bit storage
+        PeftModel.from_pretrained(tiny_base(tiny_llama_dir).model, str(llama_loha))
+    sixteen_bit = tiny_base(tiny_llama_dir, quantization=QuantizationConfig(mode="none")).model
+    PeftModel.from_pretrained(sixteen_bit, str(llama_loha))(input_ids=x)  # fine on the 16-bit Llama
+    gpt2_lokr = make_adapter(gpt2_dir, tmp_path / "gpt2-lokr", "lokr")
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):  # loads, then cannot reshape its delta
+        PeftModel.from_pretrained(tiny_base(gpt2_dir).model, str(gpt2_lokr))(input_ids=x)
+    with pytest.raises(TypeError, match="Conv1D'> not supported"):
+        PeftModel.from_pretrained(tiny_base(gpt2_dir, quantization=QuantizationConfig(mode="none")).model,
+                                  str(gpt2_lokr))

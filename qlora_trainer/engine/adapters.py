@@ -1,23 +1,28 @@
-"""Adapters through peft: target-module resolution, LoRA / LoHa / LoKr configs, adapter dtype, parameter counts."""
+"""Adapters through peft: target-module resolution, LoRA / LoHa / LoKr configs, adapter dtype, parameter counts,
+and loading a saved adapter onto the base it was trained on."""
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.loha.layer import Linear as LoHaLinear
 from peft.tuners.lokr.layer import Linear as LoKrLinear
 from peft.tuners.lokr.layer import factorization
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer.spec import AdapterConfig
-from qlora_trainer.errors import ConfigError
+from qlora_trainer.errors import ConfigError, UserError
 
 SHORTHANDS = ("attn", "mlp", "all-linear")
+LYCORIS_NAMES = {"loha": "LoHa", "lokr": "LoKr"}  # peft's LyCORIS adapters, which wrap nn.Linear but not Conv1D
 _ATTN_PARENTS = ("attn", "attention", "self_attention")
 _MLP_PARENTS = ("mlp", "feed_forward", "ffn")
 
@@ -167,6 +172,45 @@ def peft_config(adapter: AdapterConfig, target_keys: list[str]) -> PeftConfig:
     return LoKrConfig(alpha=adapter.lora_alpha, module_dropout=adapter.lora_dropout, **common)
 
 
+def conv1d_targets(model: nn.Module, config: PeftConfig) -> list[str]:
+    """The GPT-2 style Conv1D layers an adapter config targets in `model`; peft's LoHa / LoKr cannot wrap them."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, Conv1D) and check_target_module_exists(config, name)]
+
+
+def _no_lycoris_on_conv1d(adapter_type: str, layer_name: str) -> ConfigError:
+    return ConfigError(f"adapter.type: peft's {LYCORIS_NAMES[adapter_type]} cannot wrap Conv1D layers ({layer_name}) "
+                       "on a 16-bit base; use adapter.type lora, or quantization.mode nf4, fp4 or int8")
+
+
+def usability_note(adapter_type: str, quant_mode: str, model_config: PretrainedConfig,
+                   trust_remote_code: bool = False) -> Optional[str]:
+    """Whether an adapter of this type, trained on this base, will be usable; call it before loading anything.
+
+    Raises ConfigError where peft cannot build the adapter at all: LoHa / LoKr on a 16-bit base with GPT-2 style
+    Conv1D layers (peft's LyCORIS layers wrap nn.Linear; a quantized base has bitsandbytes linears there instead).
+    Returns one line where the adapter will work only through this trainer: plain peft sizes LoHa / LoKr over a
+    4-bit layer from its packed storage, and has no LoHa / LoKr for the Conv1D layers of the 16-bit base.
+    None where plain peft loads the adapter onto the base it was trained on.
+    """
+    if adapter_type not in LYCORIS_NAMES:
+        return None
+    name = LYCORIS_NAMES[adapter_type]
+    meta = meta_model(model_config, trust_remote_code)
+    conv1d = [l.name for l in find_linear_layers(meta) if isinstance(meta.get_submodule(l.name), Conv1D)]
+    if quant_mode == "none":
+        if conv1d:
+            raise _no_lycoris_on_conv1d(adapter_type, conv1d[0])
+        return None
+    unusable = ["the 4-bit base (it sizes them from the packed weights)"] if quant_mode in ("nf4", "fp4") else []
+    if conv1d:
+        unusable.append(f"the 16-bit base (it has no {name} for Conv1D layers)")
+    if not unusable:
+        return None
+    return (f"adapter.type: plain peft cannot load this {name} adapter onto {' nor '.join(unusable)}; "
+            "qlora-trainer generate and merge can, and the merged model loads anywhere")
+
+
 def _is_4bit(module: nn.Module) -> bool:
     return hasattr(getattr(module, "weight", None), "quant_state") and hasattr(module, "in_features")
 
@@ -245,11 +289,15 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def attach_adapter(model: nn.Module, adapter: AdapterConfig, target_keys: list[str],
                    layers: list[TargetLayer]) -> tuple[nn.Module, AdapterSummary]:
     """Wrap the base with a fresh adapter in adapter.dtype and check peft's count against the formula."""
+    config = peft_config(adapter, target_keys)
     if adapter.type == "lora":  # peft's LoRA has its own bitsandbytes layers
-        peft_model = get_peft_model(model, peft_config(adapter, target_keys), autocast_adapter_dtype=True)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     else:
+        conv1d = conv1d_targets(model, config)
+        if conv1d:
+            raise _no_lycoris_on_conv1d(adapter.type, conv1d[0])
         with logical_weight_shapes(model):
-            peft_model = get_peft_model(model, peft_config(adapter, target_keys), autocast_adapter_dtype=True)
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
         fit_lycoris_to_4bit(peft_model)
     dtype = torch.float32 if adapter.dtype == "float32" else torch.bfloat16
     for param in peft_model.parameters():
@@ -261,3 +309,45 @@ def attach_adapter(model: nn.Module, adapter: AdapterConfig, target_keys: list[s
     if trainable != formula:
         raise RuntimeError(f"peft made {trainable} trainable params, the formula says {formula}")
     return peft_model, summary
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, adapter_name: str = "default") -> PeftModel:
+    """A saved adapter on the base it was trained on (loaded as `load_base` loads it), for inference.
+
+    Built as attach_adapter builds a fresh one: LoHa / LoKr over 4-bit layers are sized from the logical weight
+    shapes, where plain peft sizes them from the packed storage. An adapter that does not fit the base (trained
+    on another model, or on layers peft cannot wrap here) is a UserError naming the adapter folder.
+    """
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    adapter_type = str(config.peft_type.value).lower()
+    conv1d = conv1d_targets(model, config) if adapter_type in LYCORIS_NAMES else []
+    if conv1d:
+        raise UserError(f"adapter {adapter_dir}: peft's {LYCORIS_NAMES[adapter_type]} cannot wrap Conv1D layers "
+                        f"({conv1d[0]}) on a 16-bit base; use the quantized base it was trained on "
+                        "(--quant nf4, fp4 or int8)")
+    misfit = f"adapter {adapter_dir} does not fit this base model"
+    try:
+        with logical_weight_shapes(model) if adapter_type in LYCORIS_NAMES else nullcontext():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
+    except RuntimeError as err:  # load_state_dict's report: one "size mismatch for KEY: ..." line per tensor
+        mismatch = [line.strip() for line in str(err).splitlines() if line.strip().startswith("size mismatch")]
+        if not mismatch:
+            raise
+        raise UserError(f"{misfit} ({mismatch[0].rstrip('.')}); use the base it was trained on") from None
+    except ValueError as err:
+        if "not found in the base model" not in str(err):
+            raise
+        raise UserError(f"{misfit}: it targets {sorted(config.target_modules)}, which this base does not have; "
+                        "use the base it was trained on") from None
+    # peft loads non-strictly: a layer the base has and the file lacks keeps its fresh weights, and a tensor for a
+    # layer the base lacks is dropped; either means another model's adapter
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as saved:
+        saved_keys = set(saved.keys())
+    expected_keys = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    if saved_keys != expected_keys:
+        missing, extra = sorted(expected_keys - saved_keys), sorted(saved_keys - expected_keys)
+        detail = f"it has no {missing[0]}" if missing else f"the base has no layer for {extra[0]}"
+        raise UserError(f"{misfit}: {detail}; use the base it was trained on")
+    fit_lycoris_to_4bit(peft_model)
+    peft_model.eval()
+    return peft_model
