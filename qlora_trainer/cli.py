@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="folder for the merged model")
     merge.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
                        help="how the base was quantized in training (default nf4)")
-    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    merge.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --out")
     merge.set_defaults(func=_merge)
 
     gen = sub.add_parser("generate", help="generate with the base and one or more adapters")

@@ -114,3 +114,50 @@ def test_missing_model_folder_is_reported_before_loading(tmp_path, capsys):
     raw = dict(VALID, model={"path": str(tmp_path / "absent")})
     assert main(["train", "--config", str(write(tmp_path, raw))]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {path: m}\ndata: {path: d}\ntraining:\n  max_steps: 3\ntraining:\n  seed: 1\n",
+         "training: given twice in {path}, at lines 3 and 5"),
+        ("model: {path: m}\ndata: {path: d}\ntraining:\n  max_steps: 3\n  learning_rate: 1e-3\n  max_steps: 5\n",
+         "training.max_steps: given twice in {path}, at lines 4 and 6"),
+        ('{"model": {"path": "m"}, "data": {"path": "d", "path": "e"}}\n',
+         "data.path: given twice in {path}, at lines 1 and 1"),
+    ],
+)
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(message.format(path=path))
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    merged = "model: {path: m}\ndata: {path: d}\ntraining:\n  <<: {max_steps: 3, seed: 1}\n  seed: 2\n"
+    spec = load_spec(write(tmp_path, merged))
+    assert (spec.training.max_steps, spec.training.seed) == (3, 2)  # a merge then an override is what YAML means
+
+
+@pytest.mark.parametrize("word, expected", [("on", True), ("off", False), ("true", True), ("false", False),
+                                            ("On", True), ("FALSE", False)])
+def test_every_switch_takes_on_off_true_false(tmp_path, word, expected):
+    for quoted in (word, f'"{word}"'):  # bare (YAML 1.1 reads a boolean) and quoted (a string)
+        text = (f"model: {{path: m, trust_remote_code: {quoted}}}\ndata: {{path: d, packing: {quoted}}}\n"
+                f"training: {{fused_lora: {quoted}, compile_layers: {quoted}}}\n")
+        spec = load_spec(write(tmp_path, text))
+        assert (spec.model.trust_remote_code, spec.data.packing, spec.training.fused_lora) == (expected,) * 3
+        assert spec.training.compile_layers == ("on" if expected else "off")
+        if not expected:  # a Literal with "off" but no "on"
+            assert load_spec(write(tmp_path, f"model: {{path: m}}\ndata: {{path: d}}\n"
+                                             f"training: {{resume: {quoted}}}\n")).training.resume == "off"
+    spec = load_spec(write(tmp_path, VALID), [f"training.gradient_checkpointing={word}", f"output.overwrite={word}"])
+    assert (spec.training.gradient_checkpointing, spec.output.overwrite) == (expected, expected)
+
+
+@pytest.mark.parametrize("text, culprit", [("training: {resume: on}\n", "training.resume: true / on is not allowed"),
+                                           ('training: {fused_lora: "yes"}\n', "training.fused_lora: 'yes'")])
+def test_switch_words_a_key_cannot_take_are_refused(tmp_path, text, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace("(", r"\(")):
+        load_spec(write(tmp_path, "model: {path: m}\ndata: {path: d}\n" + text))

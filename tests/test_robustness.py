@@ -1,5 +1,6 @@
 """Bad input, interruption, out-of-memory and numerical faults end cleanly, and nothing written is lost."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from qlora_trainer.engine import step as step_module
 from qlora_trainer.training.checkpoints import CHECKPOINTS
+from qlora_trainer.training.run_lock import LOCK
 from qlora_trainer.cli import main
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.spec import spec_from_dict
@@ -130,24 +132,128 @@ BAD_INPUTS = {
 }
 
 
+def _unwritable(folder: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root may write in any folder")
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _then(action, raw):
+    """`raw` after `action` (a change to the files on disk) has run."""
+    action()
+    return raw
+
+
+# Rows run against a copy of a finished earlier run (`earlier_run`) in the output folder, with these CLI arguments.
+# Whatever is refused, the earlier run's files must come out byte for byte as they went in.
+ON_EARLIER_RUN = {
+    "rerun-without-flags": (lambda raw, tmp, m: raw, "already holds a run", "--set", "output.overwrite=off"),
+    "resume-changed-learning-rate": (lambda raw, tmp, m: _set(raw, "training", "learning_rate", 1e-3),
+                                     "training.learning_rate 0.005 -> 0.001", "--resume"),
+    "resume-changed-rank": (lambda raw, tmp, m: _set(raw, "adapter", "r", 8), "adapter.r 4 -> 8", "--resume"),
+    "resume-changed-alpha": (lambda raw, tmp, m: _set(raw, "adapter", "alpha", 16), "adapter.lora_alpha",
+                             "--resume"),
+    "resume-changed-targets": (lambda raw, tmp, m: _set(raw, "adapter", "target_modules", "attn"),
+                               "adapter.target_modules", "--resume"),
+    "resume-changed-adapter-type": (lambda raw, tmp, m: _set(raw, "adapter", "type", "loha"), "adapter.type",
+                                    "--resume"),
+    "resume-changed-optimizer": (lambda raw, tmp, m: _set(raw, "training", "optimizer", "adamw8bit"),
+                                 "training.optimizer", "--resume"),
+    "resume-changed-seed": (lambda raw, tmp, m: _set(raw, "training", "seed", 7), "training.seed", "--resume"),
+    "resume-changed-quantization": (lambda raw, tmp, m: _set(raw, "quantization", "mode", "fp4"),
+                                    "quantization.mode", "--resume"),
+    "resume-changed-data": (lambda raw, tmp, m: _set(raw, "data", "path", str(_rows(tmp, ROWS[::-1]))),
+                            "data.path", "--resume"),
+    "resume-auto-changed-seed": (lambda raw, tmp, m: _set(_set(raw, "training", "resume", "auto"), "training",
+                                                          "seed", 7), "training.seed 42 -> 7"),
+    "resume-longer-cosine-schedule": (lambda raw, tmp, m: _set(raw, "training", "max_steps", 2),
+                                      "the cosine schedule", "--resume"),
+    "resume-other-examples-per-step": (lambda raw, tmp, m: _set(raw, "training", "micro_batch_size", 2),
+                                       "examples per step 4 -> 2", "--resume"),
+    "resume-all-checkpoints-corrupt": (
+        lambda raw, tmp, m: _then(lambda: _corrupt(tmp / "out" / CHECKPOINTS / "step-0000001" / "adapter" /
+                                                   "adapter_model.safetensors"), raw),
+        "checkpoints/step-0000001: checksum mismatch in adapter/adapter_model.safetensors", "--resume"),
+    "resume-adapter-without-checkpoints": (lambda raw, tmp, m: _then(lambda: _remove(tmp / "out" / CHECKPOINTS), raw),
+                                           "holds a trained adapter but no checkpoint", "--resume"),
+    "resume-without-run-config": (lambda raw, tmp, m: _then(lambda: _remove(tmp / "out" / "run_config.json"), raw),
+                                  "no run_config.json", "--resume"),
+    "overwrite-with-data-absent": (lambda raw, tmp, m: _set(raw, "data", "path", str(tmp / "none.jsonl")),
+                                   "data.path", "--overwrite"),
+    "overwrite-with-model-without-weights": (
+        lambda raw, tmp, m: _set(raw, "model", "path", str(_model_copy(m, tmp / "m4", ("*.safetensors",)))),
+        "no *.safetensors", "--overwrite"),
+    "overwrite-with-bad-row-as-error": (
+        lambda raw, tmp, m: _set(_set(raw, "data", "on_bad_row", "error"), "data", "path",
+                                 str(_rows(tmp, ROWS[:3] + [{"instruction": ["x"], "output": "x"}]))),
+        "row 4", "--overwrite"),
+}
+
+BAD_INPUTS |= {
+    "output-dir-is-a-file": (lambda raw, tmp, m: _set(raw, "output", "dir", str(_data_file(tmp, "taken", "x"))),
+                             "output.dir"),
+    "output-dir-under-a-file": (lambda raw, tmp, m: _set(raw, "output", "dir",
+                                                         str(_data_file(tmp, "taken", "x") / "run")), "output.dir"),
+    "output-dir-unwritable": (lambda raw, tmp, m: _set(raw, "output", "dir", str(_unwritable(tmp / "ro") / "run")),
+                              "output.dir"),
+    "yaml-duplicate-section": (lambda raw, tmp, m: yaml.safe_dump(raw) + "training:\n  max_steps: 2\n",
+                               "training: given twice"),
+    "yaml-duplicate-key": (lambda raw, tmp, m: yaml.safe_dump(raw).replace("training:\n",
+                                                                           "training:\n  seed: 1\n  seed: 2\n"),
+                           "training.seed: given twice"),
+    "resume-switch-on": (lambda raw, tmp, m: _set(raw, "training", "resume", True), "training.resume: true / on"),
+    "output-dir-empty": (lambda raw, tmp, m: raw, "output.dir: empty", "--output-dir", ""),
+} | ON_EARLIER_RUN
+
+
 def _set(raw: dict, section: str, key: str, value) -> dict:
     copy = json.loads(json.dumps(raw))
     copy.setdefault(section, {})[key] = value
     return copy
 
 
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but the run lock, which each run that takes it rewrites."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tiny_llama_dir, alpaca_file, tmp_path_factory) -> Path:
+    """A finished one-step run of the bad-input table's base config."""
+    out = tmp_path_factory.mktemp("earlier") / "out"
+    config_path = write_config(out.parent, base_raw(tiny_llama_dir, alpaca_file, out, max_steps=1))
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    return out
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_gives_one_line_and_exit_2(case, tiny_llama_dir, alpaca_file, tmp_path, capsys):
-    mutate, culprit = BAD_INPUTS[case]
+def test_bad_input_gives_one_line_and_exit_2(case, tiny_llama_dir, alpaca_file, tmp_path, capsys, request):
+    mutate, culprit, *args = BAD_INPUTS[case]
+    if case in ON_EARLIER_RUN:
+        shutil.copytree(request.getfixturevalue("earlier_run"), tmp_path / "out")
     raw = mutate(base_raw(tiny_llama_dir, alpaca_file, tmp_path / "out", max_steps=1), tmp_path, tiny_llama_dir)
     config_path = tmp_path / "run.yaml"
     config_path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
-    code = main(["train", "--config", str(config_path), "--no-progress"])
+    before = file_hashes(tmp_path)
+    capsys.readouterr()
+    code = main(["train", "--config", str(config_path), "--no-progress", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err and err[-1].startswith("error: ") and culprit in err[-1]
     assert "Traceback" not in "\n".join(err)
-    assert not (tmp_path / "out" / "adapter").exists()
+    assert file_hashes(tmp_path) == before  # nothing written before was changed, nothing new left behind
+    assert (tmp_path / "out").exists() == (case in ON_EARLIER_RUN)  # a refused first run leaves no folder
 
 
 def test_bad_rows_are_skipped_and_counted(tiny_llama_dir, tmp_path):

@@ -176,3 +176,19 @@ def test_plan_auto_fills_the_open_choices_so_the_run_fits(tiny_llama_dir, alpaca
     run = resolve(ran, hardware)
     estimate = estimate_memory(load_model_config(str(tiny_llama_dir)), run)
     assert run.budget.fits(estimate.predicted_peak_bytes)
+
+
+def test_truncated_rows_are_reported_up_front_and_in_the_metrics(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * (1 + i % 3)}) + "\n"
+                            for i in range(12)))
+    config = spec_from_dict({"model": {"path": str(tiny_llama_dir)}, "data": {"path": str(data), "format": "text"},
+                             "adapter": {"r": 4, "target_modules": "attn"},
+                             "training": {"max_steps": 1, "max_seq_len": 24, "save_steps": 0},
+                             "output": {"dir": str(tmp_path / "out")}})
+    train(config, show_progress=False)
+    captured = capsys.readouterr()
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["rows_truncated"] > 0 and 0 < record["label_tokens_lost"] < record["label_tokens"]
+    assert f"{record['rows_truncated']} truncated" in captured.out
+    assert captured.err.count("warning: ") == 1 and "training.max_seq_len" in captured.err

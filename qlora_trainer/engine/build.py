@@ -44,9 +44,10 @@ class Session:
     summary: adapters.AdapterSummary
 
 
-def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> None:
+def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Optional[str]:
     """What can be checked against the model's shapes without its weights: the weight files against config.json,
-    targets, rank, checkpointed layers."""
+    targets, rank, checkpointed layers, whether the adapter will be usable. Returns a one-line note where the trained
+    adapter will load only through this trainer (adapters.usability_note)."""
     spec = run.spec
     meta = adapters.meta_model(model_config, spec.model.trust_remote_code)
     check_weights_match(spec.model.path, {name: tuple(t.shape) for name, t in meta.state_dict().items()})
@@ -56,6 +57,8 @@ def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> No
     if count > limit:
         raise ConfigError(f"training.checkpointed_layers: {count} is more than the model's {limit} decoder "
                           f"layers; use 0 to {limit}")
+    return adapters.usability_note(spec.adapter.type, spec.quantization.mode, model_config,
+                                   spec.model.trust_remote_code)
 
 
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:

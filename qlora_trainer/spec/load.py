@@ -16,6 +16,9 @@ import yaml
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.spec.sections import RunSpec
 
+# How a switch may be written; YAML 1.1 already reads the bare words as booleans, these are the quoted spellings.
+_SWITCH_WORDS = {"true": True, "on": True, "false": False, "off": False}
+
 # Keys renamed to peft's names; the old spelling still works, with a one-line notice.
 RENAMED_KEYS = {"adapter.alpha": "adapter.lora_alpha", "adapter.dropout": "adapter.lora_dropout"}
 
@@ -38,10 +41,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads bare on/off as booleans
-            return "on" if value else "off"
-        if value is False and "off" in choices:
-            return "off"
+        if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:  # "true" / "false" for a switch
+            value = _SWITCH_WORDS[value.strip().lower()]
+        if isinstance(value, bool):  # YAML 1.1 reads bare on/off (and true/false) as booleans
+            word = "on" if value else "off"
+            if word in choices:
+                return word
+            raise ConfigError(f"{key}: {'true / on' if value else 'false / off'} is not allowed; choose one of "
+                              f"{', '.join(map(str, choices))}")
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
     if origin is Union:
         args = typing.get_args(tp)
@@ -64,7 +71,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: {value!r} is not allowed; expected true or false")
+        if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:  # quoted, or from YAML 1.2 habits
+            return _SWITCH_WORDS[value.strip().lower()]
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected true or false (or on / off)")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -169,6 +178,44 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return merged
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first_line: int, line: int):
+        super().__init__(key)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+def _check_unique_keys(node: yaml.Node, path: str, seen_nodes: set[int]) -> None:
+    """Raise _DuplicateKey for a key given twice in one mapping, anywhere under `node`."""
+    if id(node) in seen_nodes:  # an alias to a node already walked (or a recursive one)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, path, seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` then a key: an override, as YAML means it
+            continue
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(id(key_node))
+        key = f"{path}.{name}" if path else name
+        line = key_node.start_mark.line + 1
+        if name in lines:
+            raise _DuplicateKey(key, lines[name], line)
+        lines[name] = line
+        _check_unique_keys(value_node, key, seen_nodes)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping. Plain YAML keeps the last silently, so a repeated
+    `training:` section would drop the whole first one."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
 def read_yaml(path: Path) -> dict:
     """Read a YAML config file into a mapping, with one-line errors for a missing or malformed file."""
     if not path.is_file():
@@ -178,7 +225,10 @@ def read_yaml(path: Path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{dup.key}: given twice in {path}, at lines {dup.first_line} and {dup.line}; keep one "
+                          "(YAML would silently drop the first)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

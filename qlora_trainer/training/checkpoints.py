@@ -147,26 +147,51 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
-def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint whose files all match their checksums; broken ones are skipped with a warning, and
-    temp folders of unfinished writes are removed with one."""
+@dataclass(frozen=True)
+class CheckpointScan:
+    """What a run's checkpoints folder holds, read without changing anything in it."""
+
+    newest_valid: Optional[Path]  # the newest checkpoint whose files all match their checksums
+    broken: tuple[tuple[Path, str], ...]  # checkpoints newer than newest_valid (all, when it is None), with why
+    unfinished: tuple[Path, ...]  # temp folders of writes that never finished: never renamed, never used
+
+
+def scan_checkpoints(run_dir: Path) -> CheckpointScan:
+    """Verify checkpoints newest first, down to the first whose checksums all match; nothing is removed."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
-        return None
-    for unfinished in root.glob(f"{_TMP_PREFIX}*"):  # a process killed while writing: never renamed, never used
-        warnings.warn(f"checkpoint {unfinished} ignored and removed: its write did not finish", stacklevel=2)
-        shutil.rmtree(unfinished, ignore_errors=True)
+        return CheckpointScan(None, (), ())
+    unfinished = tuple(sorted(root.glob(f"{_TMP_PREFIX}*")))
     candidates = sorted(
         (p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)),
         key=lambda p: int(p.name[len(_PREFIX):]),
         reverse=True,
     )
+    broken = []
     for folder in candidates:
         problem = verify_manifest(folder)
         if problem is None:
-            return folder
-        warnings.warn(f"checkpoint {folder} ignored: {problem}", stacklevel=2)
-    return None
+            return CheckpointScan(folder, tuple(broken), unfinished)
+        broken.append((folder, problem))
+    return CheckpointScan(None, tuple(broken), unfinished)
+
+
+def discard_unusable(scan: CheckpointScan) -> None:
+    """Warn about each broken checkpoint passed over, and remove (with a warning) the temp folders of unfinished
+    writes."""
+    for unfinished in scan.unfinished:
+        warnings.warn(f"checkpoint {unfinished} ignored and removed: its write did not finish", stacklevel=3)
+        shutil.rmtree(unfinished, ignore_errors=True)
+    for folder, problem in scan.broken:
+        warnings.warn(f"checkpoint {folder} ignored: {problem}", stacklevel=3)
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint whose files all match their checksums; broken ones are skipped with a warning, and
+    temp folders of unfinished writes are removed with one."""
+    scan = scan_checkpoints(run_dir)
+    discard_unusable(scan)
+    return scan.newest_valid
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler,

@@ -1,7 +1,10 @@
-"""The training recipe: resolve and check, build, then `for step: take a step, log, maybe eval, maybe checkpoint`.
+"""The training recipe: resolve and check, hold the output folder, build, then `for step: take a step, log, maybe
+eval, maybe checkpoint`.
 
-The pieces live beside it: the planner's gate (gate.py), checkpoints (checkpoints.py), the run folder and its
-metrics (run_folder.py), signals (signals.py); the model and the step itself are the engine's (engine/).
+The pieces live beside it: the planner's gate (gate.py), the folder's lock (run_lock.py), how a run starts in its
+folder (run_start.py, with what a resume may change in resume_rules.py), checkpoints (checkpoints.py), the run
+folder and its metrics (run_folder.py), signals (signals.py); the model and the step itself are the engine's
+(engine/).
 """
 
 import dataclasses
@@ -17,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from qlora_trainer.data.batches import collate, micro_batches
-from qlora_trainer.data.prepare import TokenizedData, prepare_data
+from qlora_trainer.data.prepare import DataStats, TokenizedData, prepare_data, truncation_warning
 from qlora_trainer.engine.base import load_model_config
 from qlora_trainer.engine.build import Session, build, check_before_loading
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
@@ -26,8 +29,10 @@ from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, 
 from qlora_trainer.spec import RunSpec, resolve
 from qlora_trainer.training import checkpoints
 from qlora_trainer.training.gate import fit_to_budget
-from qlora_trainer.training.run_folder import (ADAPTER, MetricsLog, prepare_output_dir, save_final_adapter,
-                                               write_run_config)
+from qlora_trainer.training.run_folder import (ADAPTER, MetricsLog, earlier_run_kept, output_dir_of,
+                                               recover_interrupted_replacement, save_final_adapter, write_run_record)
+from qlora_trainer.training.run_lock import hold_run_folder
+from qlora_trainer.training.run_start import RunStart, plan_start
 from qlora_trainer.training.signals import Interrupted, stop_on_signals
 
 
@@ -120,54 +125,84 @@ def _no_gradient_message(step_number: int, step: StepResult, session: Session) -
 
 
 def _log_record(step: int, result: StepResult, tokens_per_second: float, session: Session, micro_batch_size: int,
-                tokens_seen: int, rows_skipped: int) -> dict:
+                tokens_seen: int, stats: DataStats) -> dict:
     peak_allocated, peak_reserved = peak_memory_bytes(session.device.type)
     return {"step": step, "loss": result.loss, "learning_rate": session.scheduler.get_last_lr()[0],
             "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second, "peak_vram_bytes": peak_reserved,
             "peak_allocated_bytes": peak_allocated, "tokens_seen": tokens_seen, "micro_batch_size": micro_batch_size,
-            "rows_skipped": rows_skipped}
+            "rows_skipped": stats.rows_bad, "rows_truncated": stats.rows_truncated, "rows_dropped": stats.rows_dropped,
+            "label_tokens_lost": stats.label_tokens_lost, "label_tokens": stats.label_tokens}
+
+
+def _resume(start: RunStart, session: Session, output_dir: Path) -> checkpoints.TrainerState:
+    """Weights, optimizer, schedule, RNG and data position from the newest intact checkpoint (step 0 when none
+    was written yet); metrics of later steps dropped, so the file reads as one run."""
+    checkpoints.discard_unusable(start.checkpoints)
+    state = checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0)
+    latest = start.checkpoints.newest_valid
+    if latest is not None:
+        state = checkpoints.load_checkpoint(latest, session.model, session.optimizer, session.scheduler,
+                                            session.scaler)
+        print(f"resumed from {latest} (step {state.step})")
+    MetricsLog(output_dir).truncate_after(state.step)
+    return state
 
 
 def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force: bool = False,
           hardware: Optional[Hardware] = None) -> TrainResult:
     """Run the whole recipe for `spec` on `hardware` (this machine's by default)."""
-    output_dir = Path(spec.output.dir)
-    resume = resume or spec.training.resume == "auto"
+    output_dir = output_dir_of(spec)
 
     # 1. Everything that can be decided or checked without weights, before the slow load.
     model_config = load_model_config(spec.model)
     run = fit_to_budget(resolve(spec, hardware or detect_hardware()), model_config, force)
     spec, training = run.spec, run.spec.training
-    check_before_loading(run, model_config)
-    prepare_output_dir(output_dir, resume, spec.output.overwrite)
+    usability = check_before_loading(run, model_config)
+    if usability:
+        print(f"note: {usability}", file=sys.stderr)
 
-    # 2. Build the model and read the data.
-    set_seed(training.seed)
-    apply_memory_cap(training.memory_cap_gib)
-    session = build(run)
-    data: TokenizedData = prepare_data(spec.data, session.tokenizer, training.max_seq_len, training.seed)
-    stats = data.stats
-    print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "
-          f"{stats.rows_bad} bad rows skipped {dict(stats.bad_reasons) or ''}".rstrip())
-    print(session.summary.line())
-    write_run_config(output_dir, spec)
+    with hold_run_folder(output_dir):  # for the run's lifetime: a second run on this folder is refused
+        recover_interrupted_replacement(output_dir)
+        start = plan_start(output_dir, spec, resume)  # fresh, replace or resume: checked, nothing changed yet
 
-    # 3. Resume from the newest complete checkpoint.
-    state = checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0)
+        # 2. Build the model and read the data: every input is checked before an earlier run is touched.
+        set_seed(training.seed)
+        apply_memory_cap(training.memory_cap_gib)
+        session = build(run)
+        data: TokenizedData = prepare_data(spec.data, session.tokenizer, training.max_seq_len, training.seed)
+        train_sha256 = start.check_data(output_dir, spec, data.train)
+        stats = data.stats
+        print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "
+              f"{stats.rows_bad} bad rows skipped {dict(stats.bad_reasons) or ''}".rstrip()
+              + f"; {stats.rows_truncated} truncated, {stats.rows_dropped} dropped at max_seq_len "
+              f"({stats.label_tokens_lost / max(stats.label_tokens, 1):.1%} of label tokens lost)")
+        warning = truncation_warning(stats, training.max_seq_len)
+        if warning:
+            print(warning, file=sys.stderr)
+        print(session.summary.line())
+
+        # 3. Take the folder over; an earlier run being replaced is kept aside until the first checkpoint.
+        with earlier_run_kept(output_dir, start.mode == "replace") as drop_earlier_run:
+            state = (_resume(start, session, output_dir) if start.mode == "resume"
+                     else checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0))
+            write_run_record(output_dir, spec, train_sha256)
+
+            def save(at: checkpoints.TrainerState) -> Path:
+                saved = checkpoints.save_checkpoint(output_dir, at, session.model, session.optimizer,
+                                                    session.scheduler, training.save_total_limit, session.scaler)
+                drop_earlier_run()
+                return saved
+
+            # 4. The loop.
+            return _loop(session, data, state, output_dir, save, show_progress)
+
+
+def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState, output_dir: Path,
+          save: Callable[[checkpoints.TrainerState], Path], show_progress: bool) -> TrainResult:
+    """`for step: take a step, log, maybe eval, maybe checkpoint` from `state` to training.max_steps, then the
+    final adapter."""
+    training, stats = session.run.spec.training, data.stats
     metrics = MetricsLog(output_dir)
-    if resume:
-        latest = checkpoints.latest_valid_checkpoint(output_dir)
-        if latest is not None:
-            state = checkpoints.load_checkpoint(latest, session.model, session.optimizer, session.scheduler,
-                                                session.scaler)
-            print(f"resumed from {latest} (step {state.step})")
-        metrics.truncate_after(state.step)
-
-    def save(at: checkpoints.TrainerState) -> Path:
-        return checkpoints.save_checkpoint(output_dir, at, session.model, session.optimizer, session.scheduler,
-                                           training.save_total_limit, session.scaler)
-
-    # 4. The loop.
     feed = _Feed(data.train, session.tokenizer.pad_token_id, training.micro_batch_size,
                  training.gradient_accumulation_steps, training.seed, state.examples_done)
     result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step)
@@ -207,7 +242,7 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
             record = None
             if state.step % training.logging_steps == 0 or is_last:
                 record = _log_record(state.step, step, tokens_per_second, session, feed.micro_batch_size,
-                                     state.tokens_seen, stats.rows_bad)
+                                     state.tokens_seen, stats)
             if data.eval and ((training.eval_steps and state.step % training.eval_steps == 0) or is_last):
                 result.eval_loss = eval_loss(session, data.eval, feed.micro_batch_size)
                 record = (record or {"step": state.step}) | {"eval_loss": result.eval_loss}

@@ -1,39 +1,86 @@
-"""A run's output folder: refusing to write over an earlier run, run_config.json, metrics.jsonl and the final adapter."""
+"""A run's output folder: what a run writes there (run_config.json, the data's fingerprint, metrics.jsonl, the final
+adapter, beside checkpoints/), and an earlier run kept aside while `--overwrite` replaces it.
 
+Replacing is a sequence of renames inside the folder, each one a state the next start can finish if the process
+is killed: the earlier run's files go to `.tmp-moving-aside/`, which becomes `.replaced-run/` once all are in;
+the new run's first checkpoint drops it; a new run that ends before that is removed and `.replaced-run/` goes
+back through `.tmp-moving-back/`.
+"""
+
+import hashlib
 import json
+import os
 import shutil
+import sys
+from array import array
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 from torch import nn
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.spec import RunSpec, spec_to_dict
-from qlora_trainer.training.checkpoints import CHECKPOINTS, replace_folder_atomically
+from qlora_trainer.training.checkpoints import CHECKPOINTS, complete_checkpoints, replace_folder_atomically
 
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
 RUN_CONFIG = "run_config.json"
-_RUN_ARTIFACTS = (METRICS, ADAPTER, RUN_CONFIG, CHECKPOINTS)
+DATA_FINGERPRINT = "data_fingerprint.json"
+RUN_ARTIFACTS = (METRICS, ADAPTER, RUN_CONFIG, DATA_FINGERPRINT, CHECKPOINTS)  # all a run writes; nothing else
+_MOVING_ASIDE, _ASIDE, _MOVING_BACK = ".tmp-moving-aside", ".replaced-run", ".tmp-moving-back"
 
 
-def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over an earlier run unless asked; --overwrite removes only this tool's artifacts."""
-    existing = [name for name in _RUN_ARTIFACTS if (output_dir / name).exists()]
-    if existing and not (resume or overwrite):
-        raise UserError(
-            f"output.dir: {output_dir} already holds a run ({', '.join(existing)}); "
-            "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir"
-        )
-    if existing and overwrite and not resume:
-        for name in existing:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
+def output_dir_of(spec: RunSpec) -> Path:
+    """The run's folder; an empty output.dir would silently mean the current directory."""
+    if not spec.output.dir.strip():
+        raise UserError("output.dir: empty; give the folder for the run's checkpoints, metrics and adapter")
+    return Path(spec.output.dir)
 
 
-def write_run_config(output_dir: Path, spec: RunSpec) -> None:
-    """The specification as it runs (after the planner's choices), beside the run."""
+def existing_artifacts(output_dir: Path) -> list[str]:
+    return [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+
+
+def data_fingerprint(examples: list[dict[str, list[int]]]) -> str:
+    """sha256 of the training examples in order: the data file, format, masking, tokenizer and split all in one."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in sorted(example):
+            digest.update(key.encode())
+            digest.update(array("q", example[key]).tobytes())
+    return digest.hexdigest()
+
+
+def write_run_record(output_dir: Path, spec: RunSpec, train_sha256: str) -> None:
+    """The specification as it runs (after the planner's choices) and the fingerprint of its training examples,
+    beside the run: what a resume is checked against."""
     (output_dir / RUN_CONFIG).write_text(json.dumps(spec_to_dict(spec), indent=1))
+    (output_dir / DATA_FINGERPRINT).write_text(json.dumps({"train_sha256": train_sha256}))
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"output.dir: cannot read {path} ({err}); restore it, or pass --overwrite to start over") \
+            from None
+    if not isinstance(raw, dict):
+        raise UserError(f"output.dir: {path} is not a mapping; restore it, or pass --overwrite to start over")
+    return raw
+
+
+def read_run_config(output_dir: Path) -> Optional[dict]:
+    """The saved run_config.json as a plain mapping, None when there is none."""
+    return _read_json(output_dir / RUN_CONFIG)
+
+
+def read_data_fingerprint(output_dir: Path) -> Optional[str]:
+    """The saved training examples' sha256, None for a run written before fingerprints were kept."""
+    saved = _read_json(output_dir / DATA_FINGERPRINT)
+    return saved.get("train_sha256") if saved else None
 
 
 class MetricsLog:
@@ -65,3 +112,84 @@ def save_final_adapter(peft_model: nn.Module, output_dir: Path) -> Path:
     replace_folder_atomically(tmp, final)
     return final
 
+
+# --- replacing an earlier run (--overwrite) ---------------------------------------------------------------------
+
+def _move_artifacts(source: Path, target: Path) -> None:
+    for name in RUN_ARTIFACTS:
+        if (source / name).exists():
+            os.replace(source / name, target / name)
+
+
+def _remove_artifacts(folder: Path) -> None:
+    for name in existing_artifacts(folder):
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _put_back(output_dir: Path) -> None:
+    """Remove the new run's files and move the earlier run back from `.replaced-run/`."""
+    _remove_artifacts(output_dir)
+    os.replace(output_dir / _ASIDE, output_dir / _MOVING_BACK)
+    _finish_moving_back(output_dir)
+
+
+def _finish_moving_back(output_dir: Path) -> None:
+    _move_artifacts(output_dir / _MOVING_BACK, output_dir)
+    (output_dir / _MOVING_BACK).rmdir()
+    _fsync_dir(output_dir)
+
+
+def recover_interrupted_replacement(output_dir: Path) -> None:
+    """Finish a replacement whose process was killed: the earlier run back in place, or dropped where the new
+    run had already written a checkpoint. Runs under the folder's lock, before anything else looks at it."""
+    if (output_dir / _MOVING_ASIDE).is_dir():  # killed while moving: nothing new was written yet
+        _move_artifacts(output_dir / _MOVING_ASIDE, output_dir)
+        (output_dir / _MOVING_ASIDE).rmdir()
+    elif (output_dir / _MOVING_BACK).is_dir():
+        _finish_moving_back(output_dir)
+    elif (output_dir / _ASIDE).is_dir():
+        if complete_checkpoints(output_dir):
+            shutil.rmtree(output_dir / _ASIDE)
+            return
+        _put_back(output_dir)
+    else:
+        return
+    print(f"note: output.dir: the earlier run in {output_dir} is back in place: the run that was replacing it "
+          "stopped before its first checkpoint", file=sys.stderr)
+
+
+@contextmanager
+def earlier_run_kept(output_dir: Path, replace: bool) -> Iterator[Callable[[], None]]:
+    """With `replace`, the earlier run's files are moved aside for the block, which gets a function to call after
+    each checkpoint write: the first call deletes the earlier run. If the block ends in any way before that, the
+    new run's files are removed and the earlier run is put back, byte for byte."""
+    if not (replace and existing_artifacts(output_dir)):
+        yield lambda: None
+        return
+    (output_dir / _MOVING_ASIDE).mkdir()
+    _move_artifacts(output_dir, output_dir / _MOVING_ASIDE)
+    os.replace(output_dir / _MOVING_ASIDE, output_dir / _ASIDE)
+    _fsync_dir(output_dir)
+
+    def drop_earlier_run() -> None:
+        if (output_dir / _ASIDE).exists():
+            shutil.rmtree(output_dir / _ASIDE)
+
+    try:
+        yield drop_earlier_run
+        drop_earlier_run()  # the new run finished
+    except BaseException:
+        if (output_dir / _ASIDE).exists():
+            _put_back(output_dir)
+            print(f"note: output.dir: the earlier run in {output_dir} is kept: the new run stopped before its first "
+                  "checkpoint", file=sys.stderr)
+        raise
