@@ -21,7 +21,8 @@ from torch import nn
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.spec import RunSpec, spec_to_dict
-from qlora_trainer.training.checkpoints import CHECKPOINTS, complete_checkpoints, replace_folder_atomically
+from qlora_trainer.training.checkpoints import (CHECKPOINTS, complete_checkpoints, fsync_dir,
+                                                replace_folder_atomically)
 
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
@@ -127,14 +128,6 @@ def _remove_artifacts(folder: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _put_back(output_dir: Path) -> None:
     """Remove the new run's files and move the earlier run back from `.replaced-run/`."""
     _remove_artifacts(output_dir)
@@ -145,7 +138,7 @@ def _put_back(output_dir: Path) -> None:
 def _finish_moving_back(output_dir: Path) -> None:
     _move_artifacts(output_dir / _MOVING_BACK, output_dir)
     (output_dir / _MOVING_BACK).rmdir()
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
 
 
 def recover_interrupted_replacement(output_dir: Path) -> None:
@@ -178,7 +171,7 @@ def earlier_run_kept(output_dir: Path, replace: bool) -> Iterator[Callable[[], N
     (output_dir / _MOVING_ASIDE).mkdir()
     _move_artifacts(output_dir, output_dir / _MOVING_ASIDE)
     os.replace(output_dir / _MOVING_ASIDE, output_dir / _ASIDE)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
 
     def drop_earlier_run() -> None:
         if (output_dir / _ASIDE).exists():
