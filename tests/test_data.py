@@ -388,3 +388,21 @@ def test_demo_model_matches_its_tokenizer(demo_tokenizer):
     prompt = demo_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                                 add_generation_prompt=True)
     assert prompt == "<|user|>\nHi</s>\n<|assistant|>\n"
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(demo_tokenizer, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    plain = write_jsonl(tmp_path / "plain.jsonl", ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    with_bom = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, seed=0)
+    without = prepare_data(DataConfig(path=str(plain)), demo_tokenizer, 256, seed=0)
+    assert with_bom.stats.rows_bad == 0 and with_bom.train == without.train
+
+
+def test_a_lone_surrogate_is_a_counted_bad_row_not_a_crash(demo_tokenizer, tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"instruction": "Add 1 and \\ud800.", "input": "", "output": "x"}\n'
+                    + "".join(json.dumps(row) + "\n" for row in ROWS))
+    data = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, seed=0)
+    assert data.stats.rows_bad == 1 and "lone surrogate" in next(iter(data.stats.bad_reasons))
+    assert data.stats.train_examples == len(ROWS)

@@ -76,7 +76,7 @@ def _first_line(err: Exception) -> str:
 def _read_json_rows(path: Path) -> list[Any]:
     """A JSON list of rows, or JSON Lines. Parsed here rather than by Arrow, which coerces mixed types column-wide
     and fails the whole file on one malformed line; such a line becomes one bad row instead."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark would otherwise spoil the first row
     if text.lstrip().startswith("["):
         try:
             return json.loads(text)
@@ -175,6 +175,15 @@ def _text_field(row: dict, name: str, required: bool = True) -> str:
         raise BadRow(f"field '{name}' is not text")
     if required and not value.strip():
         raise BadRow(f"empty field '{name}'")
+    return _encodable(value, f"field '{name}'")
+
+
+def _encodable(value: str, what: str) -> str:
+    """Text a tokenizer can take: JSON admits lone surrogates (\\ud800), which no UTF-8 tokenizer encodes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(f"{what} holds a lone surrogate (not valid Unicode text)") from None
     return value
 
 
@@ -191,6 +200,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
             raise BadRow("message without text 'content'")
         if not message["content"].strip():
             raise BadRow("message with empty 'content'")
+        _encodable(message["content"], "message 'content'")
         if message.get("role") not in CHAT_ROLES:
             raise BadRow(f"unknown role {message.get('role')!r}")
     roles = [message["role"] for message in messages]
