@@ -96,7 +96,15 @@ def build_plain(model_dir: str, seq_len: int):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
-    return model, lambda batch: model(**batch).loss
+    return model, lambda batch: peer_loss(model, batch)
+
+
+def peer_loss(model, batch: dict):
+    """The peer's own loss on the batch as our engine feeds it (packed rows: position ids that restart per example and
+    no 2D mask, so every stack keeps the examples apart)."""
+    from qlora_trainer.engine.loss import model_inputs
+
+    return model(**model_inputs(batch, flatten=False), labels=batch["labels"]).loss
 
 
 def build_unsloth(model_dir: str, seq_len: int):
@@ -109,7 +117,7 @@ def build_unsloth(model_dir: str, seq_len: int):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=0,
                                              max_seq_length=seq_len)
-    return model, lambda batch: model(**batch).loss
+    return model, lambda batch: peer_loss(model, batch)
 
 
 def peer_step(model, loss_fn: Callable, optimizer, batch: dict) -> float:
