@@ -184,19 +184,20 @@ def _no_lycoris_on_conv1d(adapter_type: str, layer_name: str) -> ConfigError:
 
 
 def usability_note(adapter_type: str, quant_mode: str, model_config: PretrainedConfig,
-                   trust_remote_code: bool = False) -> Optional[str]:
+                   trust_remote_code: bool = False, meta: Optional[nn.Module] = None) -> Optional[str]:
     """Whether an adapter of this type, trained on this base, will be usable; call it before loading anything.
 
     Raises ConfigError where peft cannot build the adapter at all: LoHa / LoKr on a 16-bit base with GPT-2 style
     Conv1D layers (peft's LyCORIS layers wrap nn.Linear; a quantized base has bitsandbytes linears there instead).
     Returns one line where the adapter will work only through this trainer: plain peft sizes LoHa / LoKr over a
     4-bit layer from its packed storage, and has no LoHa / LoKr for the Conv1D layers of the 16-bit base.
-    None where plain peft loads the adapter onto the base it was trained on.
+    None where plain peft loads the adapter onto the base it was trained on. `meta`: the architecture on the meta
+    device, when the caller has built it already.
     """
     if adapter_type not in LYCORIS_NAMES:
         return None
     name = LYCORIS_NAMES[adapter_type]
-    meta = meta_model(model_config, trust_remote_code)
+    meta = meta if meta is not None else meta_model(model_config, trust_remote_code)
     conv1d = [l.name for l in find_linear_layers(meta) if isinstance(meta.get_submodule(l.name), Conv1D)]
     if quant_mode == "none":
         if conv1d:

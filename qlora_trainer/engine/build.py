@@ -58,7 +58,7 @@ def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Op
         raise ConfigError(f"training.checkpointed_layers: {count} is more than the model's {limit} decoder "
                           f"layers; use 0 to {limit}")
     return adapters.usability_note(spec.adapter.type, spec.quantization.mode, model_config,
-                                   spec.model.trust_remote_code)
+                                   spec.model.trust_remote_code, meta=meta)
 
 
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
