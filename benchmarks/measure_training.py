@@ -84,6 +84,7 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
             tokens_per_second=statistics.median(speeds),
             first_step_s=round(steps[0]["tokens_seen"] / steps[0]["tokens_per_second"], 2),
             losses=[round(s["loss"], 4) for s in steps],
+            step_speeds=[round(s["tokens_per_second"]) for s in steps],
         )
     return record
 

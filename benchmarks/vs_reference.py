@@ -9,8 +9,9 @@ bf16, gradient checkpointing, torch AdamW at a constant 1e-4, gradients clipped 
 `ours` is `qlora-trainer train` itself, in its own process, with its defaults (benchmarks/measure_training.py reads
 tokens/s and peaks from its metrics.jsonl); ours-offload adds `training.offload_checkpoints`, ours-long adds that,
 MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
-torch.compile off, ours-peft-lora also uses peft's LoRA forward; ours-engine is our defaults' engine (build + step)
-in this script's loop, beside the peers, to show what the command line around it costs. Modes:
+torch.compile off, ours-compiled turns it on, ours-peft-lora also uses peft's LoRA forward; ours-engine (and
+ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
+command line around it costs. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
            --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process;
@@ -44,9 +45,14 @@ OURS = {"ours": {}, "ours-offload": {"training.offload_checkpoints": True},
         "ours-long-4k": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 4096,
                          "training.loss_chunk_tokens": 512},
         "ours-eager": {"training.compile_layers": "off"},
-        "ours-peft-lora": {"training.compile_layers": "off", "training.fused_lora": False}}
-# ours-engine: our defaults through the engine in this script's own loop, the loop the peers get (no CLI around it)
-STACKS = ("plain", "unsloth", *OURS, "ours-engine")
+        "ours-compiled": {"training.compile_layers": "on"},
+        "ours-peft-lora": {"training.compile_layers": "off", "training.fused_lora": False},
+        "ours-unpacked": {"data.packing": False}}
+# the same run specifications through the engine in this script's own loop, the loop the peers get (no CLI around it)
+ENGINE = {"ours-engine": OURS["ours"], "ours-engine-compiled": OURS["ours-compiled"],
+          "ours-engine-with-data": OURS["ours"],  # also holds the tokenized dataset, as the command line does
+          "ours-engine-contaminated": OURS["ours"]}  # packed rows without position ids: attention across examples
+STACKS = ("plain", "unsloth", *OURS, *ENGINE)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SEQ_STEP = 1024
 LEARNING_RATE, MAX_GRAD_NORM, SEED = 1e-4, 1.0, 42
@@ -67,6 +73,21 @@ def ours_config(model_dir: Path, data_path: Path, seq_len: int, steps: int, chan
         section, name = key.split(".")
         config[section][name] = value
     return config
+
+
+def synthetic_documents(min_words: int, max_words: int, n_docs: int = 4000) -> Path:
+    """Synthetic text documents of min_words to max_words words each (seeded), as a JSONL file."""
+    import random
+
+    from measure_training import WORK
+    from qlora_trainer.bench.random_model import synthetic_lines
+
+    rng = random.Random(0)
+    path = WORK / f"synthetic-text-{min_words}-{max_words}.jsonl"
+    with open(path, "w") as handle:
+        for line in synthetic_lines(n_docs, max_words, seed=1):
+            handle.write(json.dumps({"text": " ".join(line.split()[:rng.randint(min_words, max_words)])}) + "\n")
+    return path
 
 
 def token_batches(config: dict, steps: int) -> list:
@@ -104,7 +125,7 @@ def peer_loss(model, batch: dict):
     no 2D mask, so every stack keeps the examples apart)."""
     from qlora_trainer.engine.loss import model_inputs
 
-    return model(**model_inputs(batch, flatten=False), labels=batch["labels"]).loss
+    return model(**model_inputs(batch, "sdpa"), labels=batch["labels"]).loss
 
 
 def build_unsloth(model_dir: str, seq_len: int):
@@ -154,8 +175,16 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     apply_memory_cap(args.cap_gib)
     length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
     model_dir = config["model"]["path"]
-    if stack in OURS or stack == "ours-engine":
+    if stack in OURS or stack in ENGINE:
         model, step = ours_session(config, length)
+        if stack == "ours-engine-with-data":
+            from qlora_trainer.data.prepare import prepare_data
+            from qlora_trainer.engine.base import load_tokenizer
+            from qlora_trainer.spec import spec_from_dict
+
+            spec = spec_from_dict(config)
+            record_data = prepare_data(spec.data, load_tokenizer(spec.model), spec.training.max_seq_len,  # noqa: F841
+                                       spec.training.seed)
     else:
         model, loss_fn = {"plain": build_plain, "unsloth": build_unsloth}[stack](model_dir, length)
         model.train()
@@ -186,10 +215,12 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
             torch.cuda.synchronize()
         table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
         return record | {"seq_len": args.seq_len, "profile": table}
-    if args.mode == "speed":  # peers and ours-engine: ours itself runs as `qlora-trainer train`
+    if args.mode == "speed":  # peers and ours-engine*: ours itself runs as `qlora-trainer train`
         torch.cuda.reset_peak_memory_stats()
         speeds, losses = [], []
         for batch in torch.load(batches_path):
+            if stack == "ours-engine-contaminated":  # packing as it was before 2026-11-25, for its speed only
+                batch = {name: tensor for name, tensor in batch.items() if name != "position_ids"}
             tokens = int(batch["attention_mask"].sum())
             torch.cuda.synchronize()
             started = time.perf_counter()
@@ -199,7 +230,8 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
         return record | {"seq_len": args.seq_len, "tokens_per_second": statistics.median(speeds[2:] or speeds),
                          "first_step_s": args.seq_len / speeds[0],
                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                         "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "losses": losses}
+                         "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "losses": losses,
+                         "step_speeds": [round(speed) for speed in speeds]}
 
     def trains(seq_len: int) -> bool:
         try:
@@ -254,7 +286,7 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
                    "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--max-seq-len", str(args.max_seq_len),
                    "--out", str(out)]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
-        if stack in OURS:  # the allocator settings our command line sets
+        if stack in OURS or stack in ENGINE:  # the allocator settings our command line sets
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
@@ -279,6 +311,7 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=0.0)
     parser.add_argument("--max-seq-len", type=int, default=49152, help="longest: search no further")
     parser.add_argument("--timeout-s", type=int, default=300, help="per stack")
+    parser.add_argument("--doc-words", help="MIN,MAX: synthetic documents of MIN to MAX words (default 400 each)")
     parser.add_argument("--out", type=Path, help="JSONL the results are appended to")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
@@ -294,18 +327,19 @@ def main() -> None:
     from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess
 
     model_dir = random_checkpoint_in_subprocess(args.model)
-    data_path, batches_path = synthetic_data(), WORK / "vs-reference-batches.pt"
+    data_path = synthetic_documents(*map(int, args.doc_words.split(","))) if args.doc_words else synthetic_data()
+    batches_path = WORK / "vs-reference-batches.pt"
     torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK), args.steps),
                batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
     for stack in args.stacks.split(","):
-        config = ours_config(model_dir, data_path, args.seq_len, args.steps, OURS.get(stack, {}),
+        config = ours_config(model_dir, data_path, args.seq_len, args.steps, {**OURS, **ENGINE}.get(stack, {}),
                              WORK / f"vs-reference-{stack}")
         record = run_stack(stack, args, config, batches_path) | {"model": args.model}
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         print(record.pop("profile", ""))
-        print(json.dumps({k: v for k, v in record.items() if k != "losses"}), flush=True)
+        print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "step_speeds")}), flush=True)
 
 
 if __name__ == "__main__":

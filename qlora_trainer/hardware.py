@@ -103,6 +103,8 @@ class Hardware:
 
     gpu: Optional[GpuSpec]  # the card whose memory is the budget; None: no GPU
     device_type: str = "cuda"  # where tensors live: "cuda", or "cpu" (no GPU, or a CPU build of torch beside one)
+    triton: bool = True  # Triton is installed, so torch.compile can generate GPU kernels (a planned card: assumed)
+    varlen_attention: bool = True  # torch has variable-length flash attention (>= 2.10; a planned card: assumed)
 
     @staticmethod
     def planned(gpu: GpuSpec) -> "Hardware":
@@ -115,9 +117,13 @@ CPU = Hardware(None, "cpu")
 
 def detect_hardware() -> Hardware:
     """This machine: its first GPU, if any, and where torch will put tensors."""
+    import importlib.util
+
     import torch
 
-    return Hardware(detect_gpu(), "cuda" if torch.cuda.is_available() else "cpu")
+    return Hardware(detect_gpu(), "cuda" if torch.cuda.is_available() else "cpu",
+                    importlib.util.find_spec("triton") is not None,
+                    importlib.util.find_spec("torch.nn.attention.varlen") is not None)
 
 
 # Growable segments instead of fixed blocks: less reserved-but-unused memory, and a predictable peak.

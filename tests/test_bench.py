@@ -81,6 +81,10 @@ def test_a_method_over_the_budget_is_estimated_never_measured(tiny_llama_dir, tm
     full_line = next(line for line in markdown.splitlines() if line.startswith("| full |"))
     cells = [cell.strip() for cell in full_line.split("|")]
     assert cells[5] == "—" and cells[8] == "—"  # no measured peak, no speed
+    # the reading judges a row that was not run by the rule that kept it from running, not by the raw budget
+    usable = Budget("pretend GPU", budget).usable_bytes / 2**30
+    expected = f"full (estimated) needs {full_peak / 2**30:.1f} GiB at its peak and does not fit the {usable:.1f} GiB"
+    assert expected in markdown
 
 
 def test_unknown_method_is_a_one_line_error(tiny_llama_dir, tmp_path, monkeypatch, capsys):

@@ -15,16 +15,19 @@ import math
 import pytest
 import torch
 from conftest import tiny_base
-from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, MistralConfig, Phi3Config,
+import torch.nn.functional as F
+from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
                           Qwen2Config)
 
 from qlora_trainer.data.batches import collate
 from qlora_trainer.data.prepare import IGNORE_INDEX, pack
+from qlora_trainer.engine import packed_attention
 from qlora_trainer.engine.loss import causal_lm_loss, model_inputs
 from qlora_trainer.hardware import Hardware, lookup_gpu
 from qlora_trainer.planner.memory import estimate_memory
 from qlora_trainer.planner.shapes import load_model_config
 from qlora_trainer.spec import RunSpec, resolve
+from qlora_trainer.spec.resolve import PACKED_VARLEN
 
 FP32_ATOL = 1e-5
 PAD_ID = 3  # the tiny Llama's; ids 0-3 are its special tokens
@@ -46,11 +49,11 @@ def spans(row: dict[str, list[int]]) -> list[slice]:
     return [slice(start, end) for start, end in zip(starts, starts[1:])]
 
 
-def logits(model, examples: list[dict[str, list[int]]], flatten: bool = False) -> torch.Tensor:
-    """Logits of the collated examples, the model called as the training loss calls it."""
+def logits(model, examples: list[dict[str, list[int]]], attention: str = "sdpa") -> torch.Tensor:
+    """Logits of the collated examples, the model called as the training loss calls it for `attention`."""
     batch = collate(examples, PAD_ID)
     with torch.no_grad():
-        return model(**model_inputs(batch, flatten)).logits.float().reshape(*batch["input_ids"].shape, -1)
+        return model(**model_inputs(batch, attention)).logits.float().reshape(*batch["input_ids"].shape, -1)
 
 
 def alone(model, row: dict[str, list[int]], span: slice) -> torch.Tensor:
@@ -121,13 +124,14 @@ def test_the_loss_of_packed_rows_is_the_token_weighted_loss_of_their_examples_al
 def test_flattened_rows_as_flash_attention_takes_them_compute_the_same(nf4_fp32):
     rows = pack(documents(30, 384, seed=0), 64)
     batch = collate(rows, PAD_ID)
-    flat = model_inputs(batch, flatten=True)
+    flat = model_inputs(batch, "flash_attention_2")
     assert set(flat) == {"input_ids", "position_ids", "use_cache"} and "attention_mask" not in flat
     assert flat["input_ids"].shape == flat["position_ids"].shape == (1, batch["input_ids"].numel())
     # SDPA stands in for flash attention's varlen kernel, which reads the same restarts (no GPU here)
-    torch.testing.assert_close(logits(nf4_fp32, rows, flatten=True), logits(nf4_fp32, rows), rtol=0, atol=FP32_ATOL)
+    torch.testing.assert_close(logits(nf4_fp32, rows, "flash_attention_2"), logits(nf4_fp32, rows), rtol=0,
+                               atol=FP32_ATOL)
     unpacked = collate([{"input_ids": [5, 6], "labels": [5, 6]}], PAD_ID)
-    assert model_inputs(unpacked, flatten=True).keys() == {"input_ids", "attention_mask"}
+    assert model_inputs(unpacked, "flash_attention_2").keys() == {"input_ids", "attention_mask"}
 
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -153,8 +157,8 @@ def test_every_preset_family_keeps_packed_examples_apart(family, attn_implementa
             torch.testing.assert_close(packed[index, span], alone(model, row, span), rtol=0, atol=FP32_ATOL)
 
 
-def planned_peak(values: dict) -> int:
-    run = resolve(RunSpec().with_values(values), Hardware.planned(lookup_gpu("H100")))
+def planned_peak(values: dict, varlen: bool = False) -> int:
+    run = resolve(RunSpec().with_values(values), Hardware(lookup_gpu("H100"), "cuda", varlen_attention=varlen))
     return estimate_memory(load_model_config("llama-3-8b"), run).predicted_peak_allocated_bytes
 
 
@@ -171,3 +175,45 @@ def test_the_planner_counts_the_mask_that_keeps_packed_examples_apart():
     assert planned_peak(padded | {"data.packing": True}) == planned_peak(padded)
     flash = base | {"model.attn_implementation": "flash_attention_2"}
     assert planned_peak(flash | {"data.packing": True}) == planned_peak(flash)
+    # the varlen kernel takes no mask; it gets the kv heads repeated: 2 * (4 * 4096) against 2 * (2 * 4096 + 2 * 1024)
+    varlen = planned_peak(base | {"data.packing": True}, varlen=True)
+    assert varlen - unpacked == 32 * seq * 2 * ((4 * 4096) - (2 * 4096 + 2 * 1024))
+
+
+def reference_varlen(query, key, value, cu_lengths, max_length, scale, window):
+    """What torch's CUDA-only varlen kernel computes, example by example with SDPA (the CPU has no such kernel)."""
+    outputs = []
+    for start, end in zip(cu_lengths[:-1].tolist(), cu_lengths[1:].tolist()):
+        assert end - start <= max_length
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (heads, n, dim)
+        n = end - start
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        if window[0] >= 0:
+            allowed &= torch.ones(n, n, dtype=torch.bool).triu(-window[0])
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # grouped kv heads; Mistral's window shorter than examples
+def test_packed_rows_through_the_varlen_attention_compute_what_sdpa_computes(family, monkeypatch):
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY) if family == "llama" else FAMILIES[family]
+    monkeypatch.setattr(packed_attention, "_varlen", reference_varlen)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=packed_attention.register()).eval()
+    rows = pack(documents(12, 100, seed=2), 32)
+    rows.append(rows[0] | {"input_ids": rows[0]["input_ids"][:20], "labels": rows[0]["labels"][:20],
+                           "position_ids": rows[0]["position_ids"][:20]})  # a short row: padding, its own example
+    batch = collate(rows, PAD_ID)
+    inputs = model_inputs(batch, PACKED_VARLEN)
+    starts = [i for i, p in enumerate(batch["position_ids"].reshape(-1).tolist()) if p == 0]
+    assert inputs["cu_seq_lens_q"].tolist() == starts + [batch["input_ids"].numel()]
+    assert inputs["input_ids"].shape == (1, batch["input_ids"].numel()) and "attention_mask" not in inputs
+    varlen = logits(model, rows, PACKED_VARLEN)
+    model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(varlen, logits(model, rows), rtol=0, atol=FP32_ATOL)
+    # without the examples' lengths (an unpacked batch) it is SDPA with transformers' padding mask
+    model.config._attn_implementation = packed_attention.ATTENTION_NAME
+    unpacked = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[-2:]]
+    with_varlen = logits(model, unpacked, PACKED_VARLEN)
+    model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(with_varlen, logits(model, unpacked), rtol=0, atol=0)

@@ -1,11 +1,13 @@
 """Resolving a run specification for the hardware: compute dtype, loss scaling, speed paths, budget and its rule."""
 
+import dataclasses
+
 import pytest
 
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.hardware import CPU, GPU_CATALOGUE, Hardware, lookup_gpu
 from qlora_trainer.spec import RunSpec, resolve
-from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES, SAFETY_MARGIN_FRACTION, Budget
+from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES, PACKED_VARLEN, SAFETY_MARGIN_FRACTION, Budget
 
 T4, L4 = Hardware.planned(lookup_gpu("T4")), Hardware.planned(lookup_gpu("L4"))
 
@@ -20,10 +22,24 @@ def test_compute_dtype_follows_the_gpu_unless_set():
         resolve(RunSpec().with_values({"quantization.compute_dtype": "bfloat16"}), T4)
 
 
-def test_layers_compile_only_when_asked_until_the_compiled_path_is_measured_learning_on_a_gpu():
-    assert not resolve(RunSpec(), L4).compile_layers and not resolve(RunSpec(), CPU).compile_layers
-    assert resolve(RunSpec().with_values({"training.compile_layers": "on"}), L4).compile_layers
+def test_layers_compile_by_default_on_gpus_triton_can_target_and_when_asked():
+    assert resolve(RunSpec(), L4).compile_layers and resolve(RunSpec(), T4).compile_layers
+    assert not resolve(RunSpec(), CPU).compile_layers
+    assert not resolve(RunSpec(), Hardware(L4.gpu, "cuda", triton=False)).compile_layers
+    old_card = dataclasses.replace(L4.gpu, compute_capability=(6, 1))
+    assert not resolve(RunSpec(), Hardware.planned(old_card)).compile_layers
+    assert resolve(RunSpec().with_values({"training.compile_layers": "on"}), CPU).compile_layers
     assert not resolve(RunSpec().with_values({"training.compile_layers": "off"}), L4).compile_layers
+
+
+def test_packed_sdpa_runs_the_varlen_kernel_where_the_gpu_and_torch_have_it():
+    packed = RunSpec().with_values({"data.packing": True})
+    assert resolve(packed, L4).attention == PACKED_VARLEN
+    assert resolve(packed, T4).attention == "sdpa"  # compute capability 7.5: no flash kernel
+    assert resolve(packed, CPU).attention == "sdpa"
+    assert resolve(packed, Hardware(L4.gpu, "cuda", varlen_attention=False)).attention == "sdpa"
+    assert resolve(RunSpec(), L4).attention == "sdpa"  # unpacked rows keep SDPA
+    assert resolve(packed.with_values({"model.attn_implementation": "eager"}), L4).attention == "eager"
 
 
 def test_fused_lora_applies_to_lora_over_a_4bit_base_only():

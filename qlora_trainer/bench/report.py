@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from qlora_trainer.spec.resolve import Budget  # noqa: E402
+
 GIB = 2**30
 PARTS = ("weights", "gradients", "optimizer", "activations", "other")
 COLORS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#c44e52", "activations": "#55a868",
@@ -110,12 +112,20 @@ def reading(report: BenchReport) -> list[str]:
             f"({full.optimizer_state_bytes / max(qlora.optimizer_state_bytes, 1):,.0f}x less): only the adapters "
             "have AdamW moments."
         )
+    budget = Budget(report.device, report.budget_bytes) if report.budget_bytes is not None else None
     for row in report.rows:
-        peak = row.peak_reserved_bytes or row.predicted_peak_bytes
-        if report.budget_bytes is not None:
-            verdict = "fits" if peak <= report.budget_bytes else "does not fit"
-            sentences.append(f"{row.method} ({row.status}) needs {peak / GIB:.1f} GiB at its peak and {verdict} "
-                             f"the {report.budget_bytes / GIB:.1f} GiB budget.")
+        if budget is None:
+            continue
+        if row.peak_reserved_bytes:  # it ran: its measured peak against the budget itself
+            verdict = "fits" if row.peak_reserved_bytes <= budget.budget_bytes else "does not fit"
+            sentences.append(f"{row.method} ({row.status}) needs {row.peak_reserved_bytes / GIB:.1f} GiB at its peak "
+                             f"and {verdict} the {budget.budget_bytes / GIB:.1f} GiB budget.")
+        else:  # predicted: the rule `train` applies, the margin and the CUDA context left out of the budget
+            verdict = "fits" if budget.fits(row.predicted_peak_bytes) else "does not fit"
+            sentences.append(f"{row.method} ({row.status}) needs {row.predicted_peak_bytes / GIB:.1f} GiB at its "
+                             f"peak and {verdict} the {budget.usable_bytes / GIB:.1f} GiB that the "
+                             f"{budget.budget_bytes / GIB:.1f} GiB budget leaves after the safety margin and the "
+                             "CUDA context.")
     lora = by_method.get("lora")
     if lora and qlora and lora.peak_reserved_bytes and qlora.peak_reserved_bytes:
         sentences.append(f"The 4-bit base saves {(lora.weight_bytes - qlora.weight_bytes) / GIB:.1f} GiB of weights "

@@ -1,6 +1,7 @@
 """Build a training session from a resolved run: one ordered pipeline, from the quantized base to the optimizer.
 
-    1. the frozen base, quantized as specified, in the resolved compute dtype (base.py)
+    1. the frozen base, quantized as specified, in the resolved compute dtype, with the resolved attention (base.py;
+       packed rows on a recent GPU: packed_attention.py)
     2. the adapter, through peft, in adapter.dtype (adapters.py)
     3. checkpointing of the decoder layers, their inputs offloaded to CPU memory if asked (checkpointing.py)
     4. the fused LoRA-on-4-bit forward, where it applies (fused_lora.py)
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, get_scheduler
 
-from qlora_trainer.engine import adapters
+from qlora_trainer.engine import adapters, packed_attention
 from qlora_trainer.engine.base import DTYPES, check_weights_match, device_for, load_base
 from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
 from qlora_trainer.engine.chunked_mlp import chunk_mlps
@@ -75,7 +76,9 @@ def build(run: ResolvedRun) -> Session:
     """Load and prepare everything `run` trains with, in the order of the module docstring."""
     spec, training = run.spec, run.spec.training
     device = device_for(run.device_type)
-    base = load_base(spec.model, spec.quantization, DTYPES[run.compute_dtype], device)  # 1
+    if run.attention == packed_attention.ATTENTION_NAME:
+        packed_attention.register()
+    base = load_base(spec.model, spec.quantization, DTYPES[run.compute_dtype], device, run.attention)  # 1
     keys, layers = adapters.resolve_targets(base.model, spec.adapter.target_modules)
     model, summary = adapters.attach_adapter(base.model, spec.adapter, keys, layers)  # 2
     if training.gradient_checkpointing:  # 3

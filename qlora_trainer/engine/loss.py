@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora_trainer.engine.packed_attention import cumulative_lengths
+from qlora_trainer.spec.resolve import PACKED_VARLEN
+
 IGNORE_INDEX = -100
 
 
@@ -37,22 +40,27 @@ def _supports_chunked(causal_lm: nn.Module) -> bool:
     )
 
 
-def model_inputs(batch: dict[str, torch.Tensor], flatten: bool) -> dict[str, torch.Tensor | bool]:
-    """The keyword arguments the model runs `batch` with.
+def model_inputs(batch: dict[str, torch.Tensor], attention: str) -> dict[str, torch.Tensor | bool | int]:
+    """The keyword arguments the model runs `batch` with, under the model's attention implementation `attention`.
 
     Unpacked rows: input_ids and the padding mask, as always. Packed rows: input_ids and position_ids, without
     the 2D mask and the cache, either of which turns off transformers' packed-sequence detection
     (masking_utils._preprocess_mask_arguments -> find_packed_sequence_indices; read in transformers 5.0, 5.17
     and 5.24): from where the position ids restart it builds a block-diagonal causal mask for SDPA and eager,
     sliding windows included. Flash attention finds the restarts only in a batch of one row
-    (modeling_flash_attention_utils._is_packed_sequence, then its varlen kernel), so for it `flatten` lays the
-    rows end to end.
+    (modeling_flash_attention_utils._is_packed_sequence, then its varlen kernel), so for it the rows are laid end
+    to end; so they are for torch's varlen kernel (packed_attention.py), which is handed the examples' lengths.
     """
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if flatten:
+    if "flash" in attention or attention == PACKED_VARLEN:
         inputs = {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}
+    if attention == PACKED_VARLEN:
+        lengths = cumulative_lengths(batch["position_ids"])
+        longest = batch["input_ids"].shape[1]  # no example is longer than its row: a bound the kernel accepts
+        inputs |= {"cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": longest,
+                   "max_length_k": longest}
     return inputs | {"use_cache": False}
 
 
@@ -68,7 +76,7 @@ def causal_lm_loss(causal_lm: nn.Module, batch: dict[str, torch.Tensor], chunk_t
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     label_tokens = int(keep.sum())
-    inputs = model_inputs(batch, flatten="flash" in getattr(causal_lm.config, "_attn_implementation", ""))
+    inputs = model_inputs(batch, getattr(causal_lm.config, "_attn_implementation", None) or "sdpa")
     rows = batch["input_ids"].shape  # a flattened batch's outputs go back to rows
     if not _supports_chunked(causal_lm):
         logits = causal_lm(**inputs).logits.reshape(*rows, -1)

@@ -36,7 +36,7 @@ from peft.tuners.lokr.layer import factorization
 from transformers import PretrainedConfig
 
 from qlora_trainer.planner.shapes import LinearShape, ModelShape, model_shape
-from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES, ResolvedRun
+from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES, PACKED_VARLEN, ResolvedRun
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every block up to 512 bytes (CUDACachingAllocator kMinBlockSize)
@@ -184,7 +184,7 @@ def sdpa_gets_mask(shape: ModelShape, run: ResolvedRun, layer_index: int) -> boo
     engine/loss.py), or in a sliding-window layer once the sequence reaches the window
     (masking_utils._ignore_causal_mask_sdpa)."""
     spec = run.spec
-    if spec.model.attn_implementation != "sdpa":
+    if run.attention != "sdpa":
         return False
     masked_rows = spec.training.micro_batch_size > 1 or spec.data.packing
     windowed = layer_index in shape.sliding_layers and spec.training.max_seq_len >= shape.sliding_window
@@ -204,6 +204,8 @@ def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_
     # (measured: Mistral-7B, whose 4096 window masks seq 4096, benchmarks/results/planner-accuracy-h100.md).
     if masked:
         return compute * (4 * q + seq_len) + 4 * heads
+    if attn_implementation == PACKED_VARLEN:  # engine/packed_attention.py repeats grouped kv heads for the kernel
+        return compute * 4 * q + 4 * heads
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
@@ -216,7 +218,7 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
                            tokens: int) -> int:
     """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
     spec = run.spec
-    adapter_type, rank, attn = spec.adapter.type, spec.adapter.r, spec.model.attn_implementation
+    adapter_type, rank, attn = spec.adapter.type, spec.adapter.r, run.attention
     compute, adapter = DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[spec.adapter.dtype]
     hidden, inter = shape.hidden_size, shape.intermediate_size
     if run.compile_layers:
@@ -280,7 +282,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     cal = calibration
     spec = run.spec
     adapter_cfg, training = spec.adapter, spec.training
-    adapter_type, attn, seq_len = adapter_cfg.type, spec.model.attn_implementation, training.max_seq_len
+    adapter_type, attn, seq_len = adapter_cfg.type, run.attention, training.max_seq_len
     compute, adapter_bytes = DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[adapter_cfg.dtype]
     hidden = shape.hidden_size
     tokens = training.micro_batch_size * seq_len

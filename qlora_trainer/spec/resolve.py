@@ -14,6 +14,8 @@ from qlora_trainer.errors import ConfigError
 from qlora_trainer.hardware import GIB, Hardware
 from qlora_trainer.spec.sections import RunSpec
 
+PACKED_VARLEN = "qlora_packed_varlen"  # engine/packed_attention.py ATTENTION_NAME (the spec stays free of torch)
+
 # from measurement: benchmarks/results/cuda-context-h100.json (benchmarks/cuda_context.py: NVML's used memory less
 # PyTorch's reserved pool after an NF4 + LoRA + SDPA forward and backward, H100, torch 2.11 / CUDA 13); it sits on
 # the card outside PyTorch's pool
@@ -54,6 +56,7 @@ class ResolvedRun:
     loss_scaling: bool  # fp16 on a GPU: a gradient scaler guards against underflow
     compile_layers: bool  # torch.compile each decoder layer (training.compile_layers, auto = on capable GPUs)
     fused_lora: bool  # fused LoRA-on-4-bit forward (training.fused_lora, for LoRA over a 4-bit base)
+    attention: str  # the attn_implementation the model loads with (model.attn_implementation, or packed varlen)
     budget: Optional[Budget]  # None on the CPU
 
     @property
@@ -78,11 +81,25 @@ def _compute_dtype(spec: RunSpec, hardware: Hardware) -> str:
 
 
 def _compiles(setting: str, hardware: Hardware) -> bool:
-    """`on` compiles every decoder layer; `auto` stays eager for now. Compiled layers gave the adapters zero gradients
-    on an H100 with torch 2.11 (benchmarks/results/engine-h100.md); the cause is fixed (engine/fused_lora.py
-    `_cast`) and the compiled-gradient test passes on the CPU with torch 2.11 and 2.13, but no GPU run has shown the
-    compiled path learning since, so it is not the default until one does."""
-    return setting == "on"
+    """`auto` compiles every decoder layer on CUDA GPUs Triton can generate kernels for (compute capability 7.0 and
+    up, Triton installed); on the CPU it would add a C++ build to every run for little gain. Measured learning as
+    eager does, and faster, on an H100 (benchmarks/results/engine-h100.md)."""
+    if setting != "auto":
+        return setting == "on"
+    gpu = hardware.gpu
+    return (hardware.device_type == "cuda" and gpu is not None and hardware.triton
+            and gpu.compute_capability >= (7, 0))
+
+
+def _attention(spec: RunSpec, hardware: Hardware) -> str:
+    """SDPA on packed rows becomes torch's variable-length flash kernel where it runs (torch >= 2.10, compute
+    capability 8.0 and up): the same attention, kept inside each example by the examples' lengths instead of a
+    block-diagonal mask (engine/packed_attention.py)."""
+    gpu = hardware.gpu
+    if (spec.model.attn_implementation == "sdpa" and spec.data.packing and hardware.device_type == "cuda"
+            and gpu is not None and gpu.compute_capability >= (8, 0) and hardware.varlen_attention):
+        return PACKED_VARLEN
+    return spec.model.attn_implementation
 
 
 def _budget(spec: RunSpec, hardware: Hardware) -> Optional[Budget]:
@@ -106,5 +123,6 @@ def resolve(spec: RunSpec, hardware: Hardware) -> ResolvedRun:
         compile_layers=_compiles(spec.training.compile_layers, hardware),
         fused_lora=(spec.training.fused_lora and spec.adapter.type == "lora"
                     and spec.quantization.mode in ("nf4", "fp4")),
+        attention=_attention(spec, hardware),
         budget=_budget(spec, hardware),
     )

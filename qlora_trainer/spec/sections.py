@@ -77,7 +77,7 @@ class TrainingConfig:
     offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned CPU memory (less VRAM, host RAM)
     loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
     fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (engine/fused_lora.py)
-    compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto = on CUDA GPUs
+    compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto: CUDA GPUs, Triton
     mlp_chunk_tokens: int = 0  # > 0: MLPs run this many tokens at a time, each chunk recomputed (long sequences)
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
