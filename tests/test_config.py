@@ -7,8 +7,9 @@ import yaml
 
 from qlora_trainer.cli import main
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.spec import load_spec, spec_from_dict
+from qlora_trainer.spec import load_spec, spec_from_dict, spec_to_dict
 from qlora_trainer.spec.load import apply_overrides
+from qlora_trainer.spec.sections import DataSource
 
 VALID = {
     "model": {"path": "some/model"},
@@ -73,7 +74,13 @@ def test_overrides_replace_and_add_keys():
         ("adapter.type=ia3", "adapter.type"),
         ("adapter.dtype=float16", "adapter.dtype"),
         ("adapter.lora_dropout=1.5", "adapter.lora_dropout"),
-        ("data.format=sharegpt", "data.format"),
+        ("data.format=oasst", "data.format"),
+        ("data.columns={question: q}", "data.columns.question: not a field of data.format alpaca; its fields are "
+                                       "instruction, input, output"),
+        ("data.columns=question", "data.columns"),
+        ("data.prompt_template=Q and A", "data.prompt_template: has no {instruction}"),
+        ("data.path=[{path: a.jsonl, weight: 0}]", "data.path[0].weight: 0.0 is not allowed"),
+        ("training.num_epochs=2", "training.num_epochs: set together with training.max_steps"),
         ("training.optimizer=sgd", "training.optimizer"),
         ("training.bogus=1", "training.bogus"),
         ("nosection.key=1", "nosection"),
@@ -161,3 +168,70 @@ def test_every_switch_takes_on_off_true_false(tmp_path, word, expected):
 def test_switch_words_a_key_cannot_take_are_refused(tmp_path, text, culprit):
     with pytest.raises(ConfigError, match=culprit.replace("(", r"\(")):
         load_spec(write(tmp_path, "model: {path: m}\ndata: {path: d}\n" + text))
+
+
+def test_data_path_lists_files_with_weights_beside_the_config(tmp_path, monkeypatch):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    text = ("model: {path: m}\ndata:\n  path:\n    - {path: a.jsonl, weight: 3}\n    - b.jsonl\n"
+            "    - {path: elsewhere.jsonl}\n")
+    monkeypatch.chdir(tmp_path.parent)  # the config's folder is not the working directory
+    spec = load_spec(write(tmp_path, text))
+    assert spec.data.sources() == [DataSource(str(tmp_path / "a.jsonl"), 3.0), DataSource(str(tmp_path / "b.jsonl")),
+                                   DataSource("elsewhere.jsonl")]
+    assert spec_from_dict(spec_to_dict(spec)).data == spec.data  # run_config.json reads back as the same data
+    assert spec_from_dict(VALID).data.sources() == [DataSource("data.jsonl", 1.0)]
+
+
+@pytest.mark.parametrize("path, message", [
+    ([], "data.path: missing"),
+    (["a.jsonl", " "], "data.path[1]: no path"),
+    ([{"weight": 2}], "data.path[0]: no path"),
+    ([{"path": "a.jsonl", "weight": -1}], "data.path[0].weight: -1.0 is not allowed"),
+    ([{"path": "a.jsonl", "weight": float("inf")}], "data.path[0].weight: inf is not allowed"),
+    ([{"path": "a.jsonl", "wieght": 2}], "data.path[0].wieght: unknown key; valid keys of data.path[0] are path, weight"),
+    ([{"path": "a.jsonl", "weight": "heavy"}], "data.path[0].weight: 'heavy' is not allowed; expected a number"),
+    ({"path": "a.jsonl"}, "data.path: {'path': 'a.jsonl'} is not allowed; expected str or list"),
+])
+def test_bad_data_path_lists_name_the_entry(path, message):
+    with pytest.raises(ConfigError) as err:
+        spec_from_dict(dict(VALID, data={"path": path}))
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"format": "chat", "columns": {"instruction": "q"}},
+     "data.columns.instruction: not a field of data.format chat; its fields are messages"),
+    ({"format": "sharegpt", "columns": {"messages": "dialog"}},
+     "data.columns.messages: not a field of data.format sharegpt; its fields are conversations"),
+    ({"format": "text", "columns": {"text": "body"}, "text_field": "content"},
+     "data.text_field: set twice, also as data.columns.text"),
+    ({"columns": {"output": ["a"]}}, "data.columns.output: ['a'] is not allowed; expected a string"),
+    ({"prompt_template": "Answer {input}:"}, "data.prompt_template: has no {instruction}"),
+    ({"prompt_template": "{instruction} -> {output}"}, "data.prompt_template: unknown placeholder {output}"),
+    ({"prompt_template": "{instruction} {}"}, "data.prompt_template: unknown placeholder {}"),
+    ({"prompt_template": "{instruction"}, "data.prompt_template: not a valid template (expected '}' before end"),
+])
+def test_bad_columns_and_templates_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        spec_from_dict(dict(VALID, data={"path": "d.jsonl", **data}))
+    assert str(err.value).startswith(message)
+
+
+def test_columns_and_templates_that_are_valid():
+    data = spec_from_dict(dict(VALID, data={"path": "d", "format": "sharegpt", "columns": {"conversations": "c"}})).data
+    assert (data.column("conversations"), data.column("text")) == ("c", "text")
+    data = spec_from_dict(dict(VALID, data={"path": "d", "prompt_template": '{{"q": "{instruction}"}}'})).data
+    assert data.prompt_fields() == {"instruction"}  # literal braces doubled, as str.format reads them
+    assert spec_from_dict(dict(VALID, data={"path": "d", "format": "text", "text_field": "body"})).data.column(
+        "text") == "body"
+
+
+def test_num_epochs_replaces_max_steps_and_both_are_refused():
+    spec = spec_from_dict(dict(VALID, training={"num_epochs": 2}))
+    assert (spec.training.num_epochs, spec.training.max_steps) == (2.0, 100)
+    with pytest.raises(ConfigError, match=r"^training.num_epochs: set together with training.max_steps; keep one"):
+        spec_from_dict(dict(VALID, training={"max_steps": 10, "num_epochs": 2}))
+    with pytest.raises(ConfigError, match=r"^training.num_epochs: -1.0 is not allowed"):
+        spec_from_dict(dict(VALID, training={"num_epochs": -1}))
+    assert spec_from_dict(dict(VALID, training={"max_steps": 10, "num_epochs": 0})).training.max_steps == 10

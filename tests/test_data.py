@@ -1,4 +1,5 @@
-"""Data loading and formatting with real datasets and the bundled demo tokenizer: masks, sources, errors, packing."""
+"""Data loading and formatting with real datasets and the bundled demo tokenizer: masks, sources, errors, packing,
+mixed files and epochs."""
 
 import copy
 import dataclasses
@@ -12,8 +13,10 @@ from conftest import DEMO_DATA_DIR, DEMO_MODEL_DIR
 from transformers import AutoModelForCausalLM
 
 from qlora_trainer.spec import DataConfig
+from qlora_trainer.spec.sections import DataSource
 from qlora_trainer.data.batches import collate
 from qlora_trainer.data.prepare import IGNORE_INDEX, alpaca_prompt, pack, prepare_data, truncation_warning
+from qlora_trainer.data.sampling import mix, steps_for_epochs
 from qlora_trainer.errors import UserError
 
 ROWS = [{"instruction": f"Add {a} and {b}.", "input": "" if a % 2 else "numbers", "output": str(a + b)}
@@ -406,3 +409,196 @@ def test_a_lone_surrogate_is_a_counted_bad_row_not_a_crash(demo_tokenizer, tmp_p
     data = prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, seed=0)
     assert data.stats.rows_bad == 1 and "lone surrogate" in next(iter(data.stats.bad_reasons))
     assert data.stats.train_examples == len(ROWS)
+
+
+# --- sharegpt, column mapping, prompt templates, mixed files, epochs -----------------------------------------
+
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def as_sharegpt(messages: list[dict], names: dict[str, str] = SHAREGPT_NAMES) -> list[dict]:
+    return [{"from": names[message["role"]], "value": message["content"]} for message in messages]
+
+
+@pytest.mark.parametrize("names", [SHAREGPT_NAMES, {"system": "system", "user": "user", "assistant": "assistant"}])
+def test_sharegpt_rows_are_the_chat_path_with_only_gpt_turns_labelled(demo_tokenizer, tmp_path, names):
+    chat = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])),
+                                   format="chat"), demo_tokenizer, 512, 0)
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": as_sharegpt(CONVERSATION, names)}])
+    (example,) = prepare_data(DataConfig(path=str(path), format="sharegpt"), demo_tokenizer, 512, 0).train
+    assert example == chat.train[0]
+    assert example["input_ids"] == list(demo_tokenizer.apply_chat_template(CONVERSATION, return_dict=False))
+    eos = demo_tokenizer.eos_token
+    assert labelled_runs(demo_tokenizer, example) == [f"3{eos}\n", f"4{eos}\n"]
+
+
+def test_sharegpt_rows_with_bad_turns_are_counted_by_reason(demo_tokenizer, tmp_path):
+    human, gpt = {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}
+    rows = [
+        {"conversations": as_sharegpt(CONVERSATION)},
+        {"conversations": [human, human, gpt]},
+        {"conversations": [{"from": "bot", "value": "a"}, gpt]},
+        {"conversations": [{"from": ["gpt"], "value": "a"}, gpt]},
+        {"conversations": [{"role": "user", "content": "a"}, gpt]},  # chat's keys in a sharegpt file
+        {"conversations": [human, gpt, human]},
+        {"conversations": [human, {"from": "gpt", "value": "  "}]},
+        {"conversations": [human, {"from": "gpt", "value": 5}]},
+        {"conversations": {"from": "human", "value": "a"}},
+        {"conversations": []},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    ]
+    data = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "s.jsonl", rows)), format="sharegpt"),
+                        demo_tokenizer, 256, 0)
+    assert (data.stats.rows_read, data.stats.rows_bad, data.stats.train_examples) == (11, 10, 1)
+    assert data.stats.bad_reasons == {
+        "roles out of order (want system?, then user/assistant alternating)": 1,
+        "unknown role 'bot'": 1,
+        "unknown role ['gpt']": 1,
+        "message without text 'value'": 2,
+        "conversation does not end with an assistant turn": 1,
+        "message with empty 'value'": 1,
+        "field 'conversations' is not a list": 1,
+        "empty field 'conversations'": 1,
+        "missing field 'conversations'": 1,
+    }
+    with pytest.raises(UserError, match="^data.format: sharegpt needs a tokenizer with a chat template"):
+        prepare_data(DataConfig(path=str(tmp_path / "s.jsonl"), format="sharegpt"),
+                     with_template(demo_tokenizer, None), 256, 0)
+
+
+def renamed(rows: list[dict], names: dict[str, str]) -> list[dict]:
+    return [{names.get(key, key): value for key, value in row.items()} for row in rows]
+
+
+@pytest.mark.parametrize("data_format, rows, columns", [
+    ("alpaca", ROWS, {"instruction": "question", "input": "context", "output": "answer"}),
+    ("text", [{"text": "Add 1 and 2.\n3"}, {"text": "Say hi.\nhi"}], {"text": "body"}),
+    ("chat", [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}], {"messages": "dialog"}),
+    ("sharegpt", [{"conversations": as_sharegpt(CONVERSATION)}], {"conversations": "convo"}),
+])
+def test_columns_read_each_format_field_from_the_mapped_column(demo_tokenizer, tmp_path, data_format, rows, columns):
+    plain = prepare_data(DataConfig(path=str(write_jsonl(tmp_path / "plain.jsonl", rows)), format=data_format),
+                         demo_tokenizer, 512, 0)
+    # a decoy 7 under each field's own name: read, it would change the example or make the row bad
+    mapped_rows = [dict(row, **{field: 7 for field in columns}) for row in renamed(rows, columns)]
+    config = DataConfig(path=str(write_jsonl(tmp_path / "mapped.jsonl", mapped_rows)), format=data_format,
+                        columns=columns)
+    mapped = prepare_data(config, demo_tokenizer, 512, 0)
+    assert mapped.train == plain.train and mapped.stats.rows_bad == 0
+
+
+def test_a_mapped_column_missing_from_rows_is_a_counted_bad_row(demo_tokenizer, tmp_path):
+    rows = renamed(ROWS[:3], {"instruction": "question", "output": "answer"}) + [{"question": "Say hi.", "output": "hi"}]
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)),
+                        columns={"instruction": "question", "output": "answer"})
+    data = prepare_data(config, demo_tokenizer, 256, 0)
+    assert (data.stats.rows_bad, data.stats.train_examples) == (1, 3)
+    assert data.stats.bad_reasons == {"missing field 'answer'": 1}
+    with pytest.raises(UserError, match=r"none of the 4 rows .* is usable \(missing field 'reply': 4\)"):
+        prepare_data(dataclasses.replace(config, columns={"instruction": "question", "output": "reply"}),
+                     demo_tokenizer, 256, 0)
+
+
+TEMPLATE = "Task: {instruction}\nContext: {input}\nAnswer:\n"
+
+
+def test_a_prompt_template_is_used_for_every_row_and_only_the_output_is_labelled(demo_tokenizer, tmp_path):
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS)), prompt_template=TEMPLATE)
+    data = prepare_data(config, demo_tokenizer, 256, 0)
+    eos = demo_tokenizer.eos_token_id
+    assert data.stats.train_examples == len(ROWS)
+    for row, example in zip(ROWS, data.train):
+        prompt_ids = demo_tokenizer(f"Task: {row['instruction']}\nContext: {row['input']}\nAnswer:\n")["input_ids"]
+        response_ids = demo_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [eos]
+        assert example["input_ids"] == prompt_ids + response_ids
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    assert alpaca_prompt("Add 1 and 2.", "", TEMPLATE) == "Task: Add 1 and 2.\nContext: \nAnswer:\n"
+    assert alpaca_prompt("x", "y", "alpaca") == alpaca_prompt("x", "y")  # the default is the Alpaca prompt
+
+
+def test_a_template_without_input_counts_rows_whose_input_it_would_lose(demo_tokenizer, tmp_path):
+    config = DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", ROWS)), prompt_template="Q: {instruction}\nA: ")
+    data = prepare_data(config, demo_tokenizer, 256, 0)
+    with_input = sum(bool(row["input"]) for row in ROWS)
+    assert (data.stats.rows_bad, data.stats.train_examples) == (with_input, len(ROWS) - with_input) == (12, 8)
+    assert data.stats.bad_reasons == {"field 'input' has text but data.prompt_template has no {input}": 12}
+    assert data.train[0]["input_ids"][:len(demo_tokenizer("Q: Add 1 and 0.\nA: ")["input_ids"])] == \
+        demo_tokenizer("Q: Add 1 and 0.\nA: ")["input_ids"]
+
+
+# A long fixed preamble: 90 prompt tokens with an input, 84 without, each answer 1 token and EOS.
+LONG_TEMPLATE = "You are a careful assistant. " * 6 + TEMPLATE
+
+
+def test_a_long_template_at_a_small_max_seq_len_is_counted_and_warned_about(demo_tokenizer, tmp_path):
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    fits = prepare_data(DataConfig(path=path, prompt_template=LONG_TEMPLATE), demo_tokenizer, 86, 0)
+    # the 12 rows with an input: their prompt alone is longer than 86; the 8 without fit whole
+    assert (fits.stats.rows_bad, fits.stats.rows_prompt_too_long, fits.stats.rows_truncated) == (12, 12, 0)
+    assert fits.stats.bad_reasons == {"prompt longer than max_seq_len=86": 12}
+    assert (fits.stats.label_tokens, fits.stats.label_tokens_lost, fits.stats.train_examples) == (40, 24, 8)
+    assert truncation_warning(fits.stats, 86) == (
+        "warning: 12 of 20 rows (60.0%) are longer than training.max_seq_len=86: 12 skipped (the prompt alone is "
+        "that long), 60.0% of the label tokens lost; raise training.max_seq_len")
+    cut = prepare_data(DataConfig(path=path, prompt_template=LONG_TEMPLATE), demo_tokenizer, 85, 0)
+    assert (cut.stats.rows_prompt_too_long, cut.stats.rows_truncated, cut.stats.label_tokens_lost) == (12, 8, 32)
+    assert truncation_warning(cut.stats, 85) == (
+        "warning: 20 of 20 rows (100.0%) are longer than training.max_seq_len=85: 8 truncated (a cut response loses "
+        "its EOS too), 12 skipped (the prompt alone is that long), 80.0% of the label tokens lost; raise "
+        "training.max_seq_len or set data.truncation: drop")
+    dropped = prepare_data(DataConfig(path=path, prompt_template=LONG_TEMPLATE, truncation="drop"),
+                           demo_tokenizer, 86, 0)
+    assert (dropped.stats.rows_bad, dropped.stats.rows_dropped, dropped.train) == (0, 12, fits.train)
+    assert truncation_warning(dropped.stats, 86).startswith("warning: 12 of 20 rows (60.0%)")
+
+
+def test_mix_repeats_and_samples_each_group_to_its_weighted_share():
+    small, large = list("ab"), list("cdefgh")
+    assert mix([large], [5.0], seed=0) == large  # one file: as it is
+    # 8 examples: weights 3:1 give the small file 6 (three times whole) and the large one 2 of its 6
+    mixed = mix([small, large], [3.0, 1.0], seed=0)
+    assert mixed[:6] == small * 3 and len(mixed) == 8
+    sample = mixed[6:]
+    assert len(set(sample)) == 2 and set(sample) <= set(large) and sample == sorted(sample)
+    assert mix([small, large], [3.0, 1.0], seed=0) == mixed
+    assert {tuple(mix([small, large], [3.0, 1.0], seed)[6:]) for seed in range(10)} != {tuple(sample)}
+    # equal weights: 4 each; 4 of the large file's 6 and the small file twice
+    equal = mix([small, large], [1.0, 1.0], seed=1)
+    assert equal[:4] == small * 2 and len(equal[4:]) == 4 and set(equal[4:]) < set(large)
+
+
+def test_several_files_are_mixed_by_weight_with_eval_held_out_of_each(demo_tokenizer, tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", ROWS[:2])
+    second = write_jsonl(tmp_path / "b.jsonl", ROWS[2:8])
+    alone = {name: prepare_data(DataConfig(path=str(path)), demo_tokenizer, 256, 0).train
+             for name, path in (("a", first), ("b", second))}
+    sources = [DataSource(str(first), 3.0), DataSource(str(second), 1.0)]
+    data = prepare_data(DataConfig(path=sources), demo_tokenizer, 256, 0)
+    assert data.train[:6] == alone["a"] * 3
+    assert len(data.train[6:]) == 2 and all(example in alone["b"] for example in data.train[6:])
+    assert (data.stats.rows_read, data.stats.train_examples) == (8, 8)
+    # plain paths weigh 1: an equal share each
+    plain = prepare_data(DataConfig(path=[str(first), str(second)]), demo_tokenizer, 256, 0)
+    assert plain.train[:4] == alone["a"] * 2 and len(plain.train) == 8
+    # a single path, plain or in a list, is read as before
+    assert prepare_data(DataConfig(path=[DataSource(str(second), 2.0)]), demo_tokenizer, 256, 0).train == alone["b"]
+    held = prepare_data(DataConfig(path=sources, eval_fraction=0.5), demo_tokenizer, 256, 0)
+    assert held.stats.eval_examples == 1 + 3 and not any(example in held.train for example in held.eval)
+    assert all(example in alone["a"] + alone["b"] for example in held.eval)
+
+
+def test_a_bad_file_in_a_mix_is_named(demo_tokenizer, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS[:4])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}] * 2)
+    with pytest.raises(UserError, match=rf"^data.path: none of the 2 rows of {bad} is usable"):
+        prepare_data(DataConfig(path=[str(good), str(bad)]), demo_tokenizer, 256, 0)
+    with pytest.raises(UserError, match=rf"^data.path: {bad} row 1: missing field 'output'"):
+        prepare_data(DataConfig(path=[str(good), str(bad)], on_bad_row="error"), demo_tokenizer, 256, 0)
+
+
+@pytest.mark.parametrize("examples, micro_batch, accumulation, epochs, steps", [
+    (10, 2, 2, 1, 3),  # 10 examples at 4 a step: the third step starts the second pass
+    (12, 2, 2, 1, 3), (12, 2, 2, 2.5, 8), (30, 1, 1, 0.1, 3), (5, 4, 4, 0.01, 1), (360, 8, 1, 3, 135),
+])
+def test_steps_for_epochs(examples, micro_batch, accumulation, epochs, steps):
+    assert steps_for_epochs(examples, micro_batch, accumulation, epochs) == steps

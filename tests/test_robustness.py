@@ -84,7 +84,7 @@ BAD_INPUTS = {
     "lr-negative": (lambda raw, tmp, m: _set(raw, "training", "learning_rate", -1.0), "training.learning_rate"),
     "steps-zero": (lambda raw, tmp, m: _set(raw, "training", "max_steps", 0), "training.max_steps"),
     "dropout-one": (lambda raw, tmp, m: _set(raw, "adapter", "lora_dropout", 1.0), "adapter.lora_dropout"),
-    "bad-format": (lambda raw, tmp, m: _set(raw, "data", "format", "sharegpt"), "data.format"),
+    "bad-format": (lambda raw, tmp, m: _set(raw, "data", "format", "oasst"), "data.format"),
     "compile-layers-yes": (lambda raw, tmp, m: _set(raw, "training", "compile_layers", "yes"),
                            "training.compile_layers"),
     "fused-lora-string": (lambda raw, tmp, m: _set(raw, "training", "fused_lora", "maybe"), "training.fused_lora"),

@@ -1,54 +1,47 @@
-"""Training examples: load a file or data set, format rows (alpaca / chat / text), mask prompts, pack.
+"""Training examples: read files or data sets, format rows (formats.py), mask prompts, mix files, pack.
 
-`prepare_data` turns `data.*` of the run specification into token ids and labels: it reads the rows, formats and
-tokenizes each one (a malformed row is skipped and counted, or raises with its row number), masks the prompt
-with -100, truncates a row longer than `max_seq_len` or drops it (data.truncation, counted either way), holds out
-a seeded eval split and packs the train split if asked.
+`prepare_data` turns `data.*` of the run specification into token ids and labels: it reads each file of
+data.path, formats and tokenizes each row (a malformed row is skipped and counted, or raises with its row number),
+masks the prompt with -100, truncates a row longer than `max_seq_len` or drops it (data.truncation, counted either
+way), holds out a seeded eval split of each file, mixes the files' train examples by weight (sampling.py) and packs
+them if asked.
 """
 
 import bisect
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import datasets
-import jinja2
 
-from qlora_trainer.spec import DataConfig
+from qlora_trainer.data.formats import BadRow, check_tokenizer, first_line, row_segments
+from qlora_trainer.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt  # noqa: F401 (still here)
+from qlora_trainer.data.sampling import mix
 from qlora_trainer.errors import UserError
+from qlora_trainer.spec import DataConfig
+from qlora_trainer.spec.sections import DataSource
 
 IGNORE_INDEX = -100
 TRUNCATION_WARNING_SHARE = 0.05  # more rows than this share cut or dropped for length: say so before training
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CHAT_ROLES = ("system", "user", "assistant")
-
-# The Alpaca prompt (Taori et al. 2023), with and without an input field.
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 @dataclass(frozen=True)
 class DataStats:
-    rows_read: int  # rows in the source
-    rows_bad: int  # rows skipped as malformed
+    rows_read: int  # rows in the sources
+    rows_bad: int  # rows skipped as malformed, or (data.truncation: keep) with a prompt that fills max_seq_len
     bad_reasons: dict[str, int]  # reason -> count, e.g. {"missing field 'output'": 3}
+    rows_prompt_too_long: int  # of rows_bad: prompt alone at least max_seq_len (truncation: keep), lost for length
     rows_truncated: int  # usable rows longer than max_seq_len, cut to it (data.truncation: keep)
     rows_dropped: int  # usable rows longer than max_seq_len, skipped (data.truncation: drop)
-    label_tokens: int  # label tokens of the usable rows before any cut, as the loss counts them (not a row's first)
-    label_tokens_lost: int  # of those, how many truncation cut off or dropped with their row
-    train_examples: int  # examples (or packed rows) in the train split
+    label_tokens: int  # label tokens of the rows lost for length or kept, before any cut, as the loss counts them
+    label_tokens_lost: int  # of those, how many truncation cut off or lost with their row
+    train_examples: int  # examples (or packed rows) in the train split, after mixing the files
     train_tokens: int  # tokens of the train split, padding excluded (packing keeps them all)
-    eval_examples: int  # examples in the eval split (never packed)
+    eval_examples: int  # examples in the eval split (never packed, never mixed)
 
 
 @dataclass(frozen=True)
@@ -58,19 +51,18 @@ class TokenizedData:
     stats: DataStats
 
 
-class BadRow(ValueError):
-    """A row that cannot become a training example; the message is the reason counted in DataStats."""
+@dataclass
+class _Tally:
+    """One source's usable examples and what reading it counted."""
 
-
-def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The prompt part of an alpaca example (everything the model is not trained to produce)."""
-    if input_text:
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    examples: list[dict[str, list[int]]] = field(default_factory=list)
+    rows_read: int = 0
+    bad_reasons: Counter = field(default_factory=Counter)
+    prompt_too_long: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    label_tokens: int = 0
+    label_tokens_lost: int = 0
 
 
 def _read_json_rows(path: Path) -> list[Any]:
@@ -117,7 +109,7 @@ def _read_file(path: Path) -> list[Any]:
     try:
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **options)
     except Exception as err:  # datasets, pandas and pyarrow raise many types for unreadable input
-        raise UserError(f"data.path: cannot read {path} as {path.suffix}: {_first_line(err)}") from None
+        raise UserError(f"data.path: cannot read {path} as {path.suffix}: {first_line(err)}") from None
     return loaded.to_list()
 
 
@@ -128,7 +120,7 @@ def _read_saved(path: Path, split: str) -> list[Any]:
         raise UserError(f"data.path: {path} is a folder but not a data set written by save_to_disk; give such a "
                         f"folder or a {', '.join(EXTENSIONS)} file") from None
     except Exception as err:
-        raise UserError(f"data.path: cannot read the data set in {path}: {_first_line(err)}") from None
+        raise UserError(f"data.path: cannot read the data set in {path}: {first_line(err)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise UserError(f"data.split: {split!r} is not in {path}; it has {', '.join(loaded)}")
@@ -141,129 +133,33 @@ def _read_hub(name: str, split: str) -> list[Any]:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as err:  # offline, unknown name, gated, missing split: all end here
         raise UserError(f"data.path: {name} is neither a local file nor a reachable data set "
-                        f"({_first_line(err)})") from None
+                        f"({first_line(err)})") from None
     return loaded.to_list()
 
 
-def _read_rows(config: DataConfig) -> list[Any]:
-    """Rows of the source as plain values (dicts when well formed), with one-line errors for unusable sources."""
+def _read_rows(source: str, split: str) -> list[Any]:
+    """Rows of one source as plain values (dicts when well formed), with one-line errors for unusable sources."""
     datasets.disable_progress_bars()
-    path = Path(config.path)
+    path = Path(source)
     if path.is_file():
         rows = _read_file(path)
     elif path.is_dir():
-        rows = _read_saved(path, config.split)
-    elif path.suffix or path.is_absolute() or config.path.startswith("."):
-        raise UserError(f"data.path: {config.path} does not exist; give a {', '.join(EXTENSIONS)} file, a "
+        rows = _read_saved(path, split)
+    elif path.suffix or path.is_absolute() or source.startswith("."):
+        raise UserError(f"data.path: {source} does not exist; give a {', '.join(EXTENSIONS)} file, a "
                         "save_to_disk folder or a hub data set name")
     else:
-        rows = _read_hub(config.path, config.split)
+        rows = _read_hub(source, split)
     if not rows:
-        raise UserError(f"data.path: {config.path} holds no rows")
+        raise UserError(f"data.path: {source} holds no rows")
     return rows
-
-
-def _text_field(row: dict, name: str, required: bool = True) -> str:
-    value = row.get(name)
-    if value is None:
-        if required:
-            raise BadRow(f"missing field '{name}'")
-        return ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)  # CSV and Parquet type numeric columns; 8 is a fine answer to "Add 3 and 5."
-    if not isinstance(value, str):
-        raise BadRow(f"field '{name}' is not text")
-    if required and not value.strip():
-        raise BadRow(f"empty field '{name}'")
-    return _encodable(value, f"field '{name}'")
-
-
-def _encodable(value: str, what: str) -> str:
-    """Text a tokenizer can take: JSON admits lone surrogates (\\ud800), which no UTF-8 tokenizer encodes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRow(f"{what} holds a lone surrogate (not valid Unicode text)") from None
-    return value
-
-
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    """A conversation: an optional system turn, then user/assistant turns alternating, ending with assistant."""
-    if messages is None:
-        raise BadRow("missing field 'messages'")
-    if not isinstance(messages, list):
-        raise BadRow("field 'messages' is not a list")
-    if not messages:
-        raise BadRow("empty field 'messages'")
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise BadRow("message without text 'content'")
-        if not message["content"].strip():
-            raise BadRow("message with empty 'content'")
-        _encodable(message["content"], "message 'content'")
-        if message.get("role") not in CHAT_ROLES:
-            raise BadRow(f"unknown role {message.get('role')!r}")
-    roles = [message["role"] for message in messages]
-    turns = roles[1:] if roles[0] == "system" else roles
-    if any(role != ("user" if index % 2 == 0 else "assistant") for index, role in enumerate(turns)):
-        raise BadRow("roles out of order (want system?, then user/assistant alternating)")
-    if not turns or turns[-1] != "assistant":
-        raise BadRow("conversation does not end with an assistant turn")
-    return messages
-
-
-def _template_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    try:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                  add_generation_prompt=add_generation_prompt))
-    except jinja2.TemplateError as err:  # templates reject conversations with raise_exception(...)
-        raise BadRow(f"chat template error: {_first_line(err)}") from None
-
-
-def _chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[list[int], bool]]:
-    """Token segments of a conversation, each flagged True when it is an assistant turn to learn.
-
-    The boundaries come from templating prefixes: the conversation up to a user turn with the generation prompt
-    ends where the assistant's text starts, and up to the assistant turn where it ends (its end-of-turn tokens
-    included, so the model learns to stop)."""
-    segments: list[tuple[list[int], bool]] = []
-    previous: list[int] = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _template_ids(tokenizer, messages[:index], add_generation_prompt=True)
-        full = _template_ids(tokenizer, messages[:index + 1], add_generation_prompt=False)
-        if prompt[:len(previous)] != previous or full[:len(prompt)] != prompt:
-            raise BadRow("chat template renders earlier turns differently once later turns follow")
-        segments += [(prompt[len(previous):], False), (full[len(prompt):], True)]
-        previous = full
-    return segments
-
-
-def _segments(row: Any, config: DataConfig, tokenizer) -> list[tuple[list[int], bool]]:
-    """(token ids, is_target) pieces of one row in its format."""
-    if isinstance(row, BadRow):
-        raise row
-    if not isinstance(row, dict):
-        raise BadRow("row is not a JSON object")
-    if config.format == "chat":
-        return _chat_segments(_check_messages(row.get("messages")), tokenizer)
-    eos = [tokenizer.eos_token_id]
-    if config.format == "alpaca":
-        instruction = _text_field(row, "instruction")
-        input_text = _text_field(row, "input", required=False)
-        output = _text_field(row, "output")
-        prompt_ids = tokenizer(alpaca_prompt(instruction, input_text), add_special_tokens=True)["input_ids"]
-        return [(prompt_ids, False), (tokenizer(output, add_special_tokens=False)["input_ids"] + eos, True)]
-    text = _text_field(row, config.text_field)
-    return [(tokenizer(text, add_special_tokens=True)["input_ids"] + eos, True)]
 
 
 def _tokenize_row(row: Any, config: DataConfig, tokenizer) -> dict[str, list[int]]:
     """One example with labels, whole (not yet fitted to max_seq_len); raises BadRow for unusable rows."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, is_target in _segments(row, config, tokenizer):
+    for ids, is_target in row_segments(row, config, tokenizer):
         input_ids += ids
         labels += ids if (is_target or not config.mask_prompt) else [IGNORE_INDEX] * len(ids)
     return {"input_ids": input_ids, "labels": labels}
@@ -274,12 +170,47 @@ def _label_count(labels: list[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
-def _truncate(example: dict[str, list[int]], max_seq_len: int) -> dict[str, list[int]]:
-    """The first max_seq_len tokens; raises BadRow when no label is left in them."""
-    cut = {"input_ids": example["input_ids"][:max_seq_len], "labels": example["labels"][:max_seq_len]}
-    if not _label_count(cut["labels"]):
-        raise BadRow(f"prompt longer than max_seq_len={max_seq_len}")
-    return cut
+def _skip(bad: BadRow, number: int, where: str, config: DataConfig, tally: _Tally) -> None:
+    """Count a bad row by its reason, or stop with its row number (data.on_bad_row: error)."""
+    if config.on_bad_row == "error":
+        raise UserError(f"data.path: {where}row {number}: {bad} (data.on_bad_row: skip would skip it)") from None
+    tally.bad_reasons[str(bad)] += 1
+
+
+def _tokenize_source(source: DataSource, config: DataConfig, tokenizer, max_seq_len: int, where: str) -> _Tally:
+    """The usable examples of one source, each fitted to max_seq_len (data.truncation), and what was counted.
+    `where` names the source in a row's error where there are several."""
+    rows = _read_rows(source.path, config.split)
+    tally = _Tally(rows_read=len(rows))
+    for number, row in enumerate(rows, start=1):
+        try:
+            example = _tokenize_row(row, config, tokenizer)
+        except BadRow as bad:
+            _skip(bad, number, where, config, tally)
+            continue
+        written_labels = _label_count(example["labels"])
+        tally.label_tokens += written_labels
+        if len(example["input_ids"]) <= max_seq_len:
+            tally.examples.append(example)
+            continue
+        if config.truncation == "drop":
+            tally.dropped += 1
+            tally.label_tokens_lost += written_labels
+            continue
+        example = {"input_ids": example["input_ids"][:max_seq_len], "labels": example["labels"][:max_seq_len]}
+        tally.label_tokens_lost += written_labels - _label_count(example["labels"])
+        if not _label_count(example["labels"]):  # the prompt alone fills max_seq_len: nothing left to learn
+            tally.prompt_too_long += 1
+            _skip(BadRow(f"prompt longer than max_seq_len={max_seq_len}"), number, where, config, tally)
+            continue
+        tally.truncated += 1
+        tally.examples.append(example)
+    if not tally.examples:
+        counts = tally.bad_reasons + Counter({f"longer than max_seq_len={max_seq_len} (data.truncation: drop)":
+                                              tally.dropped})
+        summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
+        raise UserError(f"data.path: none of the {len(rows)} rows of {source.path} is usable ({summary})")
+    return tally
 
 
 def _split_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -326,70 +257,51 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[st
 
 
 def truncation_warning(stats: DataStats, max_seq_len: int) -> Optional[str]:
-    """A one-line warning when more than 5% of the usable rows did not fit max_seq_len, else None."""
-    usable = stats.rows_read - stats.rows_bad
-    cut = stats.rows_truncated + stats.rows_dropped
+    """A one-line warning when more than 5% of the rows not malformed lost tokens to max_seq_len, else None: cut,
+    dropped, or (data.truncation: keep) skipped as their prompt alone fills it, a long data.prompt_template's."""
+    usable = stats.rows_read - stats.rows_bad + stats.rows_prompt_too_long
+    cut = stats.rows_truncated + stats.rows_dropped + stats.rows_prompt_too_long
     if cut <= TRUNCATION_WARNING_SHARE * usable:
         return None
-    if stats.rows_truncated:
-        what = f"{stats.rows_truncated} truncated (a cut response loses its EOS too)"
-        fix = "raise training.max_seq_len or set data.truncation: drop"
-    else:
-        what, fix = f"{stats.rows_dropped} dropped", "raise training.max_seq_len"
+    what = [f"{stats.rows_truncated} truncated (a cut response loses its EOS too)"] if stats.rows_truncated else []
+    if stats.rows_prompt_too_long:
+        what.append(f"{stats.rows_prompt_too_long} skipped (the prompt alone is that long)")
+    if stats.rows_dropped:
+        what.append(f"{stats.rows_dropped} dropped")
+    fix = "raise training.max_seq_len" + (" or set data.truncation: drop" if stats.rows_truncated else "")
     lost = stats.label_tokens_lost / stats.label_tokens
     return (f"warning: {cut} of {usable} rows ({cut / usable:.1%}) are longer than training.max_seq_len="
-            f"{max_seq_len}: {what}, {lost:.1%} of the label tokens lost; {fix}")
+            f"{max_seq_len}: {', '.join(what)}, {lost:.1%} of the label tokens lost; {fix}")
 
 
-def prepare_data(config: DataConfig, tokenizer, max_seq_len: int, seed: int) -> TokenizedData:
-    """Read, check, tokenize and split the data; bad rows are skipped and counted (or raise, on_bad_row=error),
-    rows longer than max_seq_len are truncated or dropped (data.truncation) and counted."""
-    if config.format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise UserError("data.format: chat needs a tokenizer with a chat template and this one has none; "
-                        "use alpaca or text, or a tokenizer with a chat_template")
-    if config.format != "chat" and tokenizer.eos_token_id is None:
-        raise UserError(f"data.format: {config.format} ends each example with the tokenizer's EOS token and this "
-                        "tokenizer has none; use a tokenizer with an eos_token")
-    rows = _read_rows(config)
-    examples, reasons = [], Counter()
-    truncated = dropped = label_tokens = label_tokens_lost = 0
-    for number, row in enumerate(rows, start=1):
-        try:
-            example = _tokenize_row(row, config, tokenizer)
-            written_labels = _label_count(example["labels"])
-            too_long = len(example["input_ids"]) > max_seq_len
-            if too_long and config.truncation == "keep":
-                example = _truncate(example, max_seq_len)
-        except BadRow as bad:
-            if config.on_bad_row == "error":
-                raise UserError(f"data.path: row {number}: {bad} (data.on_bad_row: skip would skip it)") from None
-            reasons[str(bad)] += 1
-            continue
-        label_tokens += written_labels
-        if too_long and config.truncation == "drop":
-            dropped += 1
-            label_tokens_lost += written_labels
-            continue
-        truncated += too_long
-        label_tokens_lost += written_labels - _label_count(example["labels"])
-        examples.append(example)
-    if not examples:
-        counts = reasons + Counter({f"longer than max_seq_len={max_seq_len} (data.truncation: drop)": dropped})
-        summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
-        raise UserError(f"data.path: none of the {len(rows)} rows of {config.path} is usable ({summary})")
-    train, held_out = _split_eval(examples, config.eval_fraction, seed)
-    if config.packing:
-        train = pack(train, max_seq_len)
-    stats = DataStats(
-        rows_read=len(rows),
+def _stats(tallies: list[_Tally], train: list[dict[str, list[int]]], held_out: list) -> DataStats:
+    reasons = sum((tally.bad_reasons for tally in tallies), Counter())
+    return DataStats(
+        rows_read=sum(tally.rows_read for tally in tallies),
         rows_bad=sum(reasons.values()),
         bad_reasons=dict(reasons),
-        rows_truncated=truncated,
-        rows_dropped=dropped,
-        label_tokens=label_tokens,
-        label_tokens_lost=label_tokens_lost,
+        rows_prompt_too_long=sum(tally.prompt_too_long for tally in tallies),
+        rows_truncated=sum(tally.truncated for tally in tallies),
+        rows_dropped=sum(tally.dropped for tally in tallies),
+        label_tokens=sum(tally.label_tokens for tally in tallies),
+        label_tokens_lost=sum(tally.label_tokens_lost for tally in tallies),
         train_examples=len(train),
         train_tokens=sum(len(example["input_ids"]) for example in train),
         eval_examples=len(held_out),
     )
-    return TokenizedData(train=train, eval=held_out, stats=stats)
+
+
+def prepare_data(config: DataConfig, tokenizer, max_seq_len: int, seed: int) -> TokenizedData:
+    """Read, check, tokenize, split and mix the data; bad rows are skipped and counted (or raise, on_bad_row=error),
+    rows longer than max_seq_len are truncated or dropped (data.truncation) and counted. Each source's eval
+    examples are held out before the mix (with seed + its index), so no repeat of a train example is evaluated."""
+    check_tokenizer(config.format, tokenizer)
+    sources = config.sources()
+    tallies = [_tokenize_source(source, config, tokenizer, max_seq_len, f"{source.path} " if len(sources) > 1 else "")
+               for source in sources]
+    splits = [_split_eval(tally.examples, config.eval_fraction, seed + index) for index, tally in enumerate(tallies)]
+    train = mix([train for train, _ in splits], [source.weight for source in sources], seed)
+    held_out = [example for _, held in splits for example in held]
+    if config.packing:
+        train = pack(train, max_seq_len)
+    return TokenizedData(train=train, eval=held_out, stats=_stats(tallies, train, held_out))

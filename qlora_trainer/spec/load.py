@@ -34,6 +34,14 @@ def get_origin_safe(tp: Any) -> Any:
     return Union if origin is types.UnionType else origin
 
 
+def _takes_shape_of(tp: Any, value: Any) -> bool:
+    """Whether `tp` is the list type for a list value, or the mapping type (dict or dataclass) for a mapping."""
+    origin = get_origin_safe(tp)
+    if isinstance(value, list):
+        return origin is list
+    return isinstance(value, dict) and (origin is dict or dataclasses.is_dataclass(tp))
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp` and return it in that type, or raise ConfigError."""
     origin = get_origin_safe(tp)
@@ -54,6 +62,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        shaped = [arg for arg in args if _takes_shape_of(arg, value)]
+        if len(shaped) == 1:  # a list or mapping has one reading: its own error names the entry at fault
+            return _coerce(key, value, shaped[0])
         errors = []
         for arg in args:
             if arg is type(None):
@@ -68,6 +79,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: {value!r} is not allowed; expected a list")
         return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected a mapping, e.g. {{name: value}}")
+        return {_coerce(key, name, key_type): _coerce(f"{key}.{name}", item, value_type)
+                for name, item in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build_section(tp, key, value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -241,16 +260,21 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
+def _beside(value: Optional[str], base_dir: Path) -> Optional[str]:
+    """`value`, or the path under base_dir where only that one exists."""
+    if not value or Path(value).is_absolute() or Path(value).exists() or not (base_dir / value).exists():
+        return value
+    return str(base_dir / value)
+
+
 def resolve_relative_paths(spec: RunSpec, base_dir: Path) -> None:
     """Make model/data paths that name existing files relative to the config file usable from any cwd."""
-    for section, key in (("model", "path"), ("model", "tokenizer_path"), ("data", "path")):
-        obj = getattr(spec, section)
-        value = getattr(obj, key)
-        if not value or Path(value).is_absolute() or Path(value).exists():
-            continue
-        candidate = base_dir / value
-        if candidate.exists():
-            setattr(obj, key, str(candidate))
+    spec.model.path = _beside(spec.model.path, base_dir)
+    spec.model.tokenizer_path = _beside(spec.model.tokenizer_path, base_dir)
+    data = spec.data
+    data.path = (_beside(data.path, base_dir) if isinstance(data.path, str) else
+                 [_beside(entry, base_dir) if isinstance(entry, str) else
+                  dataclasses.replace(entry, path=_beside(entry.path, base_dir)) for entry in data.path])
 
 
 def load_spec(path: Path, overrides: list[str] = (), output_dir: Optional[str] = None) -> RunSpec:

@@ -7,6 +7,7 @@ one, and the planner returns a changed copy (`with_values`). Names follow peft w
 
 import copy
 import math
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -44,22 +45,71 @@ class AdapterConfig:
     use_dora: bool = False  # LoRA only: weight-decomposed LoRA (slower, more memory)
 
 
+# Each data.format's fields: the names data.columns maps onto a file's columns.
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
+                 "sharegpt": ("conversations",), "text": ("text",)}
+PROMPT_PLACEHOLDERS = ("instruction", "input")  # what data.prompt_template may fill in
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One file of a data.path list. File i makes up weight_i / (sum of the weights) of the train examples, which
+    number as many as the files' usable examples together: its examples repeat whole as often as its share allows
+    and the rest is a seeded sample of them (data/sampling.py `mix`). Eval examples are held out of each file first,
+    unweighted."""
+
+    path: str = ""  # a file, save_to_disk folder or hub data set name, as data.path takes it
+    weight: float = 1.0  # relative share of the train examples (a plain path in the list weighs 1)
+
+
+DataPath = Union[str, list[Union[str, DataSource]]]
+
+
 @dataclass
 class DataConfig:
-    path: str = ""  # JSONL / JSON / CSV / Parquet file, a save_to_disk folder, or a hub data set name
-    format: Literal["alpaca", "chat", "text"] = "alpaca"  # row layout
+    path: DataPath = ""  # JSONL/JSON/CSV/Parquet file, save_to_disk folder or hub data set; a list: mixed (DataSource)
+    format: Literal["alpaca", "chat", "sharegpt", "text"] = "alpaca"  # row layout (sharegpt: chat as from/value)
+    columns: dict[str, str] = field(default_factory=dict)  # format field -> file column, e.g. {output: answer}
+    # alpaca: "alpaca" (Taori et al.; without its Input section where a row has no input), or your text for every row
+    # with {instruction} and optionally {input}, which is "" where a row has no input
+    prompt_template: str = "alpaca"
     split: str = "train"  # split to read from a hub data set or a DatasetDict folder
     eval_fraction: float = 0.0  # share of rows held out for eval loss (0 = no eval)
     mask_prompt: bool = True  # train on the response only; prompt tokens get label -100
     packing: bool = False  # several whole examples per max_seq_len row; none attends to another or loses a token
     on_bad_row: Literal["skip", "error"] = "skip"  # what a malformed row does
     truncation: Literal["drop", "keep"] = "keep"  # a row longer than max_seq_len: skipped or cut, counted either way
-    text_field: str = "text"  # column read by the text format
+    text_field: str = "text"  # column read by the text format (the older spelling of columns: {text: ...})
+
+    def sources(self) -> list[DataSource]:
+        """data.path as files with weights: a single path is one file of weight 1."""
+        entries = [self.path] if isinstance(self.path, str) else self.path
+        return [DataSource(entry) if isinstance(entry, str) else entry for entry in entries]
+
+    def column(self, name: str) -> str:
+        """The file's column holding the format's field `name`."""
+        return self.columns.get(name, self.text_field if name == "text" else name)
+
+    def prompt_fields(self) -> set[str]:
+        """The placeholders prompt_template fills in; ConfigError where it is not a valid template."""
+        if self.prompt_template == "alpaca":
+            return set(PROMPT_PLACEHOLDERS)
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+        except ValueError as err:
+            raise ConfigError(f"data.prompt_template: not a valid template ({err}); write a literal brace as "
+                              "{{ or }}") from None
+        unknown = sorted(names - set(PROMPT_PLACEHOLDERS))
+        if unknown:
+            raise ConfigError(f"data.prompt_template: unknown placeholder {{{unknown[0]}}}; use {{instruction}} and "
+                              "optionally {input} (write a literal brace as {{ or }})")
+        return names
 
 
 @dataclass
 class TrainingConfig:
     max_steps: int = 100  # optimizer steps
+    num_epochs: float = 0.0  # > 0: instead of max_steps (set one), passes over the train examples (data/sampling.py)
     learning_rate: float = 2e-4  # peak learning rate
     micro_batch_size: int = 1  # sequences per forward/backward pass
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -92,6 +142,7 @@ class TrainingConfig:
 class OutputConfig:
     dir: str = "outputs/run"  # where checkpoints, metrics.jsonl and the final adapter go
     overwrite: bool = False  # allow writing into a folder that already holds a run
+    tensorboard: bool = False  # also log loss, eval loss, lr, grad norm, tokens/s, VRAM to dir/tensorboard
 
 
 @dataclass
@@ -151,14 +202,19 @@ class RunSpec:
             "training.memory_cap_gib": self.training.memory_cap_gib,
             "training.checkpointed_layers": self.training.checkpointed_layers or 0,
             "training.mlp_chunk_tokens": self.training.mlp_chunk_tokens,
+            "training.num_epochs": self.training.num_epochs,
         }
         for key, value in non_negative.items():
             if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
                 raise ConfigError(f"{key}: {value} is not allowed; it must be a finite number >= 0")
         if not 0.0 <= self.adapter.lora_dropout < 1.0:
             raise ConfigError(f"adapter.lora_dropout: {self.adapter.lora_dropout} is not allowed; use 0 <= dropout < 1")
+        if self.training.num_epochs and "training.max_steps" in self.explicit_keys:
+            raise ConfigError("training.num_epochs: set together with training.max_steps; keep one (num_epochs "
+                              "counts passes over the train examples, max_steps optimizer steps)")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: {self.data.eval_fraction} is not allowed; use 0 <= x < 1")
+        _check_data(self.data)
         targets = self.adapter.target_modules
         if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
             raise ConfigError("adapter.target_modules: empty; use attn, mlp, all-linear or a list of module names")
@@ -166,3 +222,24 @@ class RunSpec:
             raise ConfigError("adapter.target_modules: empty; use attn, mlp, all-linear or a list of module names")
         if self.adapter.type != "lora" and (self.adapter.use_dora or self.adapter.use_rslora):
             raise ConfigError(f"adapter.use_dora/use_rslora: only for adapter.type lora, not {self.adapter.type}")
+
+
+def _check_data(data: DataConfig) -> None:
+    """data.path's files and weights, data.columns against the format's fields, data.prompt_template."""
+    if not isinstance(data.path, str):
+        for index, source in enumerate(data.sources()):
+            if not source.path.strip():
+                raise ConfigError(f"data.path[{index}]: no path; give each entry a path or {{path: ..., weight: ...}}")
+            if not source.weight > 0 or not math.isfinite(source.weight):
+                raise ConfigError(f"data.path[{index}].weight: {source.weight} is not allowed; it must be a finite "
+                                  "number > 0")
+    fields = FORMAT_FIELDS[data.format]
+    for name in data.columns:
+        if name not in fields:
+            raise ConfigError(f"data.columns.{name}: not a field of data.format {data.format}; its fields are "
+                              f"{', '.join(fields)}")
+    if "text" in data.columns and data.text_field != "text":
+        raise ConfigError("data.text_field: set twice, also as data.columns.text; keep only data.columns.text")
+    if "instruction" not in data.prompt_fields():
+        raise ConfigError("data.prompt_template: has no {instruction}; the template must place the row's "
+                          "instruction (and may place {input})")

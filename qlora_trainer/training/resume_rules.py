@@ -22,6 +22,7 @@ ALLOWED_ON_RESUME = {
     "output.overwrite": "how a run starts",
     "training.resume": "how a run starts",
     "training.logging_steps": "when metrics are written",
+    "output.tensorboard": "where metrics are also shown",
     "training.save_steps": "when checkpoints are written",
     "training.save_total_limit": "how many checkpoints are kept",
     "training.eval_steps": "when the eval loss is measured (no gradient, no dropout, no random draws)",
@@ -60,7 +61,16 @@ def _flat(raw: dict) -> dict[str, Any]:
     return {RENAMED_KEYS.get(key, key): value for key, value in flat.items()}
 
 
+def _data_files(value: Any) -> list[tuple[str, float]]:
+    """data.path as (file, weight) pairs, each file by its real path where it exists."""
+    entries = value if isinstance(value, list) else [value]
+    pairs = [(entry, 1.0) if isinstance(entry, str) else (entry["path"], entry["weight"]) for entry in entries]
+    return [(os.path.realpath(path) if path and Path(path).exists() else path, weight) for path, weight in pairs]
+
+
 def _same(key: str, saved: Any, new: Any) -> bool:
+    if key == "data.path":  # one file or a weighted list; a file the same whether named relative or absolute
+        return _data_files(saved) == _data_files(new)
     if key in _PATH_KEYS and saved and new and Path(saved).exists() and Path(new).exists():
         return os.path.realpath(saved) == os.path.realpath(new)  # one file, whether named relative or absolute
     return saved == new

@@ -30,9 +30,9 @@ class RunStart:
         """The fingerprint of this run's training examples; refused on resume when they are not the run's."""
         sha256 = data_fingerprint(examples)
         if self.train_sha256 is not None and sha256 != self.train_sha256:
+            files = ", ".join(source.path for source in spec.data.sources())
             raise UserError(f"data.path: the training examples differ from those the run in {output_dir} trained "
-                            f"on ({spec.data.path} or the tokenizer changed since); restore them to resume, or "
-                            f"{_START_OVER}")
+                            f"on ({files} or the tokenizer changed since); restore them to resume, or {_START_OVER}")
         return sha256
 
 
