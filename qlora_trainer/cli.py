@@ -1,4 +1,5 @@
-"""Command-line entry point: argument parsing only; each subcommand calls one function elsewhere."""
+"""Command-line entry point: argument parsing only; each subcommand calls one function elsewhere, imported when it
+runs, so `--help` answers without loading torch."""
 
 import argparse
 import os
@@ -6,8 +7,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from qlora_trainer import __version__
+from qlora_trainer.bench.methods import METHODS
 from qlora_trainer.errors import UserError
-from qlora_trainer.hardware import configure_allocator
+from qlora_trainer.hardware import GPU_CATALOGUE, configure_allocator
+from qlora_trainer.presets import preset_names
+from qlora_trainer.quiet import quiet_third_party
+
+DESCRIPTION = ("Fine-tune a language model on one small GPU: a frozen 4-bit base with LoRA, LoHa or LoKr adapters. "
+               "plan-memory says before you start whether and how a run fits your GPU.")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -17,14 +25,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("output.overwrite=true")
     spec = load_spec(Path(args.config), overrides, args.output_dir)
-    from qlora_trainer.training.recipe import Interrupted, train  # heavy imports only once the spec is valid
+    from qlora_trainer.training.recipe import Interrupted, summary, train  # heavy imports once the spec is valid
 
     try:
         result = train(spec, resume=args.resume, show_progress=not args.no_progress, force=args.force)
     except Interrupted as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
-    print(f"adapter written to {result.adapter_dir} after {result.final_step} steps")
+    print("\n".join(summary(result).lines()))
     return 0
 
 
@@ -36,13 +44,25 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder(text: str) -> str:
+    """A folder argument; an empty one is refused, since Path("") would quietly mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a folder")
+    return text
+
+
 def _parse_adapter(text: str) -> tuple[str, Path]:
+    """[NAME=]PATH; without a name, the folder's own name (its parent's for a folder named adapter)."""
     name, sep, path = text.partition("=")
     if not sep:
         path = name
-        name = Path(text.rstrip("/")).name
-        if name == "adapter":
-            name = Path(text.rstrip("/")).parent.name or "adapter"
+        folder = Path(os.path.abspath(path))  # so that "." and "../x/" name their folders
+        name = folder.parent.name if folder.name == "adapter" else folder.name
+    if not path.strip():
+        raise UserError(f"--adapter {text!r}: no adapter folder given; use [NAME=]PATH")
+    if not name or "." in name:  # torch refuses such module names when peft loads the adapter
+        raise UserError(f"--adapter {text}: adapter name {name!r} is empty or holds a '.'; "
+                        "use NAME=PATH with a name such as lora-v2")
     return name, Path(path)
 
 
@@ -70,11 +90,50 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from qlora_trainer.bench.run import add_bench_arguments
-    from qlora_trainer.planner.report import add_plan_memory_arguments
+def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())}")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--gpu", help=f"a catalogue GPU: {', '.join(GPU_CATALOGUE)} (default: the GPU here)")
+    budget.add_argument("--vram", type=float, metavar="GIB", help="the GPU's memory in GiB, for any card")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="effective batch: sequences per optimizer step, kept through accumulation (default 16)")
+    parser.add_argument("--micro-batch-size", type=int, help="fix the micro-batch (default: chosen)")
+    parser.add_argument("--rank", type=int, help="fix the adapter rank (default: chosen)")
+    parser.add_argument("--alpha", type=float, help="fix lora_alpha (default 2 x rank)")
+    parser.add_argument("--targets", help="fix the targets: attn | mlp | all-linear | q_proj,v_proj,... "
+                                          "(default: chosen)")
+    parser.add_argument("--grad-ckpt", choices=("on", "off", "auto"), default="auto",
+                        help="gradient checkpointing (default auto: chosen)")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
+                        help="fix the optimizer (default: chosen)")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "int8", "none"), default="nf4",
+                        help="how the base is stored (default nf4)")
+    parser.add_argument("--adapter", choices=("lora", "loha", "lokr"), default="lora", help="adapter type")
+    parser.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
-    parser = argparse.ArgumentParser(prog="qlora-trainer", description=__doc__)
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or preset name (qlora_trainer/presets)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the architecture with random weights (no download; memory and speed are the same)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1, help="micro-batch")
+    parser.add_argument("--methods", default="full,full-8bit,lora,qlora", help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="all-linear", help="adapter targets: attn | mlp | all-linear")
+    parser.add_argument("--steps", type=int, default=6, help="steps per method (two warm-up, the rest timed)")
+    parser.add_argument("--cap-gib", type=float, default=0.0, help="emulate a smaller card (e.g. 15 for a T4)")
+    parser.add_argument("--out", required=True, help="folder for report.md, report.json and vram.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-trainer", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"qlora-trainer {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own warnings, logs and progress bars (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan-memory", help="predict peak VRAM and pick a plan that fits a GPU (no GPU needed)")
@@ -97,16 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     merge = sub.add_parser("merge", help="merge an adapter into a dequantized 16-bit copy of the base")
-    merge.add_argument("--model", required=True, help="base model folder")
-    merge.add_argument("--adapter", required=True, help="adapter folder (output_dir/adapter)")
-    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--model", required=True, type=_folder, help="base model folder")
+    merge.add_argument("--adapter", required=True, type=_folder, help="adapter folder (output_dir/adapter)")
+    merge.add_argument("--out", required=True, type=_folder, help="folder for the merged model")
     merge.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
                        help="how the base was quantized in training (default nf4)")
     merge.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --out")
     merge.set_defaults(func=_merge)
 
     gen = sub.add_parser("generate", help="generate with the base and one or more adapters")
-    gen.add_argument("--model", required=True, help="base model folder")
+    gen.add_argument("--model", required=True, type=_folder, help="base model folder")
     gen.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                      help="adapter folder; repeat to compare adapters on one loaded base")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -121,6 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     configure_allocator()
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_third_party()
     try:
         return args.func(args)
     except UserError as err:

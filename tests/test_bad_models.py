@@ -32,7 +32,7 @@ def _config(tmp_path, model_dir) -> str:
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps({"model": {"path": str(model_dir)},
                                 "data": {"path": str(DEMO_DATA_DIR / "alpaca-tiny.jsonl")},
-                                "training": {"max_steps": 1, "max_seq_len": 64}}))
+                                "training": {"max_steps": 1, "max_seq_len": 256}}))
     return str(path)
 
 

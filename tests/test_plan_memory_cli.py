@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from qlora_trainer import cli
 from qlora_trainer.cli import main
 from qlora_trainer.hardware import GIB, GPU_CATALOGUE, GpuSpec
 from qlora_trainer.planner import report
@@ -43,7 +44,7 @@ def test_fixed_choices_from_the_command_line_are_kept(capsys):
 
 def test_flags_become_spec_keys_and_only_the_given_ones_are_fixed():
     parser = argparse.ArgumentParser()
-    report.add_plan_memory_arguments(parser)
+    cli.add_plan_memory_arguments(parser)
     spec = report.spec_from_args(parser.parse_args(
         ["--model", "llama-2-7b", "--rank", "8", "--alpha", "4", "--targets", "q_proj,v_proj", "--batch-size", "6",
          "--micro-batch-size", "4", "--quant", "int8"]))

@@ -192,3 +192,28 @@ def test_truncated_rows_are_reported_up_front_and_in_the_metrics(tiny_llama_dir,
     assert record["rows_truncated"] > 0 and 0 < record["label_tokens_lost"] < record["label_tokens"]
     assert f"{record['rows_truncated']} truncated" in captured.out
     assert captured.err.count("warning: ") == 1 and "training.max_seq_len" in captured.err
+
+
+def test_num_epochs_sets_the_steps_from_the_train_examples(tiny_llama_dir, tmp_path):
+    """0.5 epochs of 36 rows less 4 eval rows (32 train examples) at 4 examples a step: ceil(0.5 * 32 / 4) = 4
+    steps, the learning-rate schedule laid over those 4."""
+    import yaml
+
+    from qlora_trainer.data.sampling import steps_for_epochs
+
+    rows = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(6) for b in range(6)]
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw = {"model": {"path": str(tiny_llama_dir)}, "data": {"path": str(data), "format": "alpaca", "eval_fraction": 0.1},
+           "adapter": {"r": 4, "target_modules": "attn"},
+           "training": {"num_epochs": 0.5, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_seq_len": 96,
+                        "save_steps": 0, "logging_steps": 1, "lr_scheduler": "linear", "warmup_steps": 0},
+           "output": {"dir": str(tmp_path / "out")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    train_examples = 36 - round(36 * 0.1)
+    assert len(steps) == steps_for_epochs(train_examples, 2, 2, 0.5) == 4
+    # linear decay over those 4 steps from the default peak 2e-4: 3/4 of it after the first, 0 after the last
+    assert [s["learning_rate"] for s in steps] == pytest.approx([1.5e-4, 1e-4, 5e-5, 0.0])

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, get_scheduler
 
+from qlora_trainer.bench.methods import ADAPTER_METHODS, FULL_METHODS, METHODS
 from qlora_trainer.engine import adapters
 from qlora_trainer.engine.base import device_for
 from qlora_trainer.engine.build import Session, build, build_optimizer
@@ -27,13 +28,6 @@ from qlora_trainer.engine.step import train_step
 from qlora_trainer.hardware import apply_memory_cap, detect_hardware
 from qlora_trainer.spec import ResolvedRun, RunSpec, resolve
 
-FULL_METHODS = ("full", "full-8bit")
-# what each of the trainer's methods sets in the run specification
-ADAPTER_METHODS = {"lora": {"adapter.type": "lora", "quantization.mode": "none"},
-                   "qlora": {"adapter.type": "lora", "quantization.mode": "nf4"},
-                   "loha": {"adapter.type": "loha", "quantization.mode": "nf4"},
-                   "lokr": {"adapter.type": "lokr", "quantization.mode": "nf4"}}
-METHODS = FULL_METHODS + tuple(ADAPTER_METHODS)
 
 
 def method_spec(method: str, model_path: str, seq_len: int, micro_batch_size: int, rank: int = 16,

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from qlora_trainer.bench.measure import FULL_METHODS, METHODS, method_spec
+from qlora_trainer.bench.measure import method_spec
+from qlora_trainer.bench.methods import FULL_METHODS, METHODS
 from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess
 from qlora_trainer.bench.report import BenchReport, BenchRow, write_report
 from qlora_trainer.errors import UserError
@@ -26,20 +27,6 @@ from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import ResolvedRun, RunSpec, resolve
 
 GIB = 2**30
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder or preset name (qlora_trainer/presets)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="build the architecture with random weights (no download; memory and speed are the same)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=1, help="micro-batch")
-    parser.add_argument("--methods", default="full,full-8bit,lora,qlora", help=f"comma-separated: {', '.join(METHODS)}")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--targets", default="all-linear", help="adapter targets: attn | mlp | all-linear")
-    parser.add_argument("--steps", type=int, default=6, help="steps per method (two warm-up, the rest timed)")
-    parser.add_argument("--cap-gib", type=float, default=0.0, help="emulate a smaller card (e.g. 15 for a T4)")
-    parser.add_argument("--out", required=True, help="folder for report.md, report.json and vram.png")
 
 
 def planned_hardware() -> Hardware:
@@ -119,8 +106,16 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
     if unknown or not methods:
         raise UserError(f"--methods {args.methods}: unknown {', '.join(unknown) or 'none given'}; "
                         f"choose from {', '.join(METHODS)}")
-    if args.seq_len <= 0 or args.batch_size <= 0 or args.steps < 1:
-        raise UserError("--seq-len, --batch-size and --steps must be positive")
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--rank", args.rank)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be a positive whole number")
+    if not args.cap_gib >= 0:  # NaN too
+        raise UserError(f"--cap-gib {args.cap_gib}: must be 0 (the whole card) or a positive number of GiB")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() or any(parent.is_file() for parent in out.parents):
+        raise UserError(f"--out {args.out}: a file is in the way; give a folder for report.md, report.json and "
+                        "vram.png")
     model_config = load_model_config(args.model)
     if args.random_weights:
         model_path = random_checkpoint_in_subprocess(args.model)

@@ -1,14 +1,16 @@
 """Merge a trained adapter into its dequantized base and save a 16-bit safetensors model."""
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -23,10 +25,27 @@ MARKER = "qlora_trainer_merge.json"  # written last into every merge output: its
 
 
 def check_adapter_dir(path: Path, flag: str = "--adapter") -> None:
-    """An adapter folder must hold adapter_config.json and adapter_model.safetensors."""
+    """An adapter folder must hold a peft adapter_config.json and a complete adapter_model.safetensors; checked
+    before the base loads, so a broken adapter is named in one line rather than a traceback after the load."""
+    hint = "give an adapter folder written by train (output/adapter)"
+    if not path.is_dir():
+        raise UserError(f"{flag}: {path} {'is a file' if path.exists() else 'does not exist'}; {hint}")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
-            raise UserError(f"{flag}: {path} has no {name}; give an adapter folder written by train (output/adapter)")
+            raise UserError(f"{flag}: {path} has no {name}; {hint}")
+    try:
+        peft_type = PeftConfig.from_pretrained(str(path)).peft_type
+    except (ValueError, TypeError, KeyError):  # not JSON, not a JSON object, or a peft_type peft does not know
+        peft_type = None
+    if peft_type is None:
+        raise UserError(f"{flag}: {path / 'adapter_config.json'} is not a peft adapter config; {hint}")
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), "pt"):
+            pass  # opening reads the header and checks it against the file's length
+    except (SafetensorError, OSError) as err:
+        reason = (str(err).strip().splitlines() or ["unreadable"])[0]
+        raise UserError(f"{flag}: {path / 'adapter_model.safetensors'} is not a complete safetensors file "
+                        f"({reason}); {hint}") from None
 
 
 def load_for_inference(model_path: str, quant_mode: str) -> LoadedBase:
@@ -49,13 +68,24 @@ def _files_of_earlier_merge(folder: Path) -> Optional[list[str]]:
 
 def check_out_dir(out_dir: Path, model_path: str, adapter_dir: Path, overwrite: bool) -> Path:
     """The folder merge may write, resolved: a new or empty one, or (with overwrite) an earlier merge's output that
-    holds only what that merge wrote. Never one that holds the adapter or the base."""
+    holds only what that merge wrote. Never one that holds the adapter or the base or lies inside either, and never
+    one that cannot be made: all of this is refused before the base loads."""
     out = out_dir.resolve()
     for what, path in (("adapter", adapter_dir), ("base model", Path(model_path))):
-        if path.exists() and (path.resolve() == out or out in path.resolve().parents):
+        if not path.exists():
+            continue
+        folder = path.resolve()
+        if folder == out or out in folder.parents:
             raise UserError(f"--out: {out_dir} holds the {what} ({path}); choose a folder of its own")
+        if folder in out.parents:
+            raise UserError(f"--out: {out_dir} is inside the {what} folder ({path}); choose a folder of its own")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out_dir} is a file; give a folder for the merged model")
+    parent = next(p for p in out.parents if p.exists())  # where the output and its temporary folder are made
+    if not parent.is_dir():
+        raise UserError(f"--out: {parent} is a file, so {out_dir} cannot be made; give a folder for the merged model")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out: cannot write in {parent}; give a folder you may write in")
     if not out.exists() or not any(out.iterdir()):
         return out
     written = _files_of_earlier_merge(out)

@@ -33,31 +33,6 @@ FLAG_KEYS = {
 }
 
 
-def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())}")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--gpu", help=f"a catalogue GPU: {', '.join(GPU_CATALOGUE)} (default: the GPU here)")
-    budget.add_argument("--vram", type=float, metavar="GIB", help="the GPU's memory in GiB, for any card")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="effective batch: sequences per optimizer step, kept through accumulation (default 16)")
-    parser.add_argument("--micro-batch-size", type=int, help="fix the micro-batch (default: chosen)")
-    parser.add_argument("--rank", type=int, help="fix the adapter rank (default: chosen)")
-    parser.add_argument("--alpha", type=float, help="fix lora_alpha (default 2 x rank)")
-    parser.add_argument("--targets", help="fix the targets: attn | mlp | all-linear | q_proj,v_proj,... "
-                                          "(default: chosen)")
-    parser.add_argument("--grad-ckpt", choices=("on", "off", "auto"), default="auto",
-                        help="gradient checkpointing (default auto: chosen)")
-    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
-                        help="fix the optimizer (default: chosen)")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "int8", "none"), default="nf4",
-                        help="how the base is stored (default nf4)")
-    parser.add_argument("--adapter", choices=("lora", "loha", "lokr"), default="lora", help="adapter type")
-    parser.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
 def _gpu(args: argparse.Namespace) -> GpuSpec:
     if args.gpu is not None:
         return lookup_gpu(args.gpu)

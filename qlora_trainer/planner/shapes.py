@@ -16,17 +16,12 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer.engine.adapters import find_linear_layers, linear_shape, meta_model, resolve_targets
 from qlora_trainer.errors import UserError
+from qlora_trainer.presets import PRESETS, preset_names  # noqa: F401  (preset_names: re-exported)
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"  # package data: qlora_trainer/presets/*.json
 # Output projections read their block's own intermediate; every other linear of a block reads the block's
 # normalised input (q/k/v, gate/up): one tensor that several adapters may keep.
 OUTPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "dense", "c_proj", "down_proj", "fc2", "w2", "wo",
                                 "dense_4h_to_h"})
-
-
-def preset_names() -> list[str]:
-    """The model presets shipped with the package (qlora_trainer/presets/NAME.json)."""
-    return sorted(p.stem for p in PRESETS.glob("*.json"))
 
 
 def load_model_config(model: str) -> PretrainedConfig:

@@ -7,6 +7,7 @@ folder and its metrics (run_folder.py), signals (signals.py); the model and the 
 (engine/).
 """
 
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 from transformers import set_seed
 
 from qlora_trainer.data.batches import collate, micro_batches
 from qlora_trainer.data.prepare import DataStats, TokenizedData, prepare_data, truncation_warning
-from qlora_trainer.engine.base import load_model_config
+from qlora_trainer.data.sampling import steps_for_epochs
+from qlora_trainer.engine.base import load_model_config, load_tokenizer
 from qlora_trainer.engine.build import Session, build, check_before_loading
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
@@ -29,6 +30,7 @@ from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, 
 from qlora_trainer.spec import RunSpec, resolve
 from qlora_trainer.training import checkpoints
 from qlora_trainer.training.gate import fit_to_budget
+from qlora_trainer.training.reporting import TENSORBOARD_DIR, RunReporter, Summary
 from qlora_trainer.training.run_folder import (ADAPTER, MetricsLog, earlier_run_kept, output_dir_of,
                                                recover_interrupted_replacement, save_final_adapter, write_run_record)
 from qlora_trainer.training.run_lock import hold_run_folder
@@ -49,7 +51,8 @@ class TrainResult:
     adapter_dir: Path
     final_step: int
     losses: list[float] = field(default_factory=list)  # one per optimizer step run in this process
-    eval_loss: Optional[float] = None
+    eval_loss: Optional[float] = None  # at the last evaluation
+    best_eval: Optional[tuple[int, float]] = None  # (step, loss): the lowest eval loss of this process
     tokens_per_second: Optional[float] = None  # median over the steps after two warm-up steps
     peak_allocated_bytes: Optional[int] = None  # GPU only
     peak_reserved_bytes: Optional[int] = None  # GPU only
@@ -89,7 +92,8 @@ def _oom_advice(spec: RunSpec) -> str:
     return "; or ".join(hints) + " (training.oom_retry: halve-micro-batch does the first for you)"
 
 
-def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, save: Callable, progress: tqdm) -> None:
+def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, save: Callable,
+              reporter: RunReporter) -> None:
     """Out of GPU memory in a step: halve the micro-batch and go on where asked and possible, else checkpoint the
     last completed step and stop with the planner's kind of advice (exit 3)."""
     session.optimizer.zero_grad(set_to_none=True)
@@ -97,20 +101,20 @@ def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, s
     spec = session.run.spec
     if spec.training.oom_retry == "halve-micro-batch" and feed.micro_batch_size > 1:
         feed.halve(state.examples_done)
-        progress.write(f"out of memory at step {state.step + 1}: retrying with micro_batch_size "
-                       f"{feed.micro_batch_size} and gradient_accumulation_steps {feed.accumulation}", file=sys.stderr)
+        reporter.write(f"out of memory at step {state.step + 1}: retrying with micro_batch_size "
+                       f"{feed.micro_batch_size} and gradient_accumulation_steps {feed.accumulation}")
         return
-    progress.close()
+    reporter.close()
     where = f"; checkpoint of step {state.step} at {save(state)}" if state.step else ""
     raise OutOfMemoryAbort(f"out of GPU memory at step {state.step + 1}{where}. Lower {_oom_advice(spec)}") from None
 
 
 def _skip_step(step: StepResult, state: checkpoints.TrainerState, bad_steps: int, max_bad_steps: int,
-               output_dir: Path, progress: tqdm) -> None:
+               output_dir: Path, reporter: RunReporter) -> None:
     """A step whose loss or gradient was not finite was skipped; too many in a row stop the run (exit 4)."""
-    progress.write(f"step {state.step + 1} skipped: loss {step.loss}, gradient norm {step.grad_norm}", file=sys.stderr)
+    reporter.write(f"step {state.step + 1} skipped: loss {step.loss}, gradient norm {step.grad_norm}")
     if bad_steps >= max_bad_steps:
-        progress.close()
+        reporter.close()
         latest = checkpoints.latest_valid_checkpoint(output_dir)
         raise TrainingDiverged(
             f"training.max_bad_steps: {bad_steps} consecutive steps had a non-finite loss or gradient "
@@ -165,11 +169,16 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
         recover_interrupted_replacement(output_dir)
         start = plan_start(output_dir, spec, resume)  # fresh, replace or resume: checked, nothing changed yet
 
-        # 2. Build the model and read the data: every input is checked before an earlier run is touched.
+        # 2. Read the data and build the model: every input is checked before an earlier run is touched.
         set_seed(training.seed)
+        data: TokenizedData = prepare_data(spec.data, load_tokenizer(spec.model), training.max_seq_len,
+                                           training.seed)
+        if training.num_epochs:  # the schedule is laid over max_steps when build() makes it
+            run = dataclasses.replace(run, spec=spec.with_values({"training.max_steps": steps_for_epochs(
+                data.stats.train_examples, training.micro_batch_size, training.gradient_accumulation_steps,
+                training.num_epochs)}))
         apply_memory_cap(training.memory_cap_gib)
         session = build(run)
-        data: TokenizedData = prepare_data(spec.data, session.tokenizer, training.max_seq_len, training.seed)
         train_sha256 = start.check_data(output_dir, spec, data.train)
         stats = data.stats
         print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "
@@ -210,23 +219,23 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
     bad_steps = 0
     if session.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    progress = tqdm(total=training.max_steps, initial=state.step, disable=not show_progress, desc="train")
-    with stop_on_signals() as signals:
+    reporter = RunReporter(training.max_steps, state.step, show_progress,
+                           output_dir / TENSORBOARD_DIR if session.run.spec.output.tensorboard else None)
+    with stop_on_signals() as signals, contextlib.closing(reporter):
         while state.step < training.max_steps:
             started = time.perf_counter()
             try:
                 step = train_step(session, feed.next_step())
             except torch.cuda.OutOfMemoryError:
-                _after_oom(session, feed, state, save, progress)
+                _after_oom(session, feed, state, save, reporter)
                 continue
             if not step.stepped:
                 bad_steps += 1
-                _skip_step(step, state, bad_steps, training.max_bad_steps, output_dir, progress)
+                _skip_step(step, state, bad_steps, training.max_bad_steps, output_dir, reporter)
                 state = dataclasses.replace(state, examples_done=state.examples_done + feed.examples_per_step)
                 continue
             bad_steps = 0
             if step.grad_norm == 0.0 and step.label_tokens:  # nothing would ever train: stop rather than pretend
-                progress.close()
                 raise TrainingDiverged(_no_gradient_message(state.step + 1, step, session))
             if session.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -236,8 +245,6 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
                                              tokens_seen=state.tokens_seen + step.input_tokens)
             speeds.append(tokens_per_second)
             result.losses.append(step.loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step.loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             is_last = state.step == training.max_steps
             record = None
             if state.step % training.logging_steps == 0 or is_last:
@@ -245,19 +252,28 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
                                      state.tokens_seen, stats)
             if data.eval and ((training.eval_steps and state.step % training.eval_steps == 0) or is_last):
                 result.eval_loss = eval_loss(session, data.eval, feed.micro_batch_size)
+                if result.best_eval is None or result.eval_loss < result.best_eval[1]:
+                    result.best_eval = (state.step, result.eval_loss)
                 record = (record or {"step": state.step}) | {"eval_loss": result.eval_loss}
             if record is not None:
                 metrics.write(record)
+            reporter.step(step.loss, tokens_per_second, record)
+            if record is not None and "eval_loss" in record:
+                reporter.eval(state.step, result.eval_loss)
             saved = None
             if is_last or signals or (training.save_steps and state.step % training.save_steps == 0):
                 saved = save(state)
             if signals and not is_last:
-                progress.close()
                 raise Interrupted(signals[0], saved)
-    progress.close()
     result.final_step = state.step
     save_final_adapter(session.model, output_dir)
     timed = speeds[2:] or speeds
     result.tokens_per_second = statistics.median(timed) if timed else None
     result.peak_allocated_bytes, result.peak_reserved_bytes = peak_memory_bytes(session.device.type)
     return result
+
+
+def summary(result: TrainResult) -> Summary:
+    """The closing summary's figures for `result`."""
+    return Summary(result.final_step, result.adapter_dir, result.losses[-1] if result.losses else None,
+                   result.eval_loss, result.best_eval, result.tokens_per_second, result.peak_reserved_bytes)
