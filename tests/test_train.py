@@ -217,3 +217,31 @@ def test_num_epochs_sets_the_steps_from_the_train_examples(tiny_llama_dir, tmp_p
     assert len(steps) == steps_for_epochs(train_examples, 2, 2, 0.5) == 4
     # linear decay over those 4 steps from the default peak 2e-4: 3/4 of it after the first, 0 after the last
     assert [s["learning_rate"] for s in steps] == pytest.approx([1.5e-4, 1e-4, 5e-5, 0.0])
+
+
+def test_the_adapter_names_its_base_by_absolute_path_or_as_asked(tiny_llama_dir, alpaca_file, tmp_path, monkeypatch):
+    """A config naming the model relative to itself, run from another folder: adapter_config.json holds the base's
+    absolute path, so peft's AutoPeftModelForCausalLM loads the adapter from anywhere without a hub."""
+    from peft import AutoPeftModelForCausalLM
+
+    config_path = tiny_llama_dir.parent / "relative-run.yaml"
+    raw = {"model": {"path": tiny_llama_dir.name}, "data": {"path": str(alpaca_file)},
+           "adapter": {"r": 4, "target_modules": "attn"}, "training": {"max_steps": 1, "max_seq_len": 96},
+           "output": {"dir": str(tmp_path / "out")}}
+    config_path.write_text(json.dumps(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert Path(saved["base_model_name_or_path"]).is_absolute()
+    assert Path(saved["base_model_name_or_path"]).resolve() == tiny_llama_dir.resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out" / "adapter"))
+    assert model.peft_config["default"].base_model_name_or_path == saved["base_model_name_or_path"]
+
+    raw["output"] |= {"dir": str(tmp_path / "shared"), "base_model_name": "my-org/tiny-llama"}
+    config_path.write_text(json.dumps(raw))
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    shared = json.loads((tmp_path / "shared" / "adapter" / "adapter_config.json").read_text())
+    assert shared["base_model_name_or_path"] == "my-org/tiny-llama"

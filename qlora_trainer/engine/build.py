@@ -12,6 +12,7 @@
 `train`, `bench` and the peer comparison build through here; `step.py` takes the session's steps.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,6 +82,10 @@ def build(run: ResolvedRun) -> Session:
     base = load_base(spec.model, spec.quantization, DTYPES[run.compute_dtype], device, run.attention)  # 1
     keys, layers = adapters.resolve_targets(base.model, spec.adapter.target_modules)
     model, summary = adapters.attach_adapter(base.model, spec.adapter, keys, layers)  # 2
+    # adapter_config.json names the base by its absolute path, so the adapter loads from any folder (or as the user
+    # names it for sharing, output.base_model_name)
+    model.peft_config["default"].base_model_name_or_path = (spec.output.base_model_name
+                                                            or os.path.abspath(spec.model.path))
     if training.gradient_checkpointing:  # 3
         enable_activation_checkpointing(model.get_base_model(), training.checkpointed_layers,
                                         training.offload_checkpoints)

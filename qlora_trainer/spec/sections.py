@@ -142,6 +142,7 @@ class TrainingConfig:
 class OutputConfig:
     dir: str = "outputs/run"  # where checkpoints, metrics.jsonl and the final adapter go
     overwrite: bool = False  # allow writing into a folder that already holds a run
+    base_model_name: str = ""  # adapter_config.json's base_model_name_or_path; default: the base's absolute path
     tensorboard: bool = False  # also log loss, eval loss, lr, grad norm, tokens/s, VRAM to dir/tensorboard
 
 

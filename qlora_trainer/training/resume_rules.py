@@ -23,6 +23,7 @@ ALLOWED_ON_RESUME = {
     "training.resume": "how a run starts",
     "training.logging_steps": "when metrics are written",
     "output.tensorboard": "where metrics are also shown",
+    "output.base_model_name": "how the saved adapter names its base",
     "training.save_steps": "when checkpoints are written",
     "training.save_total_limit": "how many checkpoints are kept",
     "training.eval_steps": "when the eval loss is measured (no gradient, no dropout, no random draws)",
