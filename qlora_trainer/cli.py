@@ -44,6 +44,21 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from qlora_trainer.export.gguf import export_gguf  # a one-line UserError where the gguf extra is missing
+
+    out = export_gguf(args.model, Path(args.adapter), Path(args.out), args.type, args.quant, args.overwrite)
+    print(f"{args.type} GGUF written to {out}")
+    return 0
+
+
+def _file(text: str) -> str:
+    """A file argument; an empty one is refused, since Path("") would quietly mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a file name such as model.gguf")
+    return text
+
+
 def _folder(text: str) -> str:
     """A folder argument; an empty one is refused, since Path("") would quietly mean the current folder."""
     if not text.strip():
@@ -67,14 +82,34 @@ def _parse_adapter(text: str) -> tuple[str, Path]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from qlora_trainer.export.generate import generate
-
+    if not args.prompt and not args.chat:
+        raise UserError("the following arguments are required: --prompt (or --chat, to type prompts on stdin)")
     adapters = [_parse_adapter(a) for a in args.adapter]
     names = [n for n, _ in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"--adapter: names must be unique, got {', '.join(names)}; use NAME=PATH")
-    for generation in generate(args.model, adapters, args.prompt, args.max_new_tokens, args.quant, args.with_base):
-        print(f"[{generation.adapter}] {generation.text}")
+    if args.chat and args.prompt:
+        raise UserError("--chat: reads its messages from stdin, one per line; drop --prompt")
+    if args.chat and len(adapters) > 1:
+        raise UserError(f"--chat: talks to one adapter, got {len(adapters)} ({', '.join(names)}); give one --adapter")
+    if args.chat and args.with_base:
+        raise UserError("--chat: talks to one model, the adapter or (without --adapter) the base; drop --with-base")
+    from qlora_trainer.export.generate import chat, generate, stdin_messages
+
+    one_continuation = len(adapters) + args.with_base <= 1 and len(args.prompt) <= 1
+    stream = args.stream if args.stream is not None else (one_continuation and sys.stdout.isatty())
+    options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw,
+                   input_text=args.input, stream=stream)
+    if args.chat:
+        for reply in chat(args.model, adapters[0] if adapters else None, stdin_messages(), args.max_new_tokens,
+                          args.quant, **options):
+            if not reply.streamed:
+                print(reply.text, flush=True)
+        return 0
+    for generation in generate(args.model, adapters, args.prompt, args.max_new_tokens, args.quant, args.with_base,
+                               **options):
+        if not generation.streamed:
+            print(f"[{generation.adapter}] {generation.text}", flush=True)
     return 0
 
 
@@ -164,14 +199,55 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --out")
     merge.set_defaults(func=_merge)
 
-    gen = sub.add_parser("generate", help="generate with the base and one or more adapters")
+    export = sub.add_parser("export", help="merge an adapter into its base and write one GGUF file (llama.cpp, Ollama)")
+    export.add_argument("--format", required=True, choices=["gguf"], help="output format: gguf (llama.cpp, Ollama)")
+    export.add_argument("--model", required=True, type=_folder, help="base model folder (Llama, Mistral or Qwen2)")
+    export.add_argument("--adapter", required=True, type=_folder, help="adapter folder (output_dir/adapter)")
+    export.add_argument("--out", required=True, type=_file, help="the GGUF file to write, e.g. model.gguf")
+    export.add_argument("--type", choices=["f16", "q8_0"], default="f16",
+                        help="weights as f16, or as llama.cpp's 8-bit q8_0 blocks (about half the size; default f16)")
+    export.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4",
+                        help="how the base was quantized in training (default nf4)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.set_defaults(func=_export)
+
+    gen = sub.add_parser("generate", help="generate with the base and one or more adapters",
+                         description="Generate with the base and one or more adapters. Each adapter that train "
+                                     "wrote gets every prompt in the format it was trained on (qlora_trainer_prompt"
+                                     ".json beside its weights): an alpaca adapter the prompt as the instruction in "
+                                     "its prompt template, a chat or sharegpt adapter the prompt as one user turn "
+                                     "after its system prompt, through its chat template. Other adapters, "
+                                     "text-format ones and --raw get the prompt as given.")
     gen.add_argument("--model", required=True, type=_folder, help="base model folder")
     gen.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
-                     help="adapter folder; repeat to compare adapters on one loaded base")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+                     help="adapter folder; repeat to compare adapters on one loaded base, each with its own prompt "
+                          "format")
+    gen.add_argument("--prompt", action="append", default=[],
+                     help="the instruction (alpaca adapters) or user message (chat and sharegpt adapters); the "
+                          "whole prompt text for other adapters and with --raw (repeatable)")
+    gen.add_argument("--input", metavar="TEXT",
+                     help="alpaca adapters only: the text for the template's {input} (its Input section)")
+    gen.add_argument("--raw", action="store_true", help="send each prompt exactly as given, without the adapters' "
+                                                        "training format")
+    gen.add_argument("--chat", action="store_true",
+                     help="talk to one adapter (or the base): read messages from stdin, one per line, until an "
+                          "empty line or end of input, and print each reply. A chat or sharegpt adapter keeps the "
+                          "conversation; an alpaca adapter takes each line as a fresh instruction")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (default): greedy, always the likeliest token; above 0: sample at this temperature")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="when sampling, draw from the likeliest tokens whose probabilities add up to P, 0 < P <= 1 "
+                          "(default 1: all)")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="seed for sampling, set afresh for each continuation: the same seed gives the same text "
+                          "(default 0)")
+    gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                     help="print the text as it is generated (default: when stdout is a terminal and there is one "
+                          "continuation: one prompt, one adapter or the base)")
     gen.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4")
-    gen.add_argument("--with-base", action="store_true", help="also generate with the adapters disabled")
+    gen.add_argument("--with-base", action="store_true",
+                     help="also generate with the adapters disabled; the base gets the first adapter's prompt format")
     gen.set_defaults(func=_generate)
     return parser
 

@@ -26,6 +26,7 @@ from qlora_trainer.engine.base import load_model_config, load_tokenizer
 from qlora_trainer.engine.build import Session, build, check_before_loading
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
+from qlora_trainer.export.generate import prompt_format
 from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, peak_memory_bytes
 from qlora_trainer.spec import RunSpec, resolve
 from qlora_trainer.training import checkpoints
@@ -266,7 +267,7 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
             if signals and not is_last:
                 raise Interrupted(signals[0], saved)
     result.final_step = state.step
-    save_final_adapter(session.model, output_dir)
+    save_final_adapter(session.model, output_dir, prompt_format(session.run.spec.data, session.tokenizer))
     timed = speeds[2:] or speeds
     result.tokens_per_second = statistics.median(timed) if timed else None
     result.peak_allocated_bytes, result.peak_reserved_bytes = peak_memory_bytes(session.device.type)

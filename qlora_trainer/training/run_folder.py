@@ -103,15 +103,41 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
 
-def save_final_adapter(peft_model: nn.Module, output_dir: Path) -> Path:
-    """output_dir/adapter in standard PEFT format, replaced atomically."""
+def save_final_adapter(peft_model: nn.Module, output_dir: Path, prompt_format: Optional[dict] = None) -> Path:
+    """output_dir/adapter in standard PEFT format, replaced atomically, with the prompt format the run trained on
+    beside the weights (qlora_trainer_prompt.json, which `generate` writes its prompts in): `prompt_format` as
+    export/generate.py's `prompt_format` makes it, or by default made from the run's run_config.json."""
     final = output_dir / ADAPTER
     tmp = output_dir / f".tmp-{ADAPTER}"
     if tmp.exists():
         shutil.rmtree(tmp)
     peft_model.save_pretrained(tmp)
+    _save_prompt_format(tmp, output_dir, prompt_format)
     replace_folder_atomically(tmp, final)
     return final
+
+
+def _save_prompt_format(adapter_dir: Path, output_dir: Path, prompt_format: Optional[dict]) -> None:
+    """qlora_trainer_prompt.json in adapter_dir. Nothing here may cost the run its adapter: where the format cannot
+    be made, a warning says so and the adapter is saved without it (generate then sends prompts as given)."""
+    from qlora_trainer.export.generate import PROMPT_FILE, prompt_format as make_prompt_format  # only needed here
+
+    try:
+        if prompt_format is None:
+            from qlora_trainer.engine.base import load_tokenizer
+            from qlora_trainer.spec import spec_from_dict
+
+            saved = read_run_config(output_dir)
+            if saved is None:
+                return
+            spec = spec_from_dict(saved)
+            prompt_format = make_prompt_format(spec.data, load_tokenizer(spec.model))
+        (adapter_dir / PROMPT_FILE).write_text(json.dumps(prompt_format, indent=1, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    except Exception as err:  # noqa: BLE001 (any failure: the adapter is worth more than its prompt file)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        print(f"warning: {PROMPT_FILE} not written beside the adapter ({reason}); generate will send its prompts "
+              "as given, so write them in the training format yourself", file=sys.stderr)
 
 
 # --- replacing an earlier run (--overwrite) ---------------------------------------------------------------------
