@@ -11,6 +11,7 @@ from qlora_trainer.bench.measure import measure, method_spec
 from qlora_trainer.cli import main
 from qlora_trainer.hardware import GpuSpec
 from qlora_trainer.spec import Budget, resolve
+from qlora_trainer.bench.report import chart_labels
 
 ROW_KEYS = {"method", "status", "trainable_params", "optimizer_state_bytes", "peak_allocated_bytes",
             "peak_reserved_bytes", "tokens_per_second", "predicted_peak_bytes"}
@@ -75,6 +76,8 @@ def test_a_method_over_the_budget_is_estimated_never_measured(tiny_llama_dir, tm
     assert rows["full"].peak_reserved_bytes is None and rows["full"].peak_allocated_bytes is None
     assert rows["full"].predicted_peak_bytes == full_peak and "not run" in rows["full"].note
     assert rows["qlora"].status == "measured"
+    # the chart says where memory is the planner's: full was not run, qlora ran on the CPU (no VRAM to measure)
+    assert chart_labels(report) == ["full\n(VRAM estimated)", "qlora\n(VRAM estimated)"]
     written = bench_run.write_report(report, tmp_path)
     markdown = written[0].read_text()
     assert "| full | estimated |" in markdown and "| qlora | measured |" in markdown

@@ -134,10 +134,17 @@ def reading(report: BenchReport) -> list[str]:
     return sentences
 
 
+def chart_labels(report: BenchReport) -> list[str]:
+    """Each bar's label: the method and whether its memory was measured (a GPU run) or is the planner's estimate
+    (not run, or run on the CPU, where there is no VRAM to measure)."""
+    return [f"{r.method}\n(VRAM {'measured' if r.peak_reserved_bytes else 'estimated'})" for r in report.rows]
+
+
 def chart(report: BenchReport, path: Path) -> None:
-    """Stacked bars per method (weights, gradients, optimizer, activations, other) and a line at the budget."""
+    """Stacked bars per method (weights, gradients, optimizer, activations, other) and a line at the budget; the
+    bars of estimated memory hatched."""
     figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(report.rows)), 4.5))
-    names = [f"{r.method}\n({r.status})" for r in report.rows]
+    names = chart_labels(report)
     bottoms = [0.0] * len(report.rows)
     for part in PARTS:
         heights = [r.parts_bytes.get(part, 0) / GIB for r in report.rows]
@@ -145,7 +152,7 @@ def chart(report: BenchReport, path: Path) -> None:
                  hatch=None, edgecolor="white")
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     for index, row in enumerate(report.rows):
-        if row.status == "estimated":
+        if not row.peak_reserved_bytes:
             axes.bar(names[index], bottoms[index], fill=False, hatch="//", edgecolor="#333333", linewidth=0)
     if report.budget_bytes:
         axes.axhline(report.budget_bytes / GIB, color="black", linestyle="--", linewidth=1,

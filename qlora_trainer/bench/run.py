@@ -126,7 +126,7 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
     gpu = detect_gpu()
     hardware = planned_hardware()
     rows, budget = [], None
-    for method in methods:
+    for number, method in enumerate(methods, 1):
         spec = method_spec(method, str(model_path), args.seq_len, args.batch_size, args.rank, args.targets,
                            args.steps).with_values({"training.memory_cap_gib": max(args.cap_gib, 0.0)})
         run = resolve(spec, hardware)
@@ -134,10 +134,12 @@ def run_bench(args: argparse.Namespace, command: str) -> BenchReport:
         estimate, weight_bytes, gradient_bytes, optimizer_bytes = method_estimate(model_config, run, method)
         measured, note = None, ""
         if budget is None or budget.fits(estimate.predicted_peak_bytes):  # the rule train's gate applies
+            print(f"bench: {method} ({number} of {len(methods)}): {args.steps} steps", file=sys.stderr, flush=True)
             measured, note = _measure_in_subprocess(method, spec, args.cap_gib, timeout_s=600)
         else:
             note = (f"predicted {estimate.predicted_peak_bytes / GIB:.1f} GiB > {budget.usable_bytes / GIB:.1f} GiB "
                     "usable: not run")
+            print(f"bench: {method} ({number} of {len(methods)}): {note}", file=sys.stderr, flush=True)
         rows.append(BenchRow(
             method=method,
             status="measured" if measured else "estimated",
