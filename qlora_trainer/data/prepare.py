@@ -23,6 +23,7 @@ from qlora_trainer.data.sampling import mix
 from qlora_trainer.errors import UserError
 from qlora_trainer.spec import DataConfig
 from qlora_trainer.spec.sections import DataSource
+from qlora_trainer.hub import require_hub
 
 IGNORE_INDEX = -100
 TRUNCATION_WARNING_SHARE = 0.05  # more rows than this share cut or dropped for length: say so before training
@@ -129,6 +130,7 @@ def _read_saved(path: Path, split: str) -> list[Any]:
 
 
 def _read_hub(name: str, split: str) -> list[Any]:
+    require_hub("data.path", name)
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as err:  # offline, unknown name, gated, missing split: all end here

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from qlora_trainer.spec import ModelConfig, QuantizationConfig
 from qlora_trainer.errors import UserError
+from qlora_trainer.hub import require_hub
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -74,6 +75,8 @@ def check_weights_match(model_path: str, expected: dict[str, tuple[int, ...]]) -
 def load_model_config(model: ModelConfig) -> PretrainedConfig:
     """The transformers config of the base, read without loading weights."""
     check_model_folder(model.path)
+    if not Path(model.path).exists():
+        require_hub("model.path", model.path)
     try:
         return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
