@@ -43,7 +43,8 @@ except ImportError:  # an optional extra: say how to get it in one line, not a t
 
 from qlora_trainer.engine.adapters import load_adapter
 from qlora_trainer.engine.base import load_model_config, load_tokenizer
-from qlora_trainer.export.merge import check_adapter_dir, load_for_inference, merge_in_float32, restore_module_layouts
+from qlora_trainer.export.merge import (check_adapter_dir, check_can_be_made, load_for_inference, merge_in_float32,
+                                        restore_module_layouts)
 from qlora_trainer.spec import ModelConfig
 from qlora_trainer.training.checkpoints import fsync_dir
 
@@ -120,11 +121,7 @@ def check_out_file(out: Path, model: str, adapter: Path, overwrite: bool) -> Pat
         raise UserError(f"--out: {out} is a folder; give a file name such as {out / 'model.gguf'}")
     if target.exists() and not overwrite:
         raise UserError(f"--out: {out} exists; pass --overwrite to replace it")
-    parent = next(p for p in target.parents if p.exists())  # where the file and its temporary file are made
-    if not parent.is_dir():
-        raise UserError(f"--out: {parent} is a file, so {out} cannot be made; give a path in a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out: cannot write in {parent}; give a folder you may write in")
+    check_can_be_made(target, out, "give a path in a folder")
     return target
 
 

@@ -66,6 +66,16 @@ def _files_of_earlier_merge(folder: Path) -> Optional[list[str]]:
     return files if isinstance(files, list) else None
 
 
+def check_can_be_made(target: Path, given: Path, hint: str) -> None:
+    """Refuse `--out` (`given`, resolved `target`) when a file stands where its folder should be, or its nearest
+    existing folder is not writable: the output and its temporary copy are made there."""
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out: {parent} is a file, so {given} cannot be made; {hint}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out: cannot write in {parent}; give a folder you may write in")
+
+
 def check_out_dir(out_dir: Path, model_path: str, adapter_dir: Path, overwrite: bool) -> Path:
     """The folder merge may write, resolved: a new or empty one, or (with overwrite) an earlier merge's output that
     holds only what that merge wrote. Never one that holds the adapter or the base or lies inside either, and never
@@ -81,11 +91,7 @@ def check_out_dir(out_dir: Path, model_path: str, adapter_dir: Path, overwrite: 
             raise UserError(f"--out: {out_dir} is inside the {what} folder ({path}); choose a folder of its own")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out_dir} is a file; give a folder for the merged model")
-    parent = next(p for p in out.parents if p.exists())  # where the output and its temporary folder are made
-    if not parent.is_dir():
-        raise UserError(f"--out: {parent} is a file, so {out_dir} cannot be made; give a folder for the merged model")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out: cannot write in {parent}; give a folder you may write in")
+    check_can_be_made(out, out_dir, "give a folder for the merged model")
     if not out.exists() or not any(out.iterdir()):
         return out
     written = _files_of_earlier_merge(out)
