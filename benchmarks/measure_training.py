@@ -2,20 +2,27 @@
 
 Each case runs `qlora-trainer train` in its own process (a fresh CUDA allocator, as a user's run has) on a
 random-weight checkpoint and packed synthetic text, and reads the peaks and speeds from its metrics.jsonl.
-Results are appended to a JSONL file as they come, so a cut-off run keeps what it measured.
+Results are appended to a JSONL file as they come, so a cut-off run keeps what it measured. With --parallel N, up
+to N cases run side by side as the GPU's memory allows: each process has its own allocator, so its peaks are its
+own, but its tokens/s are shared and are not a speed figure (records say `concurrent`).
 
     python benchmarks/measure_training.py --cases benchmarks/cases/gpu-smoke.yaml --out results.jsonl
 """
 
 import argparse
+import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -24,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's q
 from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess, write_synthetic_text  # noqa: E402
 from qlora_trainer.hardware import GPU_CATALOGUE, Hardware, detect_gpu  # noqa: E402
 from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
-from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
+from qlora_trainer.planner.search import SEARCHED_KEYS, search_plan  # noqa: E402
+from qlora_trainer.planner.shapes import load_model_config, model_shape  # noqa: E402
 from qlora_trainer.spec import resolve, spec_from_dict  # noqa: E402
 
 WORK = Path(os.environ.get("QLORA_BENCH_WORK", tempfile.gettempdir()))
 
 
+@functools.cache
 def synthetic_data() -> Path:
     """Packed synthetic text, enough for full rows of any length (the same file for every case)."""
     return write_synthetic_text(WORK / "synthetic-text.jsonl", n_docs=4000, words_per_doc=400)
@@ -89,10 +98,43 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
     return record
 
 
-def measure_case(case: dict, timeout_s: int) -> dict:
-    model_dir = random_checkpoint_in_subprocess(case["model"], WORK / f"random-{Path(case['model']).name}")
-    config = run_config(model_dir, synthetic_data(), case, WORK / "bench-run")
+def card_config(case: dict) -> dict:
+    """A `card: T4` case runs the planner's own plan for that card (`training.plan: auto`) on this GPU held to the
+    card's usable memory (`training.memory_cap_gib`, CUDA context included), in the compute dtype and with the
+    attention the card would get: what `plan-memory --gpu T4` plans, run as it would run there."""
+    card = GPU_CATALOGUE[case["card"]]
+    spec = spec_from_dict(run_config(Path(case["model"]), Path("synthetic.jsonl"), case | {"plan_auto": True},
+                                     Path("out")))
+    on_card = resolve(spec, Hardware.planned(card))
+    fixed = {"training": {"memory_cap_gib": round(card.usable_bytes / 2**30, 2)},
+             "quantization": {"compute_dtype": on_card.compute_dtype},
+             "model": {"attn_implementation": on_card.attention if on_card.attention in ("sdpa", "eager") else "auto"}}
+    config = case.get("config", {})
+    return {section: fixed.get(section, {}) | config.get(section, {}) for section in {*fixed, *config}}
+
+
+def card_plan(case: dict) -> dict:
+    """What `plan-memory --gpu CARD` plans for a card case (the trainer, capped on this GPU, should choose the same)."""
+    spec = spec_from_dict(run_config(Path(case["model"]), Path("synthetic.jsonl"), case | {"plan_auto": True},
+                                     Path("out")))
+    plan = search_plan(model_shape(load_model_config(case["model"])),
+                       resolve(spec, Hardware.planned(GPU_CATALOGUE[case["card"]])))
+    return {"fits": plan.fits, "predicted_peak_bytes": plan.estimate.predicted_peak_bytes,
+            "values": {key: plan.run.spec.value(key) for key in SEARCHED_KEYS}}
+
+
+def expanded(case: dict) -> dict:
+    """A case as measured: card cases become planned runs under the card's cap."""
+    if "card" not in case:
+        return case
+    return case | {"plan_auto": True, "config": card_config(case)}
+
+
+def measure_case(case: dict, model_dir: Path, timeout_s: int, slot: int) -> dict:
+    config = run_config(model_dir, synthetic_data(), case, WORK / f"bench-run-{slot}")
     record = {"name": case["name"], "model": case["model"], "config": case.get("config", {})}
+    if "card" in case:
+        record |= {"card": case["card"], "card_plan": card_plan(case)}
     record |= run_train_command(config, timeout_s)
     ran = record.get("ran_config", config)
     training, adapter = ran["training"], ran["adapter"]
@@ -103,14 +145,80 @@ def measure_case(case: dict, timeout_s: int) -> dict:
     return record | predicted(ran)
 
 
-def predicted(config: dict) -> dict:
+def predicted(config: dict, model: Optional[str] = None) -> dict:
     """The planner's prediction for the same run config, as the trainer resolves it on this machine's GPU (an H100
-    where there is none)."""
+    where there is none); shapes from `model` (a preset) when given, else from the config's model folder."""
     run = resolve(spec_from_dict(config), Hardware.planned(detect_gpu() or GPU_CATALOGUE["H100-80GB"]))
-    estimate = estimate_memory(load_model_config(run.spec.model.path), run)
+    estimate = estimate_memory(load_model_config(model or run.spec.model.path), run)
     return {"predicted_peak_bytes": estimate.predicted_peak_bytes,
             "predicted_peak_allocated_bytes": estimate.predicted_peak_allocated_bytes,
             "predicted_breakdown": estimate.breakdown, "predicted_phase": estimate.phase}
+
+
+def gpu_need_gib(case: dict) -> float:
+    """What a case may take of the GPU while others run beside it: its cap, else its prediction with headroom
+    (the grid measures how far off the prediction is) plus the CUDA context."""
+    cap = case.get("config", {}).get("training", {}).get("memory_cap_gib", 0)
+    if cap:
+        return cap
+    config = run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out"))
+    return 1.5 * predicted(config, case["model"])["predicted_peak_bytes"] / 2**30 + 1.0
+
+
+class Scheduler:
+    """Cases run side by side (each in its own process, so each has its own allocator and peak), as many at once as
+    the GPU's memory allows by their needs; every model's random checkpoint is built once, before its first case,
+    and deleted after its last when `cleanup` (a disk holds two or three 7B checkpoints)."""
+
+    def __init__(self, cases: list[dict], gpu_gib: float, deadline: float, cleanup: bool):
+        self.total_gib = self.free_gib = gpu_gib
+        self.deadline, self.cleanup = deadline, cleanup
+        self.condition = threading.Condition()
+        self.checkpoints: dict[str, Future] = {}
+        self.remaining = {model: sum(c["model"] == model for c in cases) for model in {c["model"] for c in cases}}
+        self.builder = ThreadPoolExecutor(max_workers=1)
+
+    def take(self, gib: float) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.free_gib >= gib)
+            self.free_gib -= gib
+
+    def give(self, gib: float) -> None:
+        with self.condition:
+            self.free_gib += gib
+            self.condition.notify_all()
+
+    def checkpoint(self, model: str) -> Path:
+        with self.condition:
+            if model not in self.checkpoints:
+                self.checkpoints[model] = self.builder.submit(
+                    random_checkpoint_in_subprocess, model, WORK / f"random-{Path(model).name}")
+        return self.checkpoints[model].result()
+
+    def done_with(self, model: str) -> None:
+        with self.condition:
+            self.remaining[model] -= 1
+            last = self.remaining[model] == 0
+        if last and self.cleanup:
+            shutil.rmtree(WORK / f"random-{Path(model).name}", ignore_errors=True)
+
+    def run(self, case: dict, timeout_s: int, slot: int) -> dict:
+        need = min(gpu_need_gib(case), self.total_gib)
+        try:
+            if time.time() > self.deadline:
+                return {"name": case["name"], "error": "not run: the --deadline-s passed first"}
+            model_dir = self.checkpoint(case["model"])
+            self.take(need)
+            try:
+                if time.time() > self.deadline:
+                    return {"name": case["name"], "error": "not run: the --deadline-s passed first"}
+                return measure_case(case, model_dir, int(min(timeout_s, self.deadline + 60 - time.time())), slot)
+            except subprocess.TimeoutExpired:
+                return {"name": case["name"], "error": "timed out"}
+            finally:
+                self.give(need)
+        finally:
+            self.done_with(case["model"])
 
 
 def main() -> None:
@@ -119,20 +227,33 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="JSONL file the results are appended to")
     parser.add_argument("--only", help="comma-separated case names to run")
     parser.add_argument("--timeout-s", type=int, default=300, help="per case")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="cases run side by side (memory only: their tokens/s are then not a speed figure)")
+    parser.add_argument("--gpu-gib", type=float, default=70.0, help="GPU memory the cases running at once may take")
+    parser.add_argument("--deadline-s", type=float, default=float("inf"),
+                        help="start no case after this many seconds (what is left is recorded as not run)")
+    parser.add_argument("--cleanup", action="store_true", help="delete each random checkpoint after its last case")
     args = parser.parse_args()
-    cases = yaml.safe_load(args.cases.read_text())
+    cases = [expanded(case) for case in yaml.safe_load(args.cases.read_text())]
     if args.only:
         wanted = set(args.only.split(","))
         cases = [c for c in cases if c["name"] in wanted]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        try:
-            record = measure_case(case, args.timeout_s)
-        except subprocess.TimeoutExpired:
-            record = {"name": case["name"], "error": f"timed out after {args.timeout_s} s"}
-        with open(args.out, "a") as handle:
+    synthetic_data()  # written once, before cases read it side by side
+    scheduler = Scheduler(cases, args.gpu_gib, time.time() + args.deadline_s, args.cleanup)
+    lock = threading.Lock()
+
+    def one(slot_and_case: tuple[int, dict]) -> None:
+        slot, case = slot_and_case
+        record = scheduler.run(case, args.timeout_s, slot) | {"concurrent": args.parallel > 1}
+        with lock, open(args.out, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "ran_config")}), flush=True)
+            print(json.dumps({k: v for k, v in record.items()
+                              if k not in ("losses", "ran_config", "predicted_breakdown", "step_speeds")}), flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(one, enumerate(cases)))
+    scheduler.builder.shutdown()
 
 
 if __name__ == "__main__":

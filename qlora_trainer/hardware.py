@@ -135,14 +135,17 @@ def configure_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
 
 
-def apply_memory_cap(cap_gib: float) -> None:
-    """Hold this process to cap_gib of the GPU (to share a card, or to behave as a smaller one would)."""
+def apply_memory_cap(cap_gib: float, outside_pool_bytes: int) -> None:
+    """Hold this process to cap_gib of the GPU (to share a card, or to behave as a smaller one would): PyTorch's pool
+    gets the cap less what the process holds outside it (the CUDA context, `outside_pool_bytes`), as on a card of
+    cap_gib."""
     import torch
 
     if cap_gib <= 0 or not torch.cuda.is_available():
         return
     total_bytes = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total_bytes), 0)
+    pool_bytes = max(int(cap_gib * 2**30) - outside_pool_bytes, 0)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, pool_bytes / total_bytes), 0)
 
 
 def peak_memory_bytes(device_type: str) -> tuple[Optional[int], Optional[int]]:

@@ -216,3 +216,40 @@ def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llam
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
+
+
+def _dequantized_weights_kept(model) -> list[tuple]:
+    """Shapes of the 16-bit tensors shaped like an adapted base weight that one compiled forward keeps for backward."""
+    import torch._dynamo
+
+    weight_shapes = {tuple(m.get_base_layer().weight.quant_state.shape) for m in model.modules()
+                     if isinstance(m, fused_lora.FusedLoRALinear4bit)}
+    assert weight_shapes
+    torch._dynamo.reset()
+    kept = []
+    x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=x).logits.float().square().mean().backward()
+    return [tuple(t.shape) for t in kept if t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes]
+
+
+def test_a_compiled_layer_that_keeps_its_activations_keeps_no_dequantized_weight(tiny_llama_dir):
+    """Without checkpointing, what a compiled layer keeps is the partitioner's choice (compiled_layers.py): with
+    common-subexpression elimination on, it keeps every adapted weight dequantized to 16 bits, which the planner
+    does not count (and should not cost). `aot_eager_decomp_partition` partitions with inductor's min-cut
+    rematerialization, without generating kernels."""
+    import torch._functorch.config as functorch_config
+
+    from qlora_trainer.engine.compiled_layers import compile_decoder_layers
+
+    model = _adapted(tiny_llama_dir, "float32", checkpointing=False, targets="all-linear")
+    fused_lora.use_fused_lora(model)
+    compile_decoder_layers(model, backend="aot_eager_decomp_partition")
+    assert not functorch_config.cse
+    assert _dequantized_weights_kept(model) == []
+    try:  # the reason: the same layers compiled with the pass on keep them
+        functorch_config.cse = True
+        assert _dequantized_weights_kept(model)
+    finally:
+        functorch_config.cse = True

@@ -74,7 +74,7 @@ def test_fixed_checkpointed_layers_are_kept(llama2):
     assert search_plan(llama2, run).run.spec.training.checkpointed_layers == 32
 
 
-def test_objective_order_all_linear_then_rank_then_optimizer_then_speed(llama2):
+def test_objective_order_all_linear_then_rank_then_optimizer_then_micro_batch(llama2):
     runs = candidate_runs(llama2, planned(80), 16)
     first, last = runs[0].spec, runs[-1].spec
     assert (first.adapter.target_modules, first.adapter.r, first.adapter.lora_alpha, first.training.optimizer,
@@ -85,14 +85,26 @@ def test_objective_order_all_linear_then_rank_then_optimizer_then_speed(llama2):
     position = lambda changes: runs.index(runs[0].with_values(changes))  # noqa: E731
     # rank before optimizer
     assert position({"training.optimizer": "paged_adamw8bit"}) < position({"adapter.r": 32, "adapter.lora_alpha": 64.0})
-    assert (position({"training.micro_batch_size": 1, "training.gradient_accumulation_steps": 16})
-            < position({"training.gradient_checkpointing": True}))
+    # the largest micro-batch before checkpointing off: micro-batch 16 checkpointed comes before micro-batch 8 without
+    assert (position({"training.gradient_checkpointing": True})
+            < position({"training.micro_batch_size": 8, "training.gradient_accumulation_steps": 2}))
+    # offloading only after every micro-batch that keeps the checkpointed inputs on the GPU
+    assert (position({"training.gradient_checkpointing": True, "training.micro_batch_size": 1,
+                      "training.gradient_accumulation_steps": 16})
+            < position({"training.gradient_checkpointing": True, "training.offload_checkpoints": True}))
 
 
-def test_a_large_gpu_gets_all_linear_rank_64_without_checkpointing(llama2):
+def test_a_large_gpu_gets_all_linear_rank_64_and_the_whole_batch_checkpointing_only_some_layers(llama2):
     spec = search_plan(llama2, planned(80)).run.spec
     assert (spec.adapter.target_modules, spec.adapter.r, spec.training.optimizer,
-            spec.training.gradient_checkpointing) == ("all-linear", 64, "adamw", False)
+            spec.training.micro_batch_size, spec.training.gradient_checkpointing) == (
+        "all-linear", 64, "adamw", 16, True)
+    assert 0 < spec.training.checkpointed_layers < llama2.num_layers
+
+
+def test_checkpointing_is_off_where_the_whole_batch_fits_without_it(llama2):
+    spec = search_plan(llama2, planned(80).with_values({"training.max_seq_len": 256})).run.spec
+    assert (spec.training.micro_batch_size, spec.training.gradient_checkpointing) == (16, False)
 
 
 def test_fixed_choices_are_kept(llama2):

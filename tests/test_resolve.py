@@ -40,6 +40,8 @@ def test_packed_sdpa_runs_the_varlen_kernel_where_the_gpu_and_torch_have_it():
     assert resolve(packed, Hardware(L4.gpu, "cuda", varlen_attention=False)).attention == "sdpa"
     assert resolve(RunSpec(), L4).attention == "sdpa"  # unpacked rows keep SDPA
     assert resolve(packed.with_values({"model.attn_implementation": "eager"}), L4).attention == "eager"
+    # a named implementation is used as named: sdpa on packed rows keeps the block-diagonal mask
+    assert resolve(packed.with_values({"model.attn_implementation": "sdpa"}), L4).attention == "sdpa"
 
 
 def test_fused_lora_applies_to_lora_over_a_4bit_base_only():

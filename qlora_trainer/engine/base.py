@@ -122,7 +122,8 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: 
               device: torch.device, attention: Optional[str] = None) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
 
-    `attention` is the attention implementation as resolved (default: model.attn_implementation).
+    `attention` is the attention implementation as resolved (default: model.attn_implementation, SDPA for auto:
+    what runs unpacked rows, as inference does).
     Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
     dtype unless model.upcast_non_quantized is set: upcasting them costs ~0.5 GiB on a 7B model for no gain
     with fp32 adapters.
@@ -133,7 +134,7 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: 
         dtype=compute_dtype,
         quantization_config=quantization_config(quant, compute_dtype),
         trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=attention or model_cfg.attn_implementation,
+        attn_implementation=attention or model_cfg.attn_implementation.replace("auto", "sdpa"),
         use_safetensors=True,
     )
     if device.type == "cuda":

@@ -98,3 +98,8 @@ def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optio
             layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
             layer.offload_checkpoint = offload
     model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad
+
+
+def is_checkpointed(layer: nn.Module) -> bool:
+    """Whether `enable_activation_checkpointing` checkpointed this decoder layer."""
+    return isinstance(layer, _CheckpointedLayer)

@@ -4,15 +4,29 @@ few fused kernels, which matters at micro-batch 1 where a 7B model's GPU otherwi
 Layers share one compiled graph (their parameters are graph inputs), so the cost is one compilation, paid on the
 first step. Gradient checkpointing (checkpointing.py) wraps the compiled call; it is not traced. Whether layers are
 compiled is the resolved run's `compile_layers` (spec/resolve.py).
+
+What a compiled layer keeps for backward is what AOTAutograd's partitioner chooses, not what each autograd
+function saves. Its common-subexpression pass merges the fused LoRA's two dequantizations of a frozen weight
+(fused_lora.py: one in forward, one in backward) into one, and since the dequantization is an opaque bitsandbytes
+op it cannot recompute, the 16-bit weight is kept: for a layer that keeps its activations, every adapted weight
+of the model in 16 bits (measured on an H100: Mistral-7B, all linear layers, no checkpointing, 12.9 GiB more than
+counted; benchmarks/results/planner-accuracy-h100.md). The pass is therefore off when any layer keeps its
+activations; with every layer checkpointed the merged weight lives only through one layer's recomputation and
+backward, and saves a dequantization there.
 """
 
+import torch._functorch.config as functorch_config
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from qlora_trainer.engine.checkpointing import is_checkpointed
 
 
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     """Compile every decoder layer in place; returns how many were compiled."""
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # a process-wide setting, read when the layers compile (their first call): one model is trained per process
+    functorch_config.cse = all(is_checkpointed(layer) for layer in layers)
     for layer in layers:
         layer.compile(backend=backend)
     return len(layers)

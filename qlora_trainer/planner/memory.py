@@ -60,7 +60,7 @@ class Calibration:
     # foreach ops) and a few dequantization buffers of the largest base weight, plus small-pool segments.
     # Set once for the whole grid (3 models), never per row; cli.py sets expandable_segments.
     allocator_adapter_factor: float = 1.0
-    allocator_weight_buffers: float = 4.0
+    allocator_weight_buffers: float = 3.0
     allocator_overhead_bytes: int = 64 * 2**20
     # counted from the chunk's backward in engine/loss.py (fp32 log-softmax output + its fp32 gradient + the fp32
     # gradient of the logits); the grid's rows that peak at the loss agree within 3% (planner-accuracy-h100.md)
@@ -369,7 +369,8 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     if phase == "optimizer step":
         phases[phase] += gradients
     allocated = static + phases[phase]
-    overhead = int(cal.allocator_adapter_factor * adapter + cal.allocator_weight_buffers * transient
+    dequantized = compute * largest_weight if spec.quantization.mode != "none" else 0
+    overhead = int(cal.allocator_adapter_factor * adapter + cal.allocator_weight_buffers * dequantized
                    + cal.allocator_overhead_bytes)
     breakdown = {
         "weights": weights,

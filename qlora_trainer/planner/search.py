@@ -7,8 +7,11 @@ Objective, in order (lexicographic; the first run that fits wins):
      sec. 4) found adapters on every linear layer necessary to match 16-bit finetuning;
   2. the highest rank (64, 32, 16, 8), adapter.lora_alpha = 2 x rank unless fixed;
   3. 32-bit AdamW, then paged 8-bit AdamW (QLoRA's optimizer; its paged states can move to CPU RAM);
-  4. gradient checkpointing off (a third less compute), then on;
-  5. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest;
+  4. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest: a
+     step of a 7B model at micro-batch 1 waits on the host (benchmarks/results/vs-reference-h100-profile.txt), so
+     more tokens per micro-batch is the larger gain (planner-accuracy-h100.md, 2026-11-22: the T4 plan at
+     micro-batch 4 ran at 8,141 tokens/s, the L4 plan at micro-batch 1 without checkpointing at 6,171);
+  5. gradient checkpointing off (a third less compute), then on;
   6. with checkpointing on, as few checkpointed layers as the memory left over allows: each layer that keeps its
      activations is not recomputed in backward, so the budget the micro-batch leaves buys speed;
   7. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
@@ -22,6 +25,7 @@ budget it fits and the longest sequence it fits at this budget.
 
 import copy
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
@@ -122,12 +126,15 @@ def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) 
                     and allowed("training.offload_checkpoints", offload)]
     fixed_micro = spec.training.micro_batch_size if _fixed(run, "training.micro_batch_size") else None
     fixed_layers = spec.training.checkpointed_layers if _fixed(run, "training.checkpointed_layers") else None
+    # the modes that keep everything on the GPU for every micro-batch first; offloading only when none of them fits
+    mode_groups = [[mode for mode in memory_modes if not mode[1]], [mode for mode in memory_modes if mode[1]]]
     for targets in choices("adapter.target_modules", TARGET_ORDER):
         for rank in choices("adapter.r", _ranks(shape, run, targets)):
             alpha = spec.adapter.lora_alpha if _fixed(run, "adapter.lora_alpha") else 2.0 * rank
             for optimizer in choices("training.optimizer", OPTIMIZER_ORDER):
-                for checkpointing, offload, mlp_chunk in memory_modes:
-                    for micro, accumulation in _batch_splits(effective_batch, fixed_micro):
+                for modes, (micro, accumulation) in itertools.product(
+                        mode_groups, _batch_splits(effective_batch, fixed_micro)):
+                    for checkpointing, offload, mlp_chunk in modes:
                         yield {
                             "adapter.target_modules": targets, "adapter.r": rank, "adapter.lora_alpha": alpha,
                             "training.optimizer": optimizer, "training.gradient_checkpointing": checkpointing,

@@ -92,14 +92,17 @@ def _compiles(setting: str, hardware: Hardware) -> bool:
 
 
 def _attention(spec: RunSpec, hardware: Hardware) -> str:
-    """SDPA on packed rows becomes torch's variable-length flash kernel where it runs (torch >= 2.10, compute
+    """`auto` is SDPA, and on packed rows torch's variable-length flash kernel where it runs (torch >= 2.10, compute
     capability 8.0 and up): the same attention, kept inside each example by the examples' lengths instead of a
-    block-diagonal mask (engine/packed_attention.py)."""
+    block-diagonal mask (engine/packed_attention.py). A named implementation is used as named."""
+    requested = spec.model.attn_implementation
+    if requested != "auto":
+        return requested
     gpu = hardware.gpu
-    if (spec.model.attn_implementation == "sdpa" and spec.data.packing and hardware.device_type == "cuda"
-            and gpu is not None and gpu.compute_capability >= (8, 0) and hardware.varlen_attention):
+    if (spec.data.packing and hardware.device_type == "cuda" and gpu is not None
+            and gpu.compute_capability >= (8, 0) and hardware.varlen_attention):
         return PACKED_VARLEN
-    return spec.model.attn_implementation
+    return "sdpa"
 
 
 def _budget(spec: RunSpec, hardware: Hardware) -> Optional[Budget]:

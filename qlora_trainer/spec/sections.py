@@ -22,7 +22,9 @@ class ModelConfig:
     path: str = ""  # local Hugging Face model folder (config.json + safetensors + tokenizer), or a hub name
     tokenizer_path: Optional[str] = None  # tokenizer folder when it is not beside the model
     trust_remote_code: bool = False  # run model code shipped with the checkpoint; only when you trust it
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+    # attention kernel; auto = SDPA, run as torch's variable-length flash kernel on packed rows where the GPU has
+    # it (spec/resolve.py); sdpa = SDPA as transformers runs it (packed rows: a block-diagonal mask)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     upcast_non_quantized: bool = False  # keep embeddings, norms and lm_head in fp32 (costs ~0.5 GiB on 7B)
 
 
@@ -135,7 +137,7 @@ class TrainingConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with a NaN/inf loss or gradient
     oom_retry: Literal["off", "halve-micro-batch"] = "off"  # on GPU out-of-memory: stop, or halve and go on
     plan: Literal["off", "auto"] = "off"  # auto = the planner picks what you left out to fit the GPU
-    memory_cap_gib: float = 0.0  # use at most this much of the GPU (0 = all of it); also the planner's budget
+    memory_cap_gib: float = 0.0  # use at most this much of the GPU, CUDA context included (0 = all of it); also the planner's budget
 
 
 @dataclass
