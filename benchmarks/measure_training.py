@@ -77,7 +77,9 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
     )
     record = {"exit_code": process.returncode, "wall_s": round(time.time() - started, 1)}
     if process.returncode != 0:
-        record["error"] = (process.stderr.strip().splitlines() or ["?"])[-1][:300]
+        lines = process.stderr.strip().splitlines() or ["?"]
+        record["error"] = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:300]
+        record["stderr_tail"] = "\n".join(lines[-40:])[-4000:]
     metrics_path = output_dir / "metrics.jsonl"
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     steps = [s for s in steps if "loss" in s]
