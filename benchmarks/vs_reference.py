@@ -77,17 +77,10 @@ def ours_config(model_dir: Path, data_path: Path, seq_len: int, steps: int, chan
 
 def synthetic_documents(min_words: int, max_words: int, n_docs: int = 4000) -> Path:
     """Synthetic text documents of min_words to max_words words each (seeded), as a JSONL file."""
-    import random
-
     from measure_training import WORK
-    from qlora_trainer.bench.random_model import synthetic_lines
+    from qlora_trainer.bench.random_model import write_synthetic_text
 
-    rng = random.Random(0)
-    path = WORK / f"synthetic-text-{min_words}-{max_words}.jsonl"
-    with open(path, "w") as handle:
-        for line in synthetic_lines(n_docs, max_words, seed=1):
-            handle.write(json.dumps({"text": " ".join(line.split()[:rng.randint(min_words, max_words)])}) + "\n")
-    return path
+    return write_synthetic_text(WORK / f"synthetic-text-{min_words}-{max_words}.jsonl", n_docs, max_words, min_words)
 
 
 def token_batches(config: dict, steps: int) -> list:

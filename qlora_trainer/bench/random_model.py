@@ -69,11 +69,16 @@ def random_checkpoint_in_subprocess(model: str, out_dir: Optional[Path] = None) 
     return out_dir
 
 
-def write_synthetic_text(path: Path, n_docs: int, words_per_doc: int) -> Path:
-    """A JSONL file of `text` rows made of random words, enough to pack full rows of any length."""
+def write_synthetic_text(path: Path, n_docs: int, words_per_doc: int, min_words: Optional[int] = None) -> Path:
+    """A JSONL file of `text` rows made of random words, enough to pack full rows of any length: each of
+    `words_per_doc` words, or of min_words to words_per_doc words (seeded) so that packing fills its rows as real
+    documents of many lengths do (documents of one length leave the same gap in every row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = random.Random(0)
     with open(path, "w") as handle:
         for line in synthetic_lines(n_docs, words_per_doc, seed=1):
+            if min_words is not None:
+                line = " ".join(line.split()[:lengths.randint(min_words, words_per_doc)])
             handle.write(json.dumps({"text": line}) + "\n")
     return path
 
