@@ -11,6 +11,7 @@ the grid ran on and estimated on the preset's shapes.
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from qlora_trainer.hardware import GPU_CATALOGUE, Hardware  # noqa: E402
 from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
 from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
 from qlora_trainer.spec import RunSpec, resolve, spec_from_dict  # noqa: E402
+from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES  # noqa: E402
 
 GIB = 2**30
 MEASURED_ON = Hardware.planned(GPU_CATALOGUE["H100-80GB"])  # results/planner-accuracy-h100.*
@@ -52,17 +54,31 @@ def predicted(case: dict, record: dict) -> dict:
 
 
 def table(records: list[dict], cases: dict[str, dict]) -> str:
-    lines = ["| case | peak reserved GiB (measured) | predicted GiB | error | peak phase | tokens/s |",
-             "|---|---:|---:|---:|---|---:|"]
-    worst = 0.0
-    for record in records:
+    """One row per record (the last record of a case counts), then the summary: largest and median error."""
+    latest = {record["name"]: record for record in records}
+    lines = ["| case | documents | peak reserved GiB (measured) | predicted GiB | error | peak phase | use of the cap |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    errors, uses = [], []
+    for record in latest.values():
         prediction = predicted(cases[record["name"]], record)
         measured = record["peak_reserved_bytes"]
         error = prediction["predicted_peak_bytes"] / measured - 1
-        worst = max(worst, abs(error))
-        lines.append(f"| {record['name']} | {measured / GIB:.2f} | {prediction['predicted_peak_bytes'] / GIB:.2f} "
-                     f"| {error:+.1%} | {prediction['predicted_phase']} | {record['tokens_per_second']:,.0f} |")
-    lines += ["", f"Largest error: {worst:.1%} over {len(records)} rows."]
+        errors.append(error)
+        cap = record.get("ran_config", {}).get("training", {}).get("memory_cap_gib") or 0
+        use = ""
+        if cap:  # of what the cap leaves PyTorch's pool: the cap less the CUDA context (hardware.apply_memory_cap)
+            uses.append(measured / (cap * GIB - CUDA_CONTEXT_BYTES))
+            use = f"{uses[-1]:.1%} of {(cap * GIB - CUDA_CONTEXT_BYTES) / GIB:.2f} GiB"
+        lines.append(f"| {record['name']} | {record.get('documents', '')} | {measured / GIB:.2f} "
+                     f"| {prediction['predicted_peak_bytes'] / GIB:.2f} | {error:+.1%} | {prediction['predicted_phase']} "
+                     f"| {use} |")
+    worst = max(errors, key=abs)
+    within = sum(abs(e) <= 0.05 for e in errors)
+    lines += ["", f"{len(errors)} rows: largest error {worst:+.1%}, median |error| "
+                  f"{statistics.median(abs(e) for e in errors):.1%}, {within} within 5%."]
+    if uses:
+        lines.append(f"Planned runs under a card's cap: {len(uses)}, none out of memory, using "
+                     f"{min(uses):.1%} to {max(uses):.1%} of it.")
     return "\n".join(lines) + "\n"
 
 
