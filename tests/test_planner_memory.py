@@ -354,3 +354,70 @@ def test_compiled_layers_keep_neither_act_gate_nor_the_norms_fp32_copies(llama2)
     # act(gate) (bf16, intermediate wide); each norm's fp32 input copy, against the second norm's bf16 input
     norms = 2 * (4 * 4096 + 4) - (2 * 4 + 2 * 4096)
     assert eager.predicted_peak_allocated_bytes - compiled.predicted_peak_allocated_bytes == 8192 * (2 * 11008 + norms)
+
+
+def _compiled_layer_kept_bytes(folder, targets: str, tokens: int) -> int:
+    """Bytes one forward of the model at `folder` keeps for backward (parameters and quantization state aside), its
+    decoder layers compiled as training compiles them (fused LoRA over NF4, no checkpointing), partitioned by
+    inductor's min-cut rematerialization (`aot_eager_decomp_partition`, no kernels generated)."""
+    import dataclasses
+
+    import torch._dynamo
+
+    from qlora_trainer.engine.build import build
+    from qlora_trainer.engine.compiled_layers import compile_decoder_layers
+    from qlora_trainer.hardware import CPU
+    from qlora_trainer.spec import spec_from_dict
+
+    spec = spec_from_dict({"model": {"path": str(folder)}, "data": {"path": str(folder / "unused.jsonl")},
+                           "adapter": {"r": 8, "target_modules": targets, "lora_dropout": 0.0},
+                           "training": {"gradient_checkpointing": False, "compile_layers": "off",
+                                        "max_seq_len": tokens}})
+    session = build(dataclasses.replace(resolve(spec, CPU), fused_lora=True))
+    torch._dynamo.reset()
+    compile_decoder_layers(session.model, backend="aot_eager_decomp_partition")
+    fixed = {t.untyped_storage().data_ptr() for t in [*session.model.parameters(), *session.model.buffers()]}
+    for module in session.model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            nested = [state.state2.absmax, state.state2.code] if state.state2 is not None else []
+            fixed |= {t.untyped_storage().data_ptr() for t in [state.absmax, state.code, *nested, state.offset]
+                      if torch.is_tensor(t)}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in fixed:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        session.model(input_ids=torch.randint(4, 300, (1, tokens), generator=torch.Generator().manual_seed(0)))
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("arch, targets", [("llama", "q_proj,k_proj,v_proj,o_proj"), ("phi3", "all-linear")])
+def test_a_compiled_layer_without_checkpointing_keeps_what_the_planner_counts(tmp_path, arch, targets):
+    """What a compiled decoder layer keeps when it is not checkpointed, counted per layer (the difference between a
+    4-layer and a 2-layer model): the layer's activations as layer_activation_bytes counts them, and its own input.
+    GQA Llama with attention adapted; Phi-3, whose fused qkv_proj output stays whole behind the values' view."""
+    from conftest import save_tiny_tokenizer
+
+    cls = {"llama": LlamaConfig, "phi3": Phi3Config}[arch]
+    kept, tokens = {}, 128
+    for layers in (2, 4):
+        folder = tmp_path / f"{arch}-{layers}"
+        torch.manual_seed(0)
+        config = cls(hidden_size=128, intermediate_size=344, num_hidden_layers=layers, num_attention_heads=4,
+                     num_key_value_heads=2 if arch == "llama" else 4, vocab_size=300, pad_token_id=0,
+                     max_position_embeddings=512)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+        save_tiny_tokenizer(folder)
+        kept[layers] = _compiled_layer_kept_bytes(folder, targets, tokens)
+    shape = model_shape(AutoConfig.from_pretrained(folder))
+    planned = resolve(RunSpec().with_values({"adapter.r": 8, "adapter.target_modules": targets,
+                                             "adapter.lora_dropout": 0.0, "training.max_seq_len": tokens,
+                                             "training.compile_layers": "on"}), Hardware(None, "cpu"))
+    layer = [t for t in shape.targets(targets) if t.layer_index == 0]
+    per_layer = layer_activation_bytes(shape, planned, 0, layer, tokens) + 2 * shape.hidden_size * tokens
+    assert (kept[4] - kept[2]) / 2 == per_layer

@@ -209,6 +209,12 @@ def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
+def fused_qkv(shape: ModelShape) -> bool:
+    """Whether one linear makes the queries, keys and values (Phi-3's qkv_proj)."""
+    return any(linear.layer_index == 0 and linear.kind == "attn" and linear.reads_block_input
+               and linear.d_out == shape.q_dim + 2 * shape.kv_dim for linear in shape.linears)
+
+
 def mlp_chunked(run: ResolvedRun) -> bool:
     """Whether engine/chunked_mlp.py splits this run's sequences (only those longer than the chunk)."""
     return 0 < run.spec.training.mlp_chunk_tokens < run.spec.training.max_seq_len
@@ -229,6 +235,10 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
         per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
     per_token += _attention_bytes_per_token(shape, attn, spec.training.max_seq_len, compute,
                                             sdpa_gets_mask(shape, run, layer_index))
+    if attn != "eager" and fused_qkv(shape):
+        # the values kept for the kernel's backward are a view of the fused projection's output, which stays
+        # whole: its query and key parts too (measured: Phi-3-mini without checkpointing, planner-accuracy-h100.md)
+        per_token += compute * (shape.q_dim + shape.kv_dim)
     # act input [act output, up] for act(gate) * up; a compiled layer recomputes the elementwise act(gate) in
     # backward rather than keep it (AOTAutograd's min-cut partitioner keeps matmul outputs, redoes pointwise ops)
     gated_kept = 2 if run.compile_layers else 3
@@ -321,12 +331,19 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     checkpointed = checkpointed_layer_count(shape, run)
     layer_input = tokens * hidden * compute
     offloaded = training.offload_checkpoints and checkpointed > 0
-    kept = [(0 if offloaded else layer_input) if index < checkpointed else full
+    # A compiled layer that keeps its activations keeps its own input too, for its first norm's backward (a
+    # checkpointed one recomputes from the input the checkpoint keeps, counted once); counted tensor by tensor on
+    # the CPU in tests/test_planner_memory.py
+    own_input = layer_input if run.compile_layers else 0
+    kept = [(0 if offloaded else layer_input) if index < checkpointed else full + own_input
             for index, full in enumerate(layer_bytes)]
     saved = sum(kept) + head
     widest = max(shape.q_dim + 2 * shape.kv_dim, hidden) * tokens
     mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if mlp_chunked(run) else tokens
-    widest = max(widest, shape.intermediate_size * mlp_tokens)
+    # the MLP's widest output: intermediate_size, twice that where one linear makes gate and up (Phi-3's gate_up_proj)
+    mlp_width = max([l.d_out for l in shape.linears if l.layer_index == 0 and l.kind == "mlp"]
+                    + [shape.intermediate_size])
+    widest = max(widest, mlp_width * mlp_tokens)
     backward = int(cal.backward_gradient_widths * compute * widest)
     if attn == "eager":
         backward += tokens * shape.num_heads * seq_len * (4 + compute)  # gradient of the probabilities
