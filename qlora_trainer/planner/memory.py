@@ -353,7 +353,10 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     largest_target = max(t.d_in * t.d_out for t in targets)
     transient = compute * largest_weight if spec.quantization.mode != "none" else 0
     if adapter_type != "lora":
-        transient = max(transient, 2 * adapter_bytes * largest_target)
+        # LoKr: the delta (kron of its factors) and its gradient; LoHa's delta is the elementwise product of two
+        # low-rank products, so its backward holds both products, the delta's gradient and a product's gradient
+        delta_buffers = 4 if adapter_type == "loha" else 2
+        transient = max(transient, delta_buffers * adapter_bytes * largest_target)
     if adapter_cfg.use_dora:
         transient = max(transient, (4 + compute) * largest_target)
     # Backward of layer i (last to first): what layers 0..i keep is still alive, a checkpointed layer i holds its
