@@ -71,3 +71,20 @@ def test_with_values_changes_a_copy_and_resolves_again():
     assert run.spec.adapter.r == 16 and run.compute_dtype == "bfloat16"
     with pytest.raises(KeyError):
         RunSpec().with_values({"adapter.rank": 8})
+
+
+def test_auto_attention_is_settled_for_what_the_model_needs():
+    """Gemma-2 caps its attention logits (neither SDPA nor the varlen kernel can): eager. Attention dropout (the varlen
+    kernel has none): SDPA. Otherwise auto stays, and a named implementation is never changed."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    from qlora_trainer.engine.base import settle_auto_attention
+
+    packed = RunSpec().with_values({"data.packing": True})
+    gemma2 = settle_auto_attention(packed, Gemma2Config())
+    assert gemma2.model.attn_implementation == "eager" and resolve(gemma2, L4).attention == "eager"
+    dropout = settle_auto_attention(packed, LlamaConfig(attention_dropout=0.1))
+    assert resolve(dropout, L4).attention == "sdpa"
+    assert settle_auto_attention(packed, LlamaConfig()) is packed and resolve(packed, L4).attention == PACKED_VARLEN
+    named = packed.with_values({"model.attn_implementation": "sdpa"})
+    assert settle_auto_attention(named, Gemma2Config()) is named

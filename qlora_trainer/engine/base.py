@@ -9,7 +9,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 
-from qlora_trainer.spec import ModelConfig, QuantizationConfig
+from qlora_trainer.spec import ModelConfig, QuantizationConfig, RunSpec
 from qlora_trainer.errors import UserError
 from qlora_trainer.hub import require_hub
 
@@ -109,6 +109,24 @@ def load_tokenizer(model: ModelConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def settle_auto_attention(spec: RunSpec, model_config: PretrainedConfig) -> RunSpec:
+    """`model.attn_implementation: auto` settled for what this model's attention needs, before anything is resolved:
+    eager where transformers gives the model no SDPA or it caps its attention logits (Gemma-2: neither SDPA nor the
+    varlen kernel computes that), SDPA where it drops attention weights out (the varlen kernel has no dropout).
+    Otherwise it stays `auto` (spec/resolve.py: SDPA, varlen on packed rows where the GPU runs it). Written into the
+    spec, so every later resolve (the planner's candidates too) and run_config.json say what runs."""
+    if spec.model.attn_implementation != "auto":
+        return spec
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+    if getattr(model_config, "attn_logit_softcapping", None) or not getattr(model_class, "_supports_sdpa", True):
+        return spec.with_values({"model.attn_implementation": "eager"})
+    if (getattr(model_config, "attention_dropout", 0.0) or 0.0) > 0:
+        return spec.with_values({"model.attn_implementation": "sdpa"})
+    return spec
 
 
 def upcast_non_quantized(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ import math
 from typing import Any, Union
 
 from qlora_trainer.engine.adapters import SHORTHANDS
+from qlora_trainer.engine.base import settle_auto_attention
 from qlora_trainer.errors import ConfigError, UserError
 from qlora_trainer.hardware import GPU_CATALOGUE, GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
 from qlora_trainer.planner.search import PlanResult, search_plan
@@ -83,8 +84,9 @@ def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
     if args.alpha is not None and not args.alpha > 0:
         raise UserError(f"--alpha {args.alpha:g}: not allowed; it must be > 0")
     gpu = _gpu(args)
-    shape = model_shape(load_model_config(args.model))
-    run = resolve(spec_from_args(args), Hardware.planned(gpu))
+    model_config = load_model_config(args.model)
+    shape = model_shape(model_config)
+    run = resolve(settle_auto_attention(spec_from_args(args), model_config), Hardware.planned(gpu))
     try:
         return search_plan(shape, run, args.batch_size), gpu
     except ConfigError as err:  # target names that match no layer, worded for the command line

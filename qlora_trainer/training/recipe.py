@@ -22,7 +22,7 @@ from transformers import set_seed
 from qlora_trainer.data.batches import collate, micro_batches
 from qlora_trainer.data.prepare import DataStats, TokenizedData, prepare_data, truncation_warning
 from qlora_trainer.data.sampling import steps_for_epochs
-from qlora_trainer.engine.base import load_model_config, load_tokenizer
+from qlora_trainer.engine.base import load_model_config, load_tokenizer, settle_auto_attention
 from qlora_trainer.engine.build import Session, build, check_before_loading
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
@@ -161,6 +161,7 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
 
     # 1. Everything that can be decided or checked without weights, before the slow load.
     model_config = load_model_config(spec.model)
+    spec = settle_auto_attention(spec, model_config)
     run = fit_to_budget(resolve(spec, hardware or detect_hardware()), model_config, force)
     spec, training = run.spec, run.spec.training
     usability = check_before_loading(run, model_config)
