@@ -356,7 +356,7 @@ def test_compiled_layers_keep_neither_act_gate_nor_the_norms_fp32_copies(llama2)
     assert eager.predicted_peak_allocated_bytes - compiled.predicted_peak_allocated_bytes == 8192 * (2 * 11008 + norms)
 
 
-def _compiled_layer_kept_bytes(folder, targets: str, tokens: int) -> int:
+def _compiled_layer_kept_bytes(folder, targets: str, tokens: int, dropout: float) -> int:
     """Bytes one forward of the model at `folder` keeps for backward (parameters and quantization state aside), its
     decoder layers compiled as training compiles them (fused LoRA over NF4, no checkpointing), partitioned by
     inductor's min-cut rematerialization (`aot_eager_decomp_partition`, no kernels generated)."""
@@ -370,7 +370,7 @@ def _compiled_layer_kept_bytes(folder, targets: str, tokens: int) -> int:
     from qlora_trainer.spec import spec_from_dict
 
     spec = spec_from_dict({"model": {"path": str(folder)}, "data": {"path": str(folder / "unused.jsonl")},
-                           "adapter": {"r": 8, "target_modules": targets, "lora_dropout": 0.0},
+                           "adapter": {"r": 8, "target_modules": targets, "lora_dropout": dropout},
                            "training": {"gradient_checkpointing": False, "compile_layers": "off",
                                         "max_seq_len": tokens}})
     session = build(dataclasses.replace(resolve(spec, CPU), fused_lora=True))
@@ -396,14 +396,18 @@ def _compiled_layer_kept_bytes(folder, targets: str, tokens: int) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("arch, targets", [("llama", "q_proj,k_proj,v_proj,o_proj"), ("phi3", "all-linear")])
-def test_a_compiled_layer_without_checkpointing_keeps_what_the_planner_counts(tmp_path, arch, targets):
+@pytest.mark.parametrize("arch, targets, dropout", [
+    ("llama", "q_proj,k_proj,v_proj,o_proj", 0.0),
+    ("llama", "all-linear", 0.1),  # each adapter's own dropped-out input
+    ("phi3", "all-linear", 0.0),  # the fused qkv_proj output stays whole behind the values' view
+    ("gemma", "all-linear", 0.0),  # GeGLU, head_dim 256 apart from the hidden size
+])
+def test_a_compiled_layer_without_checkpointing_keeps_what_the_planner_counts(tmp_path, arch, targets, dropout):
     """What a compiled decoder layer keeps when it is not checkpointed, counted per layer (the difference between a
-    4-layer and a 2-layer model): the layer's activations as layer_activation_bytes counts them, and its own input.
-    GQA Llama with attention adapted; Phi-3, whose fused qkv_proj output stays whole behind the values' view."""
+    4-layer and a 2-layer model): the layer's activations as layer_activation_bytes counts them, and its own input."""
     from conftest import save_tiny_tokenizer
 
-    cls = {"llama": LlamaConfig, "phi3": Phi3Config}[arch]
+    cls = {"llama": LlamaConfig, "phi3": Phi3Config, "gemma": GemmaConfig}[arch]
     kept, tokens = {}, 128
     for layers in (2, 4):
         folder = tmp_path / f"{arch}-{layers}"
@@ -413,10 +417,10 @@ def test_a_compiled_layer_without_checkpointing_keeps_what_the_planner_counts(tm
                      max_position_embeddings=512)
         AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
         save_tiny_tokenizer(folder)
-        kept[layers] = _compiled_layer_kept_bytes(folder, targets, tokens)
+        kept[layers] = _compiled_layer_kept_bytes(folder, targets, tokens, dropout)
     shape = model_shape(AutoConfig.from_pretrained(folder))
     planned = resolve(RunSpec().with_values({"adapter.r": 8, "adapter.target_modules": targets,
-                                             "adapter.lora_dropout": 0.0, "training.max_seq_len": tokens,
+                                             "adapter.lora_dropout": dropout, "training.max_seq_len": tokens,
                                              "training.compile_layers": "on"}), Hardware(None, "cpu"))
     layer = [t for t in shape.targets(targets) if t.layer_index == 0]
     per_layer = layer_activation_bytes(shape, planned, 0, layer, tokens) + 2 * shape.hidden_size * tokens
