@@ -208,14 +208,15 @@ class Scheduler:
 
     def run(self, case: dict, timeout_s: int, slot: int) -> dict:
         need = min(gpu_need_gib(case), self.total_gib)
+        late = {"name": case["name"], "error": "not run: the --deadline-s passed first"}
         try:
-            if time.time() > self.deadline:
-                return {"name": case["name"], "error": "not run: the --deadline-s passed first"}
+            if time.time() > self.deadline:  # before building a checkpoint, and again after waiting for memory
+                return late
             model_dir = self.checkpoint(case["model"])
             self.take(need)
             try:
                 if time.time() > self.deadline:
-                    return {"name": case["name"], "error": "not run: the --deadline-s passed first"}
+                    return late
                 return measure_case(case, model_dir, int(min(timeout_s, self.deadline + 60 - time.time())), slot)
             except subprocess.TimeoutExpired:
                 return {"name": case["name"], "error": "timed out"}

@@ -164,9 +164,8 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     import torch
 
     from qlora_trainer.hardware import apply_memory_cap
-    from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES
 
-    apply_memory_cap(args.cap_gib, CUDA_CONTEXT_BYTES)  # every stack: its pool gets the cap less the context
+    apply_memory_cap(args.cap_gib)  # every stack: its pool gets the cap less the context
     length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
     model_dir = config["model"]["path"]
     if stack in OURS or stack in ENGINE:

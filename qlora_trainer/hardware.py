@@ -10,6 +10,10 @@ from qlora_trainer.errors import UserError
 
 GIB = 2**30
 MIB = 2**20
+# from measurement: benchmarks/results/cuda-context-h100.json (benchmarks/cuda_context.py: NVML's used memory less
+# PyTorch's reserved pool after an NF4 + LoRA + SDPA forward and backward, H100, torch 2.11 / CUDA 13); it sits on
+# the card outside PyTorch's pool
+CUDA_CONTEXT_BYTES = 764 * MIB
 
 
 @dataclass(frozen=True)
@@ -135,16 +139,15 @@ def configure_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
 
 
-def apply_memory_cap(cap_gib: float, outside_pool_bytes: int) -> None:
+def apply_memory_cap(cap_gib: float) -> None:
     """Hold this process to cap_gib of the GPU (to share a card, or to behave as a smaller one would): PyTorch's pool
-    gets the cap less what the process holds outside it (the CUDA context, `outside_pool_bytes`), as on a card of
-    cap_gib."""
+    gets the cap less the CUDA context, which the process holds outside it, as on a card of cap_gib."""
     import torch
 
     if cap_gib <= 0 or not torch.cuda.is_available():
         return
     total_bytes = torch.cuda.get_device_properties(0).total_memory
-    pool_bytes = max(int(cap_gib * 2**30) - outside_pool_bytes, 0)
+    pool_bytes = max(int(cap_gib * GIB) - CUDA_CONTEXT_BYTES, 0)
     torch.cuda.set_per_process_memory_fraction(min(1.0, pool_bytes / total_bytes), 0)
 
 

@@ -98,46 +98,41 @@ def bases(tiny_llama_dir, tmp_path_factory):
             "gpt2": save_tiny_model(root / "gpt2", "gpt2"), "spm": save_sentencepiece_style_llama(root / "spm")}
 
 
+def _made_once(make):
+    """`make(*key)`, remembered: each key is made once per module."""
+    made = {}
+
+    def get(*key):
+        if key not in made:
+            made[key] = make(*key)
+        return made[key]
+    return get
+
+
 @pytest.fixture(scope="module")
 def adapter_for(bases, tmp_path_factory):
     """adapter_for(arch): an all-linear LoRA with random non-zero weights on that NF4 base, made once per module."""
     root = tmp_path_factory.mktemp("gguf-adapters")
-    made = {}
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = make_adapter(bases[arch], root / arch)
-        return made[arch]
-    return get
+    return _made_once(lambda arch: make_adapter(bases[arch], root / arch))
 
 
 @pytest.fixture(scope="module")
 def merged_dir(bases, adapter_for, tmp_path_factory):
     """merged_dir(arch): `merge`'s output for that base and adapter, the reference every GGUF is compared with."""
     root = tmp_path_factory.mktemp("gguf-merged")
-    made = {}
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = merge(str(bases[arch]), adapter_for(arch), root / arch)
-        return made[arch]
-    return get
+    return _made_once(lambda arch: merge(str(bases[arch]), adapter_for(arch), root / arch))
 
 
 @pytest.fixture(scope="module")
 def exported(bases, adapter_for, tmp_path_factory):
     """exported(arch, type): the GGUF export of that base and adapter, made once per module."""
     root = tmp_path_factory.mktemp("gguf-out")
-    made = {}
 
-    def get(arch: str, out_type: str) -> Path:
-        key = (arch, out_type)
-        if key not in made:
-            out = root / f"{arch}-{out_type}.gguf"
-            assert export_gguf(str(bases[arch]), adapter_for(arch), out, out_type) == out
-            made[key] = out
-        return made[key]
-    return get
+    def export(arch: str, out_type: str) -> Path:
+        out = root / f"{arch}-{out_type}.gguf"
+        assert export_gguf(str(bases[arch]), adapter_for(arch), out, out_type) == out
+        return out
+    return _made_once(export)
 
 
 def merged_weights(folder: Path) -> dict[str, np.ndarray]:

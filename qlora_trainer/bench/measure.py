@@ -27,7 +27,6 @@ from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
 from qlora_trainer.engine.step import train_step
 from qlora_trainer.hardware import apply_memory_cap, detect_hardware
 from qlora_trainer.spec import ResolvedRun, RunSpec, resolve
-from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES
 
 
 
@@ -146,7 +145,7 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=0.0)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    apply_memory_cap(args.cap_gib, CUDA_CONTEXT_BYTES)
+    apply_memory_cap(args.cap_gib)
     spec = method_spec(args.method, args.model_path, args.seq_len, args.micro_batch_size, args.rank, args.targets,
                        args.steps)
     args.out.write_text(json.dumps(asdict(measure(args.method, spec))))

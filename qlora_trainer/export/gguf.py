@@ -41,10 +41,8 @@ try:
 except ImportError:  # an optional extra: say how to get it in one line, not a traceback
     raise UserError("GGUF export needs the gguf package: pip install 'qlora-trainer[gguf]'") from None
 
-from qlora_trainer.engine.adapters import load_adapter
 from qlora_trainer.engine.base import load_model_config, load_tokenizer
-from qlora_trainer.export.merge import (check_adapter_dir, check_can_be_made, load_for_inference, merge_in_float32,
-                                        restore_module_layouts)
+from qlora_trainer.export.merge import check_adapter_dir, check_can_be_made, load_for_inference, merged_model
 from qlora_trainer.spec import ModelConfig
 from qlora_trainer.training.checkpoints import fsync_dir
 
@@ -103,7 +101,7 @@ def export_gguf(model: str, adapter: Path, out: Path, out_type: str = "f16", qua
     tokenizer = load_tokenizer(ModelConfig(path=model))
     with tempfile.TemporaryDirectory(prefix="qlora-trainer-gguf-") as scratch:
         vocab = read_vocabulary(tokenizer, config, model, Path(scratch))
-        merged = merged_model(model, adapter, quant)
+        merged = merged_model(load_for_inference(model, quant), adapter, quant)
         plan = plan_tensors(merged, config, arch, rope, OUT_TYPES[out_type][0])
         write_atomically(target, out, overwrite, lambda path: write_gguf(
             path, merged, config, arch, rope, vocab, plan, OUT_TYPES[out_type][1], model))
@@ -148,18 +146,6 @@ def rope_parameters(config: PretrainedConfig, arch: MODEL_ARCH, model: str) -> d
 
 def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def merged_model(model_path: str, adapter_dir: Path, quant_mode: str) -> nn.Module:
-    """Base + adapter merged exactly as `merge` merges them (the same loading, dequantizing and fp32 merge), kept in
-    memory: each merged weight in the compute dtype."""
-    base = load_for_inference(model_path, quant_mode)
-    model = base.model
-    if quant_mode != "none":
-        model = model.dequantize(dtype=base.compute_dtype)
-    merged = merge_in_float32(load_adapter(model, adapter_dir))
-    restore_module_layouts(merged)
-    return merged
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------

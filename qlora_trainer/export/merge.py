@@ -140,6 +140,17 @@ def restore_module_layouts(model: nn.Module) -> None:
             model.set_submodule(name, conv)
 
 
+def merged_model(base: LoadedBase, adapter_dir: Path, quant_mode: str) -> nn.Module:
+    """Base (`load_for_inference`) + adapter merged in memory: the base dequantized to the compute dtype, the adapter
+    merged in float32, each merged weight in the compute dtype (what `merge` writes and the GGUF export converts)."""
+    model = base.model
+    if quant_mode != "none":
+        model = model.dequantize(dtype=base.compute_dtype)
+    merged = merge_in_float32(load_adapter(model, adapter_dir))
+    restore_module_layouts(merged)
+    return merged
+
+
 def merge(model_path: str, adapter_dir: Path, out_dir: Path, quant_mode: str = "nf4", overwrite: bool = False) -> Path:
     """Write base + adapter as one 16-bit safetensors model that plain transformers loads.
 
@@ -150,11 +161,7 @@ def merge(model_path: str, adapter_dir: Path, out_dir: Path, quant_mode: str = "
     check_adapter_dir(adapter_dir)
     out = check_out_dir(out_dir, model_path, adapter_dir, overwrite)
     base = load_for_inference(model_path, quant_mode)
-    model = base.model
-    if quant_mode != "none":
-        model = model.dequantize(dtype=base.compute_dtype)
-    merged = merge_in_float32(load_adapter(model, adapter_dir))
-    restore_module_layouts(merged)
+    merged = merged_model(base, adapter_dir, quant_mode)
     merged.config.use_cache = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))

@@ -209,12 +209,6 @@ def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
-def fused_qkv(shape: ModelShape) -> bool:
-    """Whether one linear makes the queries, keys and values (Phi-3's qkv_proj)."""
-    return any(linear.layer_index == 0 and linear.kind == "attn" and linear.reads_block_input
-               and linear.d_out == shape.q_dim + 2 * shape.kv_dim for linear in shape.linears)
-
-
 def mlp_chunked(run: ResolvedRun) -> bool:
     """Whether engine/chunked_mlp.py splits this run's sequences (only those longer than the chunk)."""
     return 0 < run.spec.training.mlp_chunk_tokens < run.spec.training.max_seq_len
@@ -235,7 +229,7 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
         per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
     per_token += _attention_bytes_per_token(shape, attn, spec.training.max_seq_len, compute,
                                             sdpa_gets_mask(shape, run, layer_index))
-    if attn != "eager" and fused_qkv(shape):
+    if attn != "eager" and shape.fused_qkv:
         # the values kept for the kernel's backward are a view of the fused projection's output, which stays
         # whole: its query and key parts too (measured: Phi-3-mini without checkpointing, planner-accuracy-h100.md)
         per_token += compute * (shape.q_dim + shape.kv_dim)
@@ -340,10 +334,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     saved = sum(kept) + head
     widest = max(shape.q_dim + 2 * shape.kv_dim, hidden) * tokens
     mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if mlp_chunked(run) else tokens
-    # the MLP's widest output: intermediate_size, twice that where one linear makes gate and up (Phi-3's gate_up_proj)
-    mlp_width = max([l.d_out for l in shape.linears if l.layer_index == 0 and l.kind == "mlp"]
-                    + [shape.intermediate_size])
-    widest = max(widest, mlp_width * mlp_tokens)
+    widest = max(widest, shape.mlp_width * mlp_tokens)
     backward = int(cal.backward_gradient_widths * compute * widest)
     if attn == "eager":
         backward += tokens * shape.num_heads * seq_len * (4 + compute)  # gradient of the probabilities

@@ -9,9 +9,9 @@ from typing import Any, Union
 from qlora_trainer.engine.adapters import SHORTHANDS
 from qlora_trainer.engine.base import settle_auto_attention
 from qlora_trainer.errors import ConfigError, UserError
-from qlora_trainer.hardware import GPU_CATALOGUE, GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
+from qlora_trainer.hardware import GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
 from qlora_trainer.planner.search import PlanResult, search_plan
-from qlora_trainer.planner.shapes import load_model_config, model_shape, preset_names
+from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec.resolve import resolve
 from qlora_trainer.spec.sections import RunSpec
 

@@ -65,6 +65,8 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     gated_mlp: bool  # SwiGLU / GeGLU: act(gate) * up
+    fused_qkv: bool  # one linear makes the queries, keys and values (Phi-3's qkv_proj)
+    mlp_width: int  # the MLP's widest output: intermediate_size, twice that from a fused gate_up_proj (Phi-3)
     linears: tuple[LinearShape, ...]  # every nn.Linear / Conv1D but the output embedding: what bitsandbytes quantizes
     other_param_numels: tuple[int, ...]  # every other parameter (embeddings, norms, lm_head when untied, biases)
     buffer_bytes: tuple[int, ...]  # buffers as the model holds them (rotary inv_freq, fp32)
@@ -126,16 +128,21 @@ def model_shape(model_config: PretrainedConfig) -> ModelShape:
     layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
     sliding_layers = frozenset(index for index, kind in enumerate(layer_types)
                                if kind == "sliding_attention" and sliding_window)
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    kv_dim = num_kv_heads * head_dim
     return ModelShape(
         model_type=config.model_type,
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         intermediate_size=intermediate,
         num_heads=num_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
         gated_mlp=sum(l.d_out for l in first_mlp if l.reads_block_input) == 2 * intermediate,
+        fused_qkv=any(l.layer_index == 0 and l.kind == "attn" and l.reads_block_input
+                      and l.d_out == num_heads * head_dim + 2 * kv_dim for l in linears),
+        mlp_width=max([l.d_out for l in first_mlp] + [intermediate]),
         linears=tuple(linears),
         other_param_numels=tuple(p.numel() for key, p in params.items() if key not in quantized),
         buffer_bytes=tuple(b.numel() * b.element_size() for b in model.buffers()),

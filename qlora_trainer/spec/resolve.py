@@ -11,16 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.hardware import GIB, Hardware
+from qlora_trainer.hardware import CUDA_CONTEXT_BYTES, GIB, Hardware
 from qlora_trainer.spec.sections import RunSpec
 
 PACKED_VARLEN = "qlora_packed_varlen"  # engine/packed_attention.py ATTENTION_NAME (the spec stays free of torch)
 
-# from measurement: benchmarks/results/cuda-context-h100.json (benchmarks/cuda_context.py: NVML's used memory less
-# PyTorch's reserved pool after an NF4 + LoRA + SDPA forward and backward, H100, torch 2.11 / CUDA 13); it sits on
-# the card outside PyTorch's pool
-CUDA_CONTEXT_BYTES = 764 * 2**20
-# from measurement: benchmarks/results/planner-accuracy-h100.md, whose largest under-prediction is 3.6%, plus
+# from measurement: benchmarks/results/planner-accuracy-h100.md, whose largest under-prediction is 3.8%, plus
 # headroom: the share of the budget a plan leaves free
 SAFETY_MARGIN_FRACTION = 0.05
 

@@ -29,7 +29,6 @@ from qlora_trainer.errors import OutOfMemoryAbort, UserError
 from qlora_trainer.export.generate import prompt_format
 from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, peak_memory_bytes
 from qlora_trainer.spec import RunSpec, resolve
-from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES
 from qlora_trainer.training import checkpoints
 from qlora_trainer.training.gate import fit_to_budget
 from qlora_trainer.training.reporting import TENSORBOARD_DIR, RunReporter, Summary
@@ -180,7 +179,7 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
             run = dataclasses.replace(run, spec=spec.with_values({"training.max_steps": steps_for_epochs(
                 data.stats.train_examples, training.micro_batch_size, training.gradient_accumulation_steps,
                 training.num_epochs)}))
-        apply_memory_cap(training.memory_cap_gib, CUDA_CONTEXT_BYTES)
+        apply_memory_cap(training.memory_cap_gib)
         session = build(run)
         train_sha256 = start.check_data(output_dir, spec, data.train)
         stats = data.stats
