@@ -58,7 +58,8 @@ def run_config(model_dir: Path, data_path: Path, case: dict, output_dir: Path) -
         "output": {"dir": str(output_dir), "overwrite": True},
     }
     if case.get("plan_auto"):  # leave the planner's choices open: only what the case itself sets is fixed
-        config["adapter"] = {"lora_dropout": 0.0}
+        # a card case runs what plan-memory plans, whose adapter is the default one (lora_dropout 0.05 included)
+        config["adapter"] = {} if case.get("card") else {"lora_dropout": 0.0}
         del config["training"]["micro_batch_size"]
         config["training"]["plan"] = "auto"
     for section, values in case.get("config", {}).items():
