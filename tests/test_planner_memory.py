@@ -22,6 +22,7 @@ PRESET_PARAMS = {  # the published parameter counts of these checkpoints
     "gemma-7b": 8_537_680_896,
     "phi-3-mini": 3_821_079_552,
     "tinyllama-1.1b": 1_100_048_384,
+    "llama-2-70b": 68_976_648_192,
 }
 def run(values: dict = None) -> ResolvedRun:
     """RunSpec defaults with `values` ({"training.max_seq_len": 2048, ...}) and compiled layers, resolved for a bf16

@@ -29,7 +29,8 @@ double-quantized absmax is expanded back into a bf16 absmax and `quant_state.nes
 CPU while training; the layout above is what a GPU holds.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Union
 
 from peft.tuners.lokr.layer import factorization
@@ -75,6 +76,16 @@ CALIBRATION = Calibration()
 
 
 @dataclass(frozen=True)
+class PhaseBytes:
+    """What one phase of the step holds at its own peak beyond the stored weights, adapter and optimizer states."""
+
+    activations: int  # saved tensors, recomputed ones, backward buffers, the dequantized weight in use
+    logits: int  # the loss chunk's logits and their gradients
+    gradients: int  # the trainable gradients alive then
+    step_temporaries: int  # the optimizer step's own temporaries
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     breakdown: dict[str, int]  # component -> bytes at the predicted peak; sums to predicted_peak_bytes
     predicted_peak_allocated_bytes: int  # what torch.cuda.max_memory_allocated() will read
@@ -85,6 +96,9 @@ class MemoryEstimate:
     total_params: int  # base + adapter
     target_layers: int
     phase: str  # where the peak happens: "layer backward", "loss" or "optimizer step"
+    # every phase's own bytes, the peak's and the others (for estimates that shard or move some of them, such as
+    # planner/distributed.py's per-GPU estimates of multi-GPU runs)
+    phases: dict[str, PhaseBytes] = field(default_factory=dict)
 
     @property
     def predicted_device_bytes(self) -> int:
@@ -127,20 +141,26 @@ def base_weight_tensor_bytes(shape: ModelShape, run: ResolvedRun) -> list[int]:
     return sizes
 
 
-def adapter_tensor_numels(adapter_type: str, r: int, d_in: int, d_out: int, use_dora: bool = False
-                          ) -> tuple[int, ...]:
-    """Element counts of the trainable tensors one adapter adds to a d_in -> d_out layer, as peft creates them
-    (the optimizer keeps state per tensor, so the split matters, not only the sum)."""
+def adapter_tensor_shapes(adapter_type: str, r: int, d_in: int, d_out: int, use_dora: bool = False
+                          ) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the trainable tensors one adapter adds to a d_in -> d_out layer, as peft creates them (the
+    optimizer keeps state per tensor, and FSDP shards each one on its first dimension)."""
     if adapter_type == "lora":  # lora_A (r x d_in), lora_B (d_out x r) [, DoRA magnitude (d_out)]
-        return (r * d_in, d_out * r) + ((d_out,) if use_dora else ())
+        return ((r, d_in), (d_out, r)) + (((d_out,),) if use_dora else ())
     if adapter_type == "loha":  # hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b
-        return (d_out * r, r * d_in) * 2
+        return ((d_out, r), (r, d_in)) * 2
     if adapter_type == "lokr":  # lokr_w1 (out_l x in_m) and lokr_w2, low-rank when r < max(out_k, in_n) / 2
         in_m, in_n = factorization(d_in, -1)
         out_l, out_k = factorization(d_out, -1)
-        w2 = (out_k * r, r * in_n) if r < max(out_k, in_n) / 2 else (out_k * in_n,)
-        return (out_l * in_m,) + w2
+        w2 = ((out_k, r), (r, in_n)) if r < max(out_k, in_n) / 2 else ((out_k, in_n),)
+        return ((out_l, in_m),) + w2
     raise ValueError(f"unknown adapter type: {adapter_type}")
+
+
+def adapter_tensor_numels(adapter_type: str, r: int, d_in: int, d_out: int, use_dora: bool = False
+                          ) -> tuple[int, ...]:
+    """Element counts of the trainable tensors one adapter adds to a d_in -> d_out layer (`adapter_tensor_shapes`)."""
+    return tuple(math.prod(shape) for shape in adapter_tensor_shapes(adapter_type, r, d_in, d_out, use_dora))
 
 
 @dataclass(frozen=True)
@@ -375,7 +395,8 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
 
     phases = {"layer backward": layer_phase, "loss": loss_phase, "optimizer step": step_temporaries}
     phase = max(phases, key=phases.get)
-    grads_at_peak = {"layer backward": layer_grads, "loss": gradients if accumulating else 0,
+    loss_grads = gradients if accumulating else 0
+    grads_at_peak = {"layer backward": layer_grads, "loss": loss_grads,
                      "optimizer step": gradients}[phase]
     if phase == "optimizer step":
         phases[phase] += gradients
@@ -403,4 +424,9 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         total_params=shape.total_params + trainable,
         target_layers=len(targets),
         phase=phase,
+        phases={
+            "layer backward": PhaseBytes(layer_phase - layer_grads, 0, layer_grads, 0),
+            "loss": PhaseBytes(loss_phase - chunk_logits - loss_grads, chunk_logits, loss_grads, 0),
+            "optimizer step": PhaseBytes(0, 0, gradients, step_temporaries),
+        },
     )

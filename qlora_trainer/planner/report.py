@@ -1,18 +1,20 @@
-"""`plan-memory`: its arguments, the RunSpec they describe, and the readable table and JSON object of a plan."""
+"""`plan-memory`: its arguments, the RunSpec they describe, and the readable table and JSON object of a plan, on one
+GPU or (--gpus) per GPU of a multi-GPU run."""
 
 import argparse
 import dataclasses
 import json
 import math
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from qlora_trainer.engine.adapters import SHORTHANDS
 from qlora_trainer.engine.base import settle_auto_attention
 from qlora_trainer.errors import ConfigError, UserError
 from qlora_trainer.hardware import GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
+from qlora_trainer.planner.distributed import MAX_GPUS, DistributedPlan, fewest_gpus, search_distributed_plan
 from qlora_trainer.planner.search import PlanResult, search_plan
-from qlora_trainer.planner.shapes import load_model_config, model_shape
-from qlora_trainer.spec.resolve import resolve
+from qlora_trainer.planner.shapes import ModelShape, load_model_config, model_shape
+from qlora_trainer.spec.resolve import ResolvedRun, resolve
 from qlora_trainer.spec.sections import RunSpec
 
 GIB = 2**30
@@ -75,8 +77,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     return dataclasses.replace(RunSpec().with_values(values), explicit_keys=frozenset(given))
 
 
-def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
-    """Run the search the command line asks for."""
+def _planned_run(args: argparse.Namespace) -> tuple[GpuSpec, ModelShape, ResolvedRun]:
+    """The card, the model's shape and the run the command line describes, resolved for that card."""
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
                         ("--micro-batch-size", args.micro_batch_size), ("--rank", args.rank)):
         if value is not None and value <= 0:
@@ -87,10 +89,57 @@ def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
     model_config = load_model_config(args.model)
     shape = model_shape(model_config)
     run = resolve(settle_auto_attention(spec_from_args(args), model_config), Hardware.planned(gpu))
+    return gpu, shape, run
+
+
+def _targets_error(err: ConfigError) -> UserError:
+    """Target names that match no layer, worded for the command line."""
+    return UserError(str(err).replace("adapter.target_modules", "--targets", 1))
+
+
+def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
+    """Run the search the command line asks for."""
+    gpu, shape, run = _planned_run(args)
     try:
         return search_plan(shape, run, args.batch_size), gpu
-    except ConfigError as err:  # target names that match no layer, worded for the command line
-        raise UserError(str(err).replace("adapter.target_modules", "--targets", 1)) from None
+    except ConfigError as err:
+        raise _targets_error(err) from None
+
+
+def _gpu_count(text: str) -> Optional[int]:
+    """--gpus as a number of cards; None for auto."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UserError(f"--gpus {text}: not allowed; give a number of GPUs, 1 or more, or auto")
+    return count
+
+
+def distributed_plan(args: argparse.Namespace) -> tuple[DistributedPlan, GpuSpec]:
+    """Run the per-GPU search --gpus asks for: on N cards, or on the fewest that fit (--gpus auto)."""
+    gpus = _gpu_count(args.gpus)
+    if args.cpu_offload and args.strategy != "fsdp":
+        raise UserError("--cpu-offload: only with --strategy fsdp (ddp keeps the whole model on every GPU)")
+    if args.strategy == "fsdp" and gpus == 1:
+        raise UserError("--strategy fsdp: needs --gpus 2 or more (one GPU trains in one process, unsharded)")
+    gpu, shape, run = _planned_run(args)
+    try:
+        if gpus is None:
+            plan = fewest_gpus(shape, run, args.strategy, args.cpu_offload, args.batch_size)
+        else:
+            plan = search_distributed_plan(shape, run, gpus, args.strategy, args.cpu_offload, args.batch_size)
+    except ConfigError as err:
+        raise _targets_error(err) from None
+    if args.strategy == "ddp" and not plan.result.fits:
+        raise UserError(f"--strategy ddp: every GPU holds the whole model, and {args.model}'s leanest plan needs "
+                        f"{plan.result.estimate.predicted_peak_bytes / GIB:.2f} GiB per GPU, more than the "
+                        f"{plan.result.usable_bytes / GIB:.2f} GiB usable of a {gpu.name}; use --strategy fsdp "
+                        "(or leave --strategy out)")
+    return plan, gpu
 
 
 def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
@@ -124,6 +173,8 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
             "adapter_dtype": adapter.dtype,
             "adapter_type": adapter.type,
             "quant": run.spec.quantization.mode,
+            "distributed": training.distributed,
+            "fsdp_cpu_offload": training.fsdp_cpu_offload,
         },
         "trainable_params": estimate.trainable_params,
         "total_params": estimate.total_params,
@@ -137,42 +188,103 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:8.2f}"
 
 
-def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
-    estimate, run = result.estimate, result.run
-    adapter, training = run.spec.adapter, run.spec.training
-    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
-    lines = [f"{model} on {gpu.name} ({result.budget_bytes / GIB:.2f} GiB)", "",
-             f"{'component':<34}{'GiB':>8}"]
+def _component_lines(result: PlanResult) -> list[str]:
+    estimate = result.estimate
+    lines = [f"{'component':<34}{'GiB':>8}"]
     lines += [f"  {name:<32}{_gib(value)}" for name, value in estimate.breakdown.items()]
     margin = result.budget_bytes - result.usable_bytes - estimate.cuda_context_bytes
-    checkpointed = "all" if training.gradient_checkpointing and training.checkpointed_layers is None else (
-        training.checkpointed_layers if training.gradient_checkpointing else 0)
     lines += [f"{'peak reserved by PyTorch':<34}{_gib(estimate.predicted_peak_bytes)}   (at the {estimate.phase})",
               f"{'PyTorch may reserve':<34}{_gib(result.usable_bytes)}   ({result.budget_bytes / GIB:.2f} GiB less "
               f"{margin / GIB:.2f} GiB margin and {estimate.cuda_context_bytes / GIB:.2f} GiB CUDA context)"]
     if estimate.paged_optimizer_bytes:
         lines.append(f"  + {estimate.paged_optimizer_bytes / GIB:.2f} GiB of paged optimizer states in unified "
                      "memory (moved to CPU RAM when the GPU runs short)")
-    lines += ["", "plan:" if result.fits else "leanest plan (does not fit):",
-              f"  adapter.type / target_modules        {adapter.type} / {targets}",
-              f"  adapter.r / adapter.lora_alpha       {adapter.r} / {adapter.lora_alpha:g}",
-              f"  training.gradient_checkpointing      {str(training.gradient_checkpointing).lower()}",
-              f"  training.checkpointed_layers         {checkpointed}",
-              f"  training.offload_checkpoints         {str(training.offload_checkpoints).lower()}",
-              f"  training.mlp_chunk_tokens            {training.mlp_chunk_tokens}",
-              f"  training.micro_batch_size            {training.micro_batch_size}",
-              f"  training.gradient_accumulation_steps {training.gradient_accumulation_steps}",
-              f"  training.max_seq_len                 {training.max_seq_len}",
-              f"  training.optimizer                   {training.optimizer}",
-              f"  quantization.mode                    {run.spec.quantization.mode}",
-              f"  compute / adapter dtype              {run.compute_dtype} / {adapter.dtype}",
-              f"  trainable params                     {estimate.trainable_params:,} of {estimate.total_params:,}",
+    return lines
+
+
+def _plan_lines(result: PlanResult) -> list[str]:
+    estimate, run = result.estimate, result.run
+    adapter, training = run.spec.adapter, run.spec.training
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
+    checkpointed = "all" if training.gradient_checkpointing and training.checkpointed_layers is None else (
+        training.checkpointed_layers if training.gradient_checkpointing else 0)
+    return ["plan:" if result.fits else "leanest plan (does not fit):",
+            f"  adapter.type / target_modules        {adapter.type} / {targets}",
+            f"  adapter.r / adapter.lora_alpha       {adapter.r} / {adapter.lora_alpha:g}",
+            f"  training.gradient_checkpointing      {str(training.gradient_checkpointing).lower()}",
+            f"  training.checkpointed_layers         {checkpointed}",
+            f"  training.offload_checkpoints         {str(training.offload_checkpoints).lower()}",
+            f"  training.mlp_chunk_tokens            {training.mlp_chunk_tokens}",
+            f"  training.micro_batch_size            {training.micro_batch_size}",
+            f"  training.gradient_accumulation_steps {training.gradient_accumulation_steps}",
+            f"  training.max_seq_len                 {training.max_seq_len}",
+            f"  training.optimizer                   {training.optimizer}",
+            f"  quantization.mode                    {run.spec.quantization.mode}",
+            f"  compute / adapter dtype              {run.compute_dtype} / {adapter.dtype}",
+            f"  trainable params                     {estimate.trainable_params:,} of {estimate.total_params:,}"]
+
+
+def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
+    lines = [f"{model} on {gpu.name} ({result.budget_bytes / GIB:.2f} GiB)", ""]
+    lines += _component_lines(result) + [""] + _plan_lines(result)
+    lines += ["", ("fits: " if result.fits else "does not fit: ") + result.advice]
+    return "\n".join(lines)
+
+
+def _cards(plan: DistributedPlan, gpu: GpuSpec) -> str:
+    """E.g. "2 x L4 with FSDP and CPU offload"."""
+    parallelism = plan.parallelism
+    if parallelism.gpus == 1:
+        return f"1 x {gpu.name}"
+    return f"{parallelism.gpus} x {gpu.name} with {parallelism.strategy.upper()}" + (
+        " and CPU offload" if parallelism.cpu_offload else "")
+
+
+def distributed_summary(plan: DistributedPlan, gpu: GpuSpec, model: str) -> str:
+    """One sentence: the cards a run needs, and the host RAM its training state takes."""
+    seq_len = plan.result.run.spec.training.max_seq_len
+    verb = "needs" if plan.result.fits else f"does not fit {MAX_GPUS} cards even with"
+    host = plan.rank.host_ram_bytes
+    return (f"{model} at seq {seq_len} {verb} {_cards(plan, gpu)}"
+            + (f", {host / GIB:.1f} GiB host RAM" if host else ""))
+
+
+def distributed_json(plan: DistributedPlan, gpu: GpuSpec) -> dict:
+    """One card's plan (result_json: breakdown and peaks per GPU) with the parallelism and the host RAM."""
+    parallelism = plan.parallelism
+    return {**result_json(plan.result, gpu), "gpus": parallelism.gpus, "strategy": parallelism.strategy,
+            "cpu_offload": parallelism.cpu_offload, "batch_per_gpu": plan.batch_per_rank,
+            "host_ram_bytes": plan.rank.host_ram_bytes, "host_breakdown": plan.rank.host_breakdown}
+
+
+def distributed_table(plan: DistributedPlan, gpu: GpuSpec, model: str, fewest: bool) -> str:
+    result, parallelism = plan.result, plan.parallelism
+    lines = ([distributed_summary(plan, gpu, model), ""] if fewest else [])
+    lines += [f"{model} on {_cards(plan, gpu)}: per GPU ({result.budget_bytes / GIB:.2f} GiB each), "
+              f"{plan.batch_per_rank} sequences per GPU per optimizer step", ""]
+    lines += _component_lines(result)
+    host = plan.rank.host_breakdown
+    parts = " + ".join(f"{name} {value / GIB:.2f}" for name, value in host.items() if value)
+    lines.append(f"{'host RAM needed':<34}{_gib(plan.rank.host_ram_bytes)}   "
+                 f"({parts + ' GiB, ' if parts else ''}all {parallelism.gpus} ranks on one host; "
+                 "beyond the processes' own memory)")
+    lines += ["", *_plan_lines(result),
+              f"  training.distributed                 {result.run.spec.training.distributed}",
+              f"  training.fsdp_cpu_offload            {str(result.run.spec.training.fsdp_cpu_offload).lower()}",
               "", ("fits: " if result.fits else "does not fit: ") + result.advice]
     return "\n".join(lines)
 
 
 def run_plan_memory(args: argparse.Namespace) -> int:
     """Print the plan; 0 when it fits, 1 when nothing does. Bad input raises UserError (exit 2)."""
-    result, gpu = plan_result(args)
-    print(json.dumps(result_json(result, gpu), indent=1) if args.json else result_table(result, gpu, args.model))
-    return 0 if result.fits else 1
+    if args.gpus is None:
+        if args.strategy or args.cpu_offload:
+            flag = f"--strategy {args.strategy}" if args.strategy else "--cpu-offload"
+            raise UserError(f"{flag}: plans a multi-GPU run; add --gpus N (or --gpus auto)")
+        result, gpu = plan_result(args)
+        print(json.dumps(result_json(result, gpu), indent=1) if args.json else result_table(result, gpu, args.model))
+        return 0 if result.fits else 1
+    plan, gpu = distributed_plan(args)
+    print(json.dumps(distributed_json(plan, gpu), indent=1) if args.json
+          else distributed_table(plan, gpu, args.model, fewest=_gpu_count(args.gpus) is None))
+    return 0 if plan.result.fits else 1

@@ -28,7 +28,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from transformers import PretrainedConfig
 
@@ -44,6 +44,9 @@ SEQ_LEN_STEP = 64  # granularity of the longest-sequence advice
 # measured on an H100 (benchmarks/results/vs-reference-h100.md): 4,096-token chunks kept Qwen2.5-7B at seq 8192
 # faster than 2,048-token ones (10,641 against 10,169 tokens/s) and still under Unsloth's memory
 MLP_CHUNK_TOKENS = 4096
+# What the search asks of a candidate: its predicted peak on one GPU. estimate_memory for a run on one GPU;
+# planner/distributed.py gives one for each rank of a multi-GPU run.
+Estimator = Callable[[ModelShape, ResolvedRun, Calibration], MemoryEstimate]
 # The keys the search may change unless the user set them, each with the word the advice uses for it. The
 # accumulation is never a choice of its own: it makes up the effective batch for the micro-batch chosen.
 SEARCHED_KEYS = {
@@ -172,11 +175,11 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB"
 
 
-def _longest_seq_len(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration
-                     ) -> Optional[int]:
+def _longest_seq_len(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration,
+                     estimator: Estimator) -> Optional[int]:
     """The longest multiple of SEQ_LEN_STEP below training.max_seq_len at which `run` fits, or None."""
     def fits_at(seq_len: int) -> bool:
-        estimate = estimate_memory(shape, changed(run, {"training.max_seq_len": seq_len}), calibration)
+        estimate = estimator(shape, changed(run, {"training.max_seq_len": seq_len}), calibration)
         return budget.fits(estimate.predicted_peak_bytes)
 
     low, high = 0, run.spec.training.max_seq_len // SEQ_LEN_STEP  # in steps; fits at `low` (0 = nothing)
@@ -189,15 +192,15 @@ def _longest_seq_len(shape: ModelShape, run: ResolvedRun, budget: Budget, calibr
     return low * SEQ_LEN_STEP or None
 
 
-def fewest_checkpointed_layers(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration
-                               ) -> tuple[Optional[int], MemoryEstimate]:
+def fewest_checkpointed_layers(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration,
+                               estimator: Estimator = estimate_memory) -> tuple[Optional[int], MemoryEstimate]:
     """For `run` (which fits `budget` with every layer checkpointed): the fewest checkpointed layers that still
     fit (None: all of them), and the estimate with that many.
 
     Memory falls as more layers are checkpointed, so a binary search over the count finds the fewest.
     """
     def estimate_with(count: int) -> MemoryEstimate:
-        return estimate_memory(shape, changed(run, {"training.checkpointed_layers": count}), calibration)
+        return estimator(shape, changed(run, {"training.checkpointed_layers": count}), calibration)
 
     low, high = 1, shape.num_layers  # fits with `high` layers checkpointed
     while low < high:
@@ -207,13 +210,14 @@ def fewest_checkpointed_layers(shape: ModelShape, run: ResolvedRun, budget: Budg
         else:
             low = middle + 1
     if high == shape.num_layers:
-        return None, estimate_memory(shape, run, calibration)
+        return None, estimator(shape, run, calibration)
     return high, estimate_with(high)
 
 
 def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, effective_batch: Optional[int] = None,
-                calibration: Calibration = CALIBRATION) -> PlanResult:
-    """The best run under the objective above that fits `run.budget`.
+                calibration: Calibration = CALIBRATION, estimator: Estimator = estimate_memory) -> PlanResult:
+    """The best run under the objective above that fits `run.budget`, its peak predicted by `estimator` (one GPU's
+    by default; planner/distributed.py passes one rank's of a multi-GPU run).
 
     `run` gives everything the search does not choose (max_seq_len, quantization, dtypes, adapter type, dropout,
     ...) and, through `run.spec.explicit_keys`, which searched keys the user fixed; the effective batch to keep
@@ -230,10 +234,10 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, ef
     leanest: Optional[tuple[dict[str, Any], ResolvedRun, MemoryEstimate]] = None
     for values in candidate_values(shape, run, effective_batch):
         candidate = changed(run, values)
-        estimate = estimate_memory(shape, candidate, calibration)
+        estimate = estimator(shape, candidate, calibration)
         if budget.fits(estimate.predicted_peak_bytes):
             if values["training.gradient_checkpointing"] and not _fixed(run, "training.checkpointed_layers"):
-                layers, estimate = fewest_checkpointed_layers(shape, candidate, budget, calibration)
+                layers, estimate = fewest_checkpointed_layers(shape, candidate, budget, calibration, estimator)
                 values = dict(values, **{"training.checkpointed_layers": layers})
             chosen = run.with_values(copy.deepcopy(values))
             advice = (f"{describe(chosen)}: predicted {_gib(estimate.predicted_peak_bytes)} of "
@@ -246,7 +250,7 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, ef
     chosen = run.with_values(copy.deepcopy(values))
     seq_len = chosen.spec.training.max_seq_len
     smallest = Budget.needed_for(estimate.predicted_peak_bytes)
-    longest = _longest_seq_len(shape, candidate, budget, calibration)
+    longest = _longest_seq_len(shape, candidate, budget, calibration, estimator)
     advice = (f"nothing fits {_gib(limit)} usable ({_gib(budget.budget_bytes)} less the safety margin and CUDA "
               f"context); the leanest plan ({describe(chosen)}) needs {_gib(estimate.predicted_peak_bytes)} at "
               f"seq_len {seq_len}, so a GPU of at least {_gib(smallest)}")
@@ -255,7 +259,7 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, ef
     fixed_names = [name for key, name in SEARCHED_KEYS.items() if _fixed(run, key)]
     if fixed_names:
         unfixed = dataclasses.replace(run.spec, explicit_keys=run.spec.explicit_keys.difference(SEARCHED_KEYS))
-        free = search_plan(shape, resolve(unfixed, run.hardware), effective_batch, calibration)
+        free = search_plan(shape, resolve(unfixed, run.hardware), effective_batch, calibration, estimator)
         if free.fits:
             advice += f"; or let the planner choose {', '.join(fixed_names)}: {describe(free.run)} fits"
     return PlanResult(False, chosen, estimate, budget.budget_bytes, limit, smallest, longest, advice)
