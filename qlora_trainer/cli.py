@@ -147,6 +147,14 @@ def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the base is stored (default nf4)")
     parser.add_argument("--adapter", choices=("lora", "loha", "lokr"), default="lora", help="adapter type")
     parser.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--gpus", metavar="N|auto",
+                        help="plan a run on N cards of the --gpu/--vram kind (torchrun): each GPU's memory and the "
+                             "host RAM; auto: the fewest cards, 1 to 8, that fit (default: one GPU)")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"),
+                        help="with --gpus: ddp (every GPU holds the whole 4-bit model) or fsdp (sharded across GPUs); "
+                             "default: ddp when the model fits one GPU, else fsdp, else fsdp with CPU offload")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="with --strategy fsdp: sharded parameters, gradients and optimizer states in host RAM")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -266,6 +274,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training started (training turns it into a checkpoint and exit 130)
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`plan-memory ... | head`): nothing more to tell it, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail too
+        return 1
 
 
 if __name__ == "__main__":

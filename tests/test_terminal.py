@@ -101,3 +101,11 @@ def test_a_run_prints_no_third_party_noise_unless_verbose(tiny_llama_dir, alpaca
     noise = ("Warning", "warnings.warn", "Loading weights", "it/s]")
     assert not [line for line in stderr().splitlines() if any(mark in line for mark in noise)]
     assert any(mark in stderr("--verbose") for mark in noise)  # the libraries do speak; we only keep them quiet
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`plan-memory ... | head -1`: the command's remaining output has nowhere to go; it stops quietly."""
+    command = f"{sys.executable} -m qlora_trainer plan-memory --model llama-2-7b --gpu T4 | head -1"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("llama-2-7b on T4") and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
