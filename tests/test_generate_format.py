@@ -99,7 +99,7 @@ def test_the_saved_format_follows_the_data_config(demo_tokenizer, tmp_path):
 class _SavesAnAdapter:
     """Stands in for the peft model: writes a folder as save_pretrained would."""
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict=None):
         folder.mkdir()
         (folder / "adapter_config.json").write_text("{}")
 

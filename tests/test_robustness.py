@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from qlora_trainer.engine import step as step_module
+from qlora_trainer.engine import loss as forward_module  # LossModule runs the step's causal_lm_loss
 from qlora_trainer.training.checkpoints import CHECKPOINTS
 from qlora_trainer.training.run_lock import LOCK
 from qlora_trainer.cli import main
@@ -407,7 +407,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_mat
 # --- 3. out of memory and 4. numerical faults (the GPU fault is raised from a hooked step) -------------------
 
 def _fail_on_calls(monkeypatch, failing_calls: set[int], make_failure):
-    real = step_module.causal_lm_loss
+    real = forward_module.causal_lm_loss
     calls = {"n": 0}
 
     def hooked(causal_lm, batch, chunk_tokens):
@@ -416,7 +416,7 @@ def _fail_on_calls(monkeypatch, failing_calls: set[int], make_failure):
             return make_failure(causal_lm, batch, chunk_tokens, real)
         return real(causal_lm, batch, chunk_tokens)
 
-    monkeypatch.setattr(step_module, "causal_lm_loss", hooked)
+    monkeypatch.setattr(forward_module, "causal_lm_loss", hooked)
     return calls
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_trainer.cli import main
-from qlora_trainer.engine import step as step_module
+from qlora_trainer.engine import loss as forward_module  # LossModule runs the step's causal_lm_loss
 from qlora_trainer.training.checkpoints import CHECKPOINTS
 from qlora_trainer.training.run_lock import LOCK
 from test_robustness import ROWS, base_raw, file_hashes, write_config
@@ -144,7 +144,7 @@ def earlier(tiny_llama_dir, alpaca_file, tmp_path) -> Path:
 
 
 def _hook_first_loss(monkeypatch, action) -> None:
-    real, calls = step_module.causal_lm_loss, []
+    real, calls = forward_module.causal_lm_loss, []
 
     def hooked(causal_lm, batch, chunk_tokens):
         calls.append(1)
@@ -152,7 +152,7 @@ def _hook_first_loss(monkeypatch, action) -> None:
             action()
         return real(causal_lm, batch, chunk_tokens)
 
-    monkeypatch.setattr(step_module, "causal_lm_loss", hooked)
+    monkeypatch.setattr(forward_module, "causal_lm_loss", hooked)
 
 
 def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_earlier_run_back(tiny_llama_dir, alpaca_file,

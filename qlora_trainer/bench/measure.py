@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from qlora_trainer.bench.methods import ADAPTER_METHODS, FULL_METHODS, METHODS
 from qlora_trainer.engine import adapters
 from qlora_trainer.engine.base import device_for
+from qlora_trainer.engine.loss import LossModule
 from qlora_trainer.engine.build import Session, build, build_optimizer
 from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
 from qlora_trainer.engine.step import train_step
@@ -92,7 +93,8 @@ def build_full(method: str, run: ResolvedRun) -> Session:
     scheduler = get_scheduler("constant", optimizer)
     trainable_count, total = adapters.count_params(model)
     summary = adapters.AdapterSummary([], 0, trainable_count, trainable_count, total)
-    return Session(run, model, model, None, device, trainable, optimizer, scheduler, None, summary)
+    return Session(run, model, model, None, device, trainable, optimizer, scheduler, None, summary,
+                   LossModule(model, spec.training.loss_chunk_tokens))
 
 
 def measure(method: str, spec: RunSpec) -> Measurement:

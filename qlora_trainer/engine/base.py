@@ -24,9 +24,9 @@ class LoadedBase:
     device: torch.device
 
 
-def device_for(device_type: str) -> torch.device:
-    """The torch device of a resolved run: the first CUDA GPU, or the CPU."""
-    return torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+def device_for(device_type: str, gpu_index: int = 0) -> torch.device:
+    """The torch device of a resolved run: CUDA GPU `gpu_index` (the process's LOCAL_RANK), or the CPU."""
+    return torch.device("cuda", gpu_index) if device_type == "cuda" else torch.device("cpu")
 
 
 def check_model_folder(path: str) -> None:
@@ -83,15 +83,17 @@ def load_model_config(model: ModelConfig) -> PretrainedConfig:
         raise UserError(f"model.path: cannot read the config of {model.path}: {str(err).splitlines()[0]}") from None
 
 
-def quantization_config(quant: QuantizationConfig, compute_dtype: torch.dtype) -> Optional[BitsAndBytesConfig]:
-    """The bitsandbytes settings for the base, or None for a plain 16-bit base."""
+def quantization_config(quant: QuantizationConfig, compute_dtype: torch.dtype,
+                        shardable: bool = False) -> Optional[BitsAndBytesConfig]:
+    """The bitsandbytes settings for the base, or None for a plain 16-bit base. `shardable` packs 4-bit weights in
+    the compute dtype instead of bytes, so FSDP can shard them beside the float parameters (engine/distributed.py)."""
     if quant.mode in ("nf4", "fp4"):
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.mode,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=compute_dtype if shardable else torch.uint8,
         )
     if quant.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -137,11 +139,11 @@ def upcast_non_quantized(model: nn.Module) -> None:
 
 
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: torch.dtype,
-              device: torch.device, attention: Optional[str] = None) -> LoadedBase:
+              device: torch.device, attention: Optional[str] = None, shardable: bool = False) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
 
     `attention` is the attention implementation as resolved (default: model.attn_implementation, SDPA for auto:
-    what runs unpacked rows, as inference does).
+    what runs unpacked rows, as inference does). `shardable`: 4-bit weights packed for FSDP (quantization_config).
     Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
     dtype unless model.upcast_non_quantized is set: upcasting them costs ~0.5 GiB on a 7B model for no gain
     with fp32 adapters.
@@ -150,13 +152,13 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: 
     tokenizer = load_tokenizer(model_cfg)
     kwargs = dict(
         dtype=compute_dtype,
-        quantization_config=quantization_config(quant, compute_dtype),
+        quantization_config=quantization_config(quant, compute_dtype, shardable),
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=attention or model_cfg.attn_implementation.replace("auto", "sdpa"),
         use_safetensors=True,
     )
     if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": device.index or 0}  # this process's GPU (cuda:LOCAL_RANK with several)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
     except (OSError, ValueError, ImportError) as err:

@@ -6,8 +6,9 @@
     3. checkpointing of the decoder layers, their inputs offloaded to CPU memory if asked (checkpointing.py)
     4. the fused LoRA-on-4-bit forward, where it applies (fused_lora.py)
     5. MLPs a chunk of tokens at a time, if asked (chunked_mlp.py)
-    6. compiled decoder layers, where they apply (compiled_layers.py); last, so the graphs trace steps 3-5's forwards
-    7. the optimizer, the learning-rate schedule and, for fp16, the gradient scaler
+    6. compiled decoder layers, where they apply (compiled_layers.py); so the graphs trace steps 3-5's forwards
+    7. with several processes, the step's forward wrapped for DDP or sharded with FSDP2 (distributed.py)
+    8. the optimizer (over the wrapped parameters), the learning-rate schedule and, for fp16, the gradient scaler
 
 `train`, `bench` and the peer comparison build through here; `step.py` takes the session's steps.
 """
@@ -25,6 +26,8 @@ from qlora_trainer.engine.base import DTYPES, check_weights_match, device_for, l
 from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
 from qlora_trainer.engine.chunked_mlp import chunk_mlps
 from qlora_trainer.engine.compiled_layers import compile_decoder_layers
+from qlora_trainer.engine.distributed import SINGLE, Processes, wrap
+from qlora_trainer.engine.loss import LossModule
 from qlora_trainer.engine.fused_lora import use_fused_lora
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.spec import ResolvedRun
@@ -44,6 +47,8 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: Optional[torch.amp.GradScaler]  # fp16 only: loss scaling
     summary: adapters.AdapterSummary
+    loss_sum: nn.Module  # batch -> summed token loss: the forward whose gradients train (DDP/FSDP-wrapped with several)
+    processes: Processes = SINGLE  # this process among the run's (one by default)
 
 
 def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Optional[str]:
@@ -73,13 +78,15 @@ def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_dec
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def build(run: ResolvedRun) -> Session:
-    """Load and prepare everything `run` trains with, in the order of the module docstring."""
+def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
+    """Load and prepare everything `run` trains with, in the order of the module docstring, as this one of
+    `processes` (engine/distributed.py)."""
     spec, training = run.spec, run.spec.training
-    device = device_for(run.device_type)
+    device = device_for(run.device_type, processes.local_rank)
     if run.attention == packed_attention.ATTENTION_NAME:
         packed_attention.register()
-    base = load_base(spec.model, spec.quantization, DTYPES[run.compute_dtype], device, run.attention)  # 1
+    base = load_base(spec.model, spec.quantization, DTYPES[run.compute_dtype], device, run.attention,
+                     shardable=processes.strategy == "fsdp")  # 1
     keys, layers = adapters.resolve_targets(base.model, spec.adapter.target_modules)
     model, summary = adapters.attach_adapter(base.model, spec.adapter, keys, layers)  # 2
     # adapter_config.json names the base by its absolute path, so the adapter loads from any folder (or as the user
@@ -95,11 +102,13 @@ def build(run: ResolvedRun) -> Session:
         chunk_mlps(model, training.mlp_chunk_tokens)
     if run.compile_layers:  # 6
         compile_decoder_layers(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # 7
+    loss_sum = wrap(LossModule(model.get_base_model(), training.loss_chunk_tokens), processes,
+                    training.fsdp_cpu_offload)  # 7
+    trainable = [p for p in model.parameters() if p.requires_grad]  # 8
     optimizer = build_optimizer(training.optimizer, trainable, training.learning_rate, training.weight_decay)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=training.max_steps)
     scaler = torch.amp.GradScaler(device.type) if run.loss_scaling else None
     model.train()
     return Session(run, model, model.get_base_model(), base.tokenizer, device, trainable, optimizer, scheduler,
-                   scaler, summary)
+                   scaler, summary, loss_sum, processes)

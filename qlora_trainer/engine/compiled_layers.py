@@ -13,6 +13,10 @@ of the model in 16 bits (measured on an H100: Mistral-7B, all linear layers, no 
 counted; benchmarks/results/planner-accuracy-h100.md). The pass is therefore off when any layer keeps its
 activations; with every layer checkpointed the merged weight lives only through one layer's recomputation and
 backward, and saves a dequantization there.
+
+The compiler itself can fail on a layer's graph (seen on an H100 with torch 2.11: inductor's min-cut partitioner
+raised "Node add_687 was invalid, but is output" for Llama-3-8B at micro-batch 2, fp16, seq 8192, once in 12 card
+plans); `uncompile_decoder_layers` turns every layer back to eager so the recipe can take that step again.
 """
 
 import torch._functorch.config as functorch_config
@@ -29,4 +33,13 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     functorch_config.cse = all(is_checkpointed(layer) for layer in layers)
     for layer in layers:
         layer.compile(backend=backend)
+    return len(layers)
+
+
+def uncompile_decoder_layers(model: nn.Module) -> int:
+    """Every compiled decoder layer back to its eager forward (the same arithmetic); returns how many."""
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m._compiled_call_impl is not None]
+    for layer in layers:
+        layer._compiled_call_impl = None
     return len(layers)

@@ -8,6 +8,9 @@ them at a time under a checkpoint, so one chunk's logits are alive at any moment
 Packed rows (several examples per row, data/prepare.py `pack`) reach the model as position ids that restart at
 every example and no attention_mask: transformers reads the restarts as sequence boundaries and gives each
 example a causal mask of its own (`model_inputs`), so the row computes what its examples would alone.
+
+`LossModule` is that loss as the module the step calls: what DDP and FSDP wrap with several processes
+(engine/distributed.py).
 """
 
 from dataclasses import dataclass
@@ -97,3 +100,15 @@ def causal_lm_loss(causal_lm: nn.Module, batch: dict[str, torch.Tensor], chunk_t
         else:
             loss_sum = loss_sum + _chunk_cross_entropy(hidden[piece], targets[piece], lm_head, softcap)
     return LossParts(loss_sum, label_tokens)
+
+
+class LossModule(nn.Module):
+    """The step's forward as one module (the summed token loss of a batch), so DDP and FSDP see the forward that
+    produces the gradients: engine/loss.py runs the backbone and lm_head apart, past the model's own forward."""
+
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.causal_lm, self.chunk_tokens = causal_lm, chunk_tokens
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss(self.causal_lm, batch, self.chunk_tokens).loss_sum

@@ -116,8 +116,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, optimizer, scheduler,
-                    keep_last: int, scaler: Optional[torch.amp.GradScaler] = None) -> Path:
-    """Write step-N atomically and prune all but the newest `keep_last` complete checkpoints."""
+                    keep_last: int, scaler: Optional[torch.amp.GradScaler] = None,
+                    adapter_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write step-N atomically and prune all but the newest `keep_last` complete checkpoints. `adapter_state`: the
+    adapter's weights where the model does not hold them whole (FSDP, engine/distributed.py `adapter_state`)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{state.step:07d}"
@@ -125,7 +127,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, optimi
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
+    model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")

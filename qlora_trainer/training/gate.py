@@ -1,29 +1,68 @@
 """Before any weight is loaded: the planner fills the choices left open (`training.plan: auto`) and a run predicted
 not to fit its budget is refused, unless forced. The same prediction and fits rule as `plan-memory`."""
 
+from typing import Optional
+
 from transformers import PretrainedConfig
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.planner.memory import estimate_memory
+from qlora_trainer.planner.distributed import Parallelism, estimate_rank_memory
+from qlora_trainer.planner.memory import CALIBRATION, estimate_memory
 from qlora_trainer.planner.search import search_plan
-from qlora_trainer.planner.shapes import model_shape
+from qlora_trainer.planner.shapes import ModelShape, model_shape
 from qlora_trainer.spec import ResolvedRun
 
 GIB = 2**30
 
 
-def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool) -> ResolvedRun:
-    """`run`, planned where asked; a UserError when its predicted peak does not fit (unless `force`)."""
+def launch_strategy(run: ResolvedRun, shape: ModelShape, world_size: int) -> Optional[Parallelism]:
+    """How `world_size` processes share the run (None for one process): training.distributed as set, and for auto
+    DDP where one GPU holds the whole run, FSDP where it does not (on the CPU, with no budget to judge by: DDP)."""
+    if world_size == 1:
+        return None
+    training = run.spec.training
+    strategy = training.distributed
+    if strategy == "auto":
+        fits_one = run.budget is None or run.budget.fits(estimate_memory(shape, run).predicted_peak_bytes)
+        strategy = "ddp" if fits_one else "fsdp"
+    return Parallelism(strategy, world_size, strategy == "fsdp" and training.fsdp_cpu_offload)
+
+
+def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool, world_size: int = 1) -> ResolvedRun:
+    """`run`, planned where asked; a UserError when its predicted peak does not fit (unless `force`). With several
+    processes the prediction is each GPU's under the strategy they share the run by (planner/distributed.py), and
+    the run returned names that strategy in training.distributed."""
+    shape = model_shape(model_config)
+    parallelism = launch_strategy(run, shape, world_size)
+    if parallelism is not None:
+        run = run.with_values({"training.distributed": parallelism.strategy})
     if run.budget is None:  # the CPU: no budget to plan for
         return run
-    shape = model_shape(model_config)
+
+    estimator = (estimate_memory if parallelism is None
+                 else lambda shape_, run_, calibration: estimate_rank_memory(shape_, run_, parallelism,
+                                                                              calibration).gpu)
     if run.spec.training.plan == "auto":
-        run = search_plan(shape, run).run
-    peak = estimate_memory(shape, run).predicted_peak_bytes
+        run = search_plan(shape, run, estimator=estimator).run
+    peak = estimator(shape, run, CALIBRATION).predicted_peak_bytes
     budget = run.budget
-    print(f"planner: predicted peak {peak / GIB:.2f} GiB of {budget.budget_bytes / GIB:.2f} GiB on {budget.device_name}")
+    per_gpu = f" per GPU ({parallelism.strategy}, {world_size} processes)" if parallelism else ""
+    print(f"planner: predicted peak {peak / GIB:.2f} GiB{per_gpu} of {budget.budget_bytes / GIB:.2f} GiB on "
+          f"{budget.device_name}")
     if not budget.fits(peak) and not force:
-        advice = search_plan(shape, run).advice
-        raise UserError(f"training: predicted peak {peak / GIB:.2f} GiB does not fit {budget.device_name} "
+        advice = search_plan(shape, run, estimator=estimator).advice
+        raise UserError(f"training: predicted peak {peak / GIB:.2f} GiB{per_gpu} does not fit {budget.device_name} "
                         f"({budget.budget_bytes / GIB:.2f} GiB); planner: {advice}; --force trains anyway")
     return run
+
+
+def fallback_warning(run: ResolvedRun, model_config: PretrainedConfig) -> str:
+    """After compiled layers fell back to eager (recipe.py): where the planner predicts the eager run not to fit its
+    budget, the words that say so; else nothing."""
+    if run.budget is None:
+        return ""
+    peak = estimate_memory(model_shape(model_config), run).predicted_peak_bytes
+    if run.budget.fits(peak):
+        return ""
+    return (f"; eager layers are predicted at {peak / GIB:.2f} GiB, more than the {run.budget.usable_bytes / GIB:.2f} "
+            f"GiB usable, so a later step may run out of memory (training.oom_retry: halve-micro-batch would go on)")

@@ -9,14 +9,16 @@ folder and its metrics (run_folder.py), signals (signals.py); the model and the 
 
 import contextlib
 import dataclasses
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from transformers import set_seed
 
 from qlora_trainer.data.batches import collate, micro_batches
@@ -24,13 +26,15 @@ from qlora_trainer.data.prepare import DataStats, TokenizedData, prepare_data, t
 from qlora_trainer.data.sampling import steps_for_epochs
 from qlora_trainer.engine.base import load_model_config, load_tokenizer, settle_auto_attention
 from qlora_trainer.engine.build import Session, build, check_before_loading
+from qlora_trainer.engine.compiled_layers import uncompile_decoder_layers
+from qlora_trainer.engine.distributed import Processes, adapter_state, launch_facts, process_group
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
 from qlora_trainer.export.generate import prompt_format
 from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, peak_memory_bytes
 from qlora_trainer.spec import RunSpec, resolve
 from qlora_trainer.training import checkpoints
-from qlora_trainer.training.gate import fit_to_budget
+from qlora_trainer.training.gate import fallback_warning, fit_to_budget
 from qlora_trainer.training.reporting import TENSORBOARD_DIR, RunReporter, Summary
 from qlora_trainer.training.run_folder import (ADAPTER, MetricsLog, earlier_run_kept, output_dir_of,
                                                recover_interrupted_replacement, save_final_adapter, write_run_record)
@@ -63,22 +67,34 @@ class _Feed:
     """The step's micro-batches from the seeded stream, re-entered at the data position after an OOM retry."""
 
     def __init__(self, examples: list, pad_id: int, micro_batch_size: int, accumulation: int, seed: int,
-                 examples_done: int):
+                 examples_done: int, processes: Processes):
         self.examples, self.pad_id, self.seed = examples, pad_id, seed
         self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
+        self.rank, self.world_size = processes.rank, processes.world_size
         self.stream = micro_batches(len(examples), micro_batch_size, seed, examples_done)
 
     @property
     def examples_per_step(self) -> int:
-        return self.micro_batch_size * self.accumulation
+        """Of all processes together: micro_batch_size x gradient_accumulation_steps x world size."""
+        return self.micro_batch_size * self.accumulation * self.world_size
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.examples[i] for i in next(self.stream)], self.pad_id) for _ in range(self.accumulation)]
+        """This process's micro-batches of the step: of the one seeded stream, process r takes micro-batches
+        r, r + W, r + 2W, ..., so W processes see exactly the examples one process would, none twice."""
+        batches = []
+        for _ in range(self.accumulation):
+            ours = [next(self.stream) for _ in range(self.world_size)][self.rank]
+            batches.append(collate([self.examples[i] for i in ours], self.pad_id))
+        return batches
+
+    def rewind(self, examples_done: int) -> None:
+        """Go back to the data position `examples_done`: a step taken again takes the same examples."""
+        self.stream = micro_batches(len(self.examples), self.micro_batch_size, self.seed, examples_done)
 
     def halve(self, examples_done: int) -> None:
         """Half the micro-batch, twice the accumulation: the same examples per step, less memory."""
         self.micro_batch_size, self.accumulation = self.micro_batch_size // 2, self.accumulation * 2
-        self.stream = micro_batches(len(self.examples), self.micro_batch_size, self.seed, examples_done)
+        self.rewind(examples_done)
 
 
 def _oom_advice(spec: RunSpec) -> str:
@@ -110,6 +126,24 @@ def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, s
     raise OutOfMemoryAbort(f"out of GPU memory at step {state.step + 1}{where}. Lower {_oom_advice(spec)}") from None
 
 
+def _after_compile_failure(session: Session, feed: _Feed, state: checkpoints.TrainerState, reporter: RunReporter,
+                           failure: Exception) -> None:
+    """torch.compile failed on a decoder layer's graph (a compiler bug, engine/compiled_layers.py): no optimizer step
+    was taken, so the step is taken again from the same examples with every layer eager, which computes the same
+    step, and the run says so. A failure with nothing compiled is not ours to hide."""
+    if not session.run.compile_layers:
+        raise failure
+    session.optimizer.zero_grad(set_to_none=True)
+    uncompile_decoder_layers(session.model)
+    session.run = dataclasses.replace(session.run, compile_layers=False)
+    feed.rewind(state.examples_done)
+    inner = getattr(failure, "inner_exception", None) or failure  # what the compiler raised
+    cause = f"{type(inner).__name__}: {str(inner).strip()}"[:160]
+    reporter.write(f"note: torch.compile failed on a decoder layer at step {state.step + 1} ({cause}); the run "
+                   "goes on with eager layers: the same arithmetic, slower, with more memory"
+                   + fallback_warning(session.run, session.causal_lm.config))
+
+
 def _skip_step(step: StepResult, state: checkpoints.TrainerState, bad_steps: int, max_bad_steps: int,
                output_dir: Path, reporter: RunReporter) -> None:
     """A step whose loss or gradient was not finite was skipped; too many in a row stop the run (exit 4)."""
@@ -136,40 +170,74 @@ def _log_record(step: int, result: StepResult, tokens_per_second: float, session
             "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second, "peak_vram_bytes": peak_reserved,
             "peak_allocated_bytes": peak_allocated, "tokens_seen": tokens_seen, "micro_batch_size": micro_batch_size,
             "rows_skipped": stats.rows_bad, "rows_truncated": stats.rows_truncated, "rows_dropped": stats.rows_dropped,
-            "label_tokens_lost": stats.label_tokens_lost, "label_tokens": stats.label_tokens}
+            "label_tokens_lost": stats.label_tokens_lost, "label_tokens": stats.label_tokens,
+            "compiled_layers": session.run.compile_layers}
 
 
 def _resume(start: RunStart, session: Session, output_dir: Path) -> checkpoints.TrainerState:
     """Weights, optimizer, schedule, RNG and data position from the newest intact checkpoint (step 0 when none
     was written yet); metrics of later steps dropped, so the file reads as one run."""
-    checkpoints.discard_unusable(start.checkpoints)
+    if session.processes.is_main:
+        checkpoints.discard_unusable(start.checkpoints)
     state = checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0)
     latest = start.checkpoints.newest_valid
+    if latest is not None and session.processes.strategy == "fsdp":  # its optimizer.pt holds rank 0's shard only
+        raise UserError("training.distributed: fsdp runs cannot resume from a checkpoint yet (a "
+                        "checkpoint's optimizer.pt holds rank 0's shard of the optimizer state only); start over with --overwrite")
     if latest is not None:
         state = checkpoints.load_checkpoint(latest, session.model, session.optimizer, session.scheduler,
                                             session.scaler)
         print(f"resumed from {latest} (step {state.step})")
-    MetricsLog(output_dir).truncate_after(state.step)
+    if session.processes.is_main:
+        MetricsLog(output_dir).truncate_after(state.step)
     return state
+
+
+_Decision = TypeVar("_Decision")
+
+
+def _decided_by_main(processes: Processes, decide: Callable[[], _Decision]) -> _Decision:
+    """Rank 0 alone looks at the folder and decides; the others take its decision, or stop quietly (its exit code)
+    where it refused, since rank 0 says why."""
+    if processes.is_main:
+        try:
+            decision = decide()
+        except UserError as refused:
+            processes.from_main(("refused", refused.exit_code))
+            raise
+        return processes.from_main(("decided", decision))[1]
+    verdict, value = processes.from_main(None)
+    if verdict == "refused":
+        raise SystemExit(value)
+    return value
+
+
+def _start_in_folder(output_dir: Path, spec: RunSpec, resume: bool, world_size: int) -> RunStart:
+    recover_interrupted_replacement(output_dir)
+    return plan_start(output_dir, spec, resume, world_size)  # fresh, replace or resume: checked, nothing changed yet
 
 
 def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force: bool = False,
           hardware: Optional[Hardware] = None) -> TrainResult:
-    """Run the whole recipe for `spec` on `hardware` (this machine's by default)."""
+    """Run the whole recipe for `spec` on `hardware` (this machine's by default), as one process or as one of
+    those torchrun / accelerate launch started (engine/distributed.py): then rank 0 alone holds the folder, writes
+    and prints, and the others train beside it."""
     output_dir = output_dir_of(spec)
 
     # 1. Everything that can be decided or checked without weights, before the slow load.
     model_config = load_model_config(spec.model)
     spec = settle_auto_attention(spec, model_config)
-    run = fit_to_budget(resolve(spec, hardware or detect_hardware()), model_config, force)
+    run = fit_to_budget(resolve(spec, hardware or detect_hardware()), model_config, force,
+                        launch_facts(os.environ)[1])
     spec, training = run.spec, run.spec.training
     usability = check_before_loading(run, model_config)
     if usability:
         print(f"note: {usability}", file=sys.stderr)
 
-    with hold_run_folder(output_dir):  # for the run's lifetime: a second run on this folder is refused
-        recover_interrupted_replacement(output_dir)
-        start = plan_start(output_dir, spec, resume)  # fresh, replace or resume: checked, nothing changed yet
+    with (process_group(run.device_type, training.distributed) as processes,
+          # for the run's lifetime: a second run on this folder is refused
+          hold_run_folder(output_dir) if processes.is_main else contextlib.nullcontext()):
+        start = _decided_by_main(processes, lambda: _start_in_folder(output_dir, spec, resume, processes.world_size))
 
         # 2. Read the data and build the model: every input is checked before an earlier run is touched.
         set_seed(training.seed)
@@ -177,10 +245,10 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
                                            training.seed)
         if training.num_epochs:  # the schedule is laid over max_steps when build() makes it
             run = dataclasses.replace(run, spec=spec.with_values({"training.max_steps": steps_for_epochs(
-                data.stats.train_examples, training.micro_batch_size, training.gradient_accumulation_steps,
-                training.num_epochs)}))
+                data.stats.train_examples, training.micro_batch_size * processes.world_size,
+                training.gradient_accumulation_steps, training.num_epochs)}))
         apply_memory_cap(training.memory_cap_gib)
-        session = build(run)
+        session = build(run, processes)
         train_sha256 = start.check_data(output_dir, spec, data.train)
         stats = data.stats
         print(f"data: {stats.train_examples} train / {stats.eval_examples} eval examples from {stats.rows_read} rows; "
@@ -193,16 +261,21 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
         print(session.summary.line())
 
         # 3. Take the folder over; an earlier run being replaced is kept aside until the first checkpoint.
-        with earlier_run_kept(output_dir, start.mode == "replace") as drop_earlier_run:
+        with earlier_run_kept(output_dir, processes.is_main and start.mode == "replace") as drop_earlier_run:
             state = (_resume(start, session, output_dir) if start.mode == "resume"
                      else checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0))
-            write_run_record(output_dir, spec, train_sha256)
+            if processes.is_main:
+                write_run_record(output_dir, spec, train_sha256, processes.world_size)
 
             def save(at: checkpoints.TrainerState) -> Path:
-                saved = checkpoints.save_checkpoint(output_dir, at, session.model, session.optimizer,
-                                                    session.scheduler, training.save_total_limit, session.scaler)
-                drop_earlier_run()
-                return saved
+                adapter = adapter_state(session.model, processes)  # FSDP: gathered from every rank
+                saved = None
+                if processes.is_main:
+                    saved = checkpoints.save_checkpoint(output_dir, at, session.model, session.optimizer,
+                                                        session.scheduler, training.save_total_limit, session.scaler,
+                                                        adapter)
+                    drop_earlier_run()
+                return processes.from_main(saved)  # also the barrier: no rank goes on while rank 0 writes
 
             # 4. The loop.
             return _loop(session, data, state, output_dir, save, show_progress)
@@ -213,16 +286,18 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
     """`for step: take a step, log, maybe eval, maybe checkpoint` from `state` to training.max_steps, then the
     final adapter."""
     training, stats = session.run.spec.training, data.stats
+    processes = session.processes
     metrics = MetricsLog(output_dir)
     feed = _Feed(data.train, session.tokenizer.pad_token_id, training.micro_batch_size,
-                 training.gradient_accumulation_steps, training.seed, state.examples_done)
+                 training.gradient_accumulation_steps, training.seed, state.examples_done, processes)
     result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step)
     speeds: list[float] = []
     bad_steps = 0
     if session.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    reporter = RunReporter(training.max_steps, state.step, show_progress,
-                           output_dir / TENSORBOARD_DIR if session.run.spec.output.tensorboard else None)
+    reporter = RunReporter(training.max_steps, state.step, show_progress and processes.is_main,
+                           output_dir / TENSORBOARD_DIR
+                           if session.run.spec.output.tensorboard and processes.is_main else None)
     with stop_on_signals() as signals, contextlib.closing(reporter):
         while state.step < training.max_steps:
             started = time.perf_counter()
@@ -230,6 +305,9 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
                 step = train_step(session, feed.next_step())
             except torch.cuda.OutOfMemoryError:
                 _after_oom(session, feed, state, save, reporter)
+                continue
+            except BackendCompilerFailed as failure:
+                _after_compile_failure(session, feed, state, reporter, failure)
                 continue
             if not step.stepped:
                 bad_steps += 1
@@ -257,18 +335,23 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
                 if result.best_eval is None or result.eval_loss < result.best_eval[1]:
                     result.best_eval = (state.step, result.eval_loss)
                 record = (record or {"step": state.step}) | {"eval_loss": result.eval_loss}
-            if record is not None:
+            if record is not None and processes.is_main:
                 metrics.write(record)
             reporter.step(step.loss, tokens_per_second, record)
             if record is not None and "eval_loss" in record:
                 reporter.eval(state.step, result.eval_loss)
             saved = None
-            if is_last or signals or (training.save_steps and state.step % training.save_steps == 0):
+            stop = processes.largest(signals[0] if signals else 0)  # a signal to any process stops all at this step
+            if is_last or stop or (training.save_steps and state.step % training.save_steps == 0):
                 saved = save(state)
-            if signals and not is_last:
-                raise Interrupted(signals[0], saved)
+            if stop and not is_last:
+                raise Interrupted(stop, saved)
     result.final_step = state.step
-    save_final_adapter(session.model, output_dir, prompt_format(session.run.spec.data, session.tokenizer))
+    adapter = adapter_state(session.model, processes)  # FSDP: gathered from every rank
+    if processes.is_main:
+        save_final_adapter(session.model, output_dir, prompt_format(session.run.spec.data, session.tokenizer),
+                           adapter)
+    processes.barrier()
     timed = speeds[2:] or speeds
     result.tokens_per_second = statistics.median(timed) if timed else None
     result.peak_allocated_bytes, result.peak_reserved_bytes = peak_memory_bytes(session.device.type)

@@ -42,6 +42,9 @@ ALLOWED_ON_RESUME = {
     "training.fused_lora": "speed: one kernel path for the same LoRA forward",
     "training.compile_layers": "speed: compiled decoder layers",
     "model.attn_implementation": "speed: the attention kernel",
+    "training.distributed": "memory: how several processes hold the model (the same step; the world size is "
+                            "checked apart, training/run_start.py)",
+    "training.fsdp_cpu_offload": "memory: FSDP's parameters in host memory between uses",
     "training.micro_batch_size": "memory, while examples per step (x gradient_accumulation_steps) stay the same",
     "training.gradient_accumulation_steps": "memory, while examples per step (x micro_batch_size) stay the same",
     "training.max_steps": "upward, with lr_scheduler constant: the steps already taken stay those of the longer run",

@@ -53,11 +53,12 @@ def data_fingerprint(examples: list[dict[str, list[int]]]) -> str:
     return digest.hexdigest()
 
 
-def write_run_record(output_dir: Path, spec: RunSpec, train_sha256: str) -> None:
-    """The specification as it runs (after the planner's choices) and the fingerprint of its training examples,
-    beside the run: what a resume is checked against."""
+def write_run_record(output_dir: Path, spec: RunSpec, train_sha256: str, world_size: int = 1) -> None:
+    """The specification as it runs (after the planner's choices), the fingerprint of its training examples and the
+    number of processes that share each step (examples per step = micro-batch x accumulation x world size), beside
+    the run: what a resume is checked against."""
     (output_dir / RUN_CONFIG).write_text(json.dumps(spec_to_dict(spec), indent=1))
-    (output_dir / DATA_FINGERPRINT).write_text(json.dumps({"train_sha256": train_sha256}))
+    (output_dir / DATA_FINGERPRINT).write_text(json.dumps({"train_sha256": train_sha256, "world_size": world_size}))
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -76,6 +77,12 @@ def _read_json(path: Path) -> Optional[dict]:
 def read_run_config(output_dir: Path) -> Optional[dict]:
     """The saved run_config.json as a plain mapping, None when there is none."""
     return _read_json(output_dir / RUN_CONFIG)
+
+
+def read_world_size(output_dir: Path) -> int:
+    """The number of processes the run trained with (1 for a run written before it was kept)."""
+    saved = _read_json(output_dir / DATA_FINGERPRINT)
+    return int(saved.get("world_size", 1)) if saved else 1
 
 
 def read_data_fingerprint(output_dir: Path) -> Optional[str]:
@@ -103,15 +110,17 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
 
-def save_final_adapter(peft_model: nn.Module, output_dir: Path, prompt_format: Optional[dict] = None) -> Path:
+def save_final_adapter(peft_model: nn.Module, output_dir: Path, prompt_format: Optional[dict] = None,
+                       adapter_state: Optional[dict] = None) -> Path:
     """output_dir/adapter in standard PEFT format, replaced atomically, with the prompt format the run trained on
     beside the weights (qlora_trainer_prompt.json, which `generate` writes its prompts in): `prompt_format` as
-    export/generate.py's `prompt_format` makes it, or by default made from the run's run_config.json."""
+    export/generate.py's `prompt_format` makes it, or by default made from the run's run_config.json.
+    `adapter_state`: the weights where the model does not hold them whole (FSDP)."""
     final = output_dir / ADAPTER
     tmp = output_dir / f".tmp-{ADAPTER}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    peft_model.save_pretrained(tmp)
+    peft_model.save_pretrained(tmp, state_dict=adapter_state)
     _save_prompt_format(tmp, output_dir, prompt_format)
     replace_folder_atomically(tmp, final)
     return final

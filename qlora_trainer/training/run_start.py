@@ -15,7 +15,7 @@ from qlora_trainer.spec import RunSpec
 from qlora_trainer.training.checkpoints import CHECKPOINTS, CheckpointScan, scan_checkpoints
 from qlora_trainer.training.resume_rules import compare_for_resume
 from qlora_trainer.training.run_folder import (ADAPTER, RUN_CONFIG, data_fingerprint, existing_artifacts,
-                                               read_data_fingerprint, read_run_config)
+                                               read_data_fingerprint, read_run_config, read_world_size)
 
 _START_OVER = "start over with --overwrite (without --resume) or in another --output-dir"
 
@@ -62,9 +62,18 @@ def _check_config(output_dir: Path, spec: RunSpec) -> None:
         print(f"resume: changes that do not change what is trained: {'; '.join(differences.allowed)}")
 
 
-def plan_start(output_dir: Path, spec: RunSpec, resume: bool) -> RunStart:
-    """How the run starts in `output_dir` (see the module docstring); a UserError, with nothing changed, when the
-    folder holds a run this one may not continue or replace."""
+def _check_world_size(output_dir: Path, spec: RunSpec, world_size: int) -> None:
+    saved = read_world_size(output_dir)
+    if saved != world_size:
+        per_process = spec.training.micro_batch_size * spec.training.gradient_accumulation_steps
+        raise UserError(f"resume: the run in {output_dir} trained with {saved} processes (world size) and this launch "
+                        f"has {world_size}, so examples per step would change {per_process * saved} -> "
+                        f"{per_process * world_size}; launch {saved} processes to resume, or {_START_OVER}")
+
+
+def plan_start(output_dir: Path, spec: RunSpec, resume: bool, world_size: int = 1) -> RunStart:
+    """How the run starts in `output_dir` (see the module docstring) for a run of `world_size` processes; a
+    UserError, with nothing changed, when the folder holds a run this one may not continue or replace."""
     existing = existing_artifacts(output_dir)
     nothing = CheckpointScan(None, (), ())
     if not (resume or spec.output.overwrite) and spec.training.resume == "auto":
@@ -79,4 +88,5 @@ def plan_start(output_dir: Path, spec: RunSpec, resume: bool) -> RunStart:
         _refuse_restart(output_dir, scan)
         return RunStart("resume", scan, None)  # nothing trained yet: from step 0
     _check_config(output_dir, spec)
+    _check_world_size(output_dir, spec, world_size)
     return RunStart("resume", scan, read_data_fingerprint(output_dir))

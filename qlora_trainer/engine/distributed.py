@@ -1,0 +1,187 @@
+"""Several training processes on torch.distributed: the process group from the launcher's environment (torchrun,
+accelerate launch), the strategy (DDP or FSDP2), the model wrapped for it, and the few collectives a step needs.
+
+One process (no WORLD_SIZE, or 1) gets `SINGLE`, whose collectives do nothing, so a single run computes exactly as
+it always did. With W processes each takes its own micro-batches; the gradients of the adapter are summed across
+processes (DDP and FSDP average them, and the step undoes that: engine/step.py).
+"""
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qlora_trainer.engine.loss import LossModule
+from qlora_trainer.errors import ConfigError
+
+Strategy = Literal["single", "ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the run's processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # the GPU of this process on its machine
+    strategy: Strategy = "single"
+    device_type: str = "cpu"  # "cuda": NCCL, tensors of collectives on the GPU; "cpu": gloo
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.device_type == "cuda" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (float64, so token counts stay exact)."""
+        if self.world_size == 1:
+            return values
+        summed = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        return summed.tolist()
+
+    def largest(self, value: int) -> int:
+        """The largest of the processes' `value`s."""
+        if self.world_size == 1:
+            return value
+        largest = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return int(largest.item())
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every process (pickled)."""
+        if self.world_size == 1:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+SINGLE = Processes()
+
+
+def launch_facts(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun and accelerate launch set them; (0, 1, 0) when not launched."""
+    return int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0))
+
+
+def choose_strategy(setting: str) -> Strategy:
+    """How several processes share the work, for `training.distributed` as the gate settled it
+    (training/gate.py `launch_strategy`: auto became ddp or fsdp by the planner's prediction)."""
+    return "fsdp" if setting == "fsdp" else "ddp"
+
+
+@contextmanager
+def process_group(device_type: str, setting: str, environ: Mapping[str, str] = os.environ) -> Iterator[Processes]:
+    """Join the launcher's process group for the block (NCCL on CUDA, gloo on the CPU) and leave it after; a process
+    that was not launched with several gets SINGLE. Ranks other than 0 print nothing to stdout."""
+    rank, world_size, local_rank = launch_facts(environ)
+    if world_size == 1:
+        yield SINGLE
+        return
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPUs; launch "
+                              "at most that many processes per machine")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    processes = Processes(rank, world_size, local_rank, choose_strategy(setting), device_type)
+    quiet = open(os.devnull, "w") if not processes.is_main else None
+    try:
+        with (_stdout_to(quiet) if quiet else nullcontext()):
+            yield processes
+    finally:
+        if quiet:
+            quiet.close()
+        dist.destroy_process_group()
+
+
+@contextmanager
+def _stdout_to(stream) -> Iterator[None]:
+    import sys
+
+    saved, sys.stdout = sys.stdout, stream
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+
+
+def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (the FSDP units)."""
+    for module in causal_lm.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == causal_lm.config.num_hidden_layers:
+            return module
+    raise ConfigError("training.distributed: fsdp needs a model with one list of decoder layers; use ddp")
+
+
+def wrap(loss_module: LossModule, processes: Processes, cpu_offload: bool) -> nn.Module:
+    """`loss_module` ready for `processes`: as it is for one process; DDP over the trainable (adapter) parameters,
+    the same on every rank from rank 0's; or FSDP2, each decoder layer and the rest sharded across the ranks."""
+    if processes.strategy == "single":
+        return loss_module
+    if processes.strategy == "ddp":
+        with torch.no_grad():  # the adapter starts from rank 0's; the frozen base is read from the same files
+            for param in loss_module.parameters():
+                if param.requires_grad:
+                    dist.broadcast(param.data, src=0)
+        device_ids = [processes.local_rank] if processes.device_type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids, init_sync=False)
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    options = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
+    for layer in decoder_layers(loss_module.causal_lm):
+        fully_shard(layer, **options)
+    fully_shard(loss_module, **options)
+    return loss_module
+
+
+def accumulating(wrapped: nn.Module, last: bool):
+    """The context of one micro-batch's backward: gradients are synchronised across processes only on the last of a
+    step (one all-reduce per step, not per micro-batch)."""
+    if last:
+        return nullcontext()
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(wrapped)
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(wrapped: nn.Module) -> Iterator[None]:
+    wrapped.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) tensor gathered whole on every rank; any other tensor as it is. Collective."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def adapter_state(peft_model: nn.Module, processes: Processes) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the trainable parameters gathered whole on the CPU, named as the model names them (for peft's
+    `save_pretrained(state_dict=...)`, which writes them in its standard format); every rank takes part, rank 0 gets
+    them, the others None. Otherwise None: the model saves its own adapter. Only the adapter is gathered, never the
+    base (get_model_state_dict's full state dict would gather that too)."""
+    if processes.strategy != "fsdp":
+        return None
+    full = {name: full_tensor(param.detach()).cpu() for name, param in peft_model.named_parameters()
+            if param.requires_grad}
+    return full if processes.is_main else None
