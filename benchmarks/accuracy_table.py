@@ -34,7 +34,9 @@ MEASURED_ON = Hardware.planned(GPU_CATALOGUE["H100-80GB"])  # results/planner-ac
 def record_spec(case: dict, record: dict) -> RunSpec:
     """The run a record measured. spec_from_dict reads configs with keys since renamed (alpha, dropout)."""
     if "ran_config" in record:  # the config as the trainer ran it (after training.plan: auto)
-        return spec_from_dict(record["ran_config"])
+        spec = spec_from_dict(record["ran_config"])
+        # layers the compiler failed on ran eager (training/recipe.py): predict what ran
+        return spec.with_values({"training.compile_layers": "off"}) if record.get("compile_fell_back") else spec
     spec = spec_from_dict(run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out")))
     # records from before 2026-11-23 carry no compile_layers: the trainer had no compiled layers then
     values = {"training.compile_layers": record.get("compile_layers", "off")}

@@ -79,6 +79,9 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
         capture_output=True, text=True, timeout=timeout_s,
     )
     record = {"exit_code": process.returncode, "wall_s": round(time.time() - started, 1)}
+    notes = [line for line in process.stdout.splitlines() if line.startswith("note:")]
+    if notes:  # e.g. compiled layers that fell back to eager: the run measured is not the one predicted
+        record["notes"] = notes
     if process.returncode != 0:
         lines = process.stderr.strip().splitlines() or ["?"]
         record["error"] = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:300]
@@ -100,6 +103,9 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
             losses=[round(s["loss"], 4) for s in steps],
             step_speeds=[round(s["tokens_per_second"]) for s in steps],
         )
+        if any(s.get("compiled_layers") is False for s in steps) and (record.get("ran_config") or {}).get(
+                "training", {}).get("compile_layers") != "off":
+            record["compile_fell_back"] = True  # the compiler failed and the run went on with eager layers
     return record
 
 
