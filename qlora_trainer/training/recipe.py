@@ -116,13 +116,16 @@ def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, s
     session.optimizer.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     spec = session.run.spec
-    if spec.training.oom_retry == "halve-micro-batch" and feed.micro_batch_size > 1:
+    # a retry or a checkpoint needs every process, and the others are inside the step: with several, stop this one
+    # (the launcher stops the rest) and keep the last periodic checkpoint
+    alone = session.processes.world_size == 1
+    if alone and spec.training.oom_retry == "halve-micro-batch" and feed.micro_batch_size > 1:
         feed.halve(state.examples_done)
         reporter.write(f"out of memory at step {state.step + 1}: retrying with micro_batch_size "
                        f"{feed.micro_batch_size} and gradient_accumulation_steps {feed.accumulation}")
         return
     reporter.close()
-    where = f"; checkpoint of step {state.step} at {save(state)}" if state.step else ""
+    where = f"; checkpoint of step {state.step} at {save(state)}" if state.step and alone else ""
     raise OutOfMemoryAbort(f"out of GPU memory at step {state.step + 1}{where}. Lower {_oom_advice(spec)}") from None
 
 
@@ -131,7 +134,7 @@ def _after_compile_failure(session: Session, feed: _Feed, state: checkpoints.Tra
     """torch.compile failed on a decoder layer's graph (a compiler bug, engine/compiled_layers.py): no optimizer step
     was taken, so the step is taken again from the same examples with every layer eager, which computes the same
     step, and the run says so. A failure with nothing compiled is not ours to hide."""
-    if not session.run.compile_layers:
+    if not session.run.compile_layers or session.processes.world_size > 1:  # the others could not retake it with us
         raise failure
     session.optimizer.zero_grad(set_to_none=True)
     uncompile_decoder_layers(session.model)
