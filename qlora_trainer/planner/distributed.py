@@ -36,6 +36,7 @@ MAX_GPUS = 8  # the most cards of one host the fewest-cards search tries
 FSDP_GATHERED_LAYERS = 2
 # GPU breakdown keys beyond one GPU's (memory.py), in every per-rank estimate so that all read alike
 GATHERED, BUCKETS = "gathered parameters", "gradient buckets"
+LOADING = "model load"  # the phase in which each FSDP rank holds the whole model, before it is sharded
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -49,12 +50,23 @@ class Parallelism:
 @dataclass(frozen=True)
 class RankEstimate:
     parallelism: Parallelism
-    gpu: MemoryEstimate  # one rank's GPU: breakdown and peaks as for one GPU, with GATHERED and BUCKETS added
+    gpu: MemoryEstimate  # one rank's GPU while training: breakdown and peaks as for one GPU, with GATHERED, BUCKETS
     host_breakdown: dict[str, int]  # host RAM the training state needs, all ranks of the host together
+    # FSDP: every rank loads the whole quantized base and attaches the whole adapter on its own GPU before
+    # fully_shard shards them (engine/build.py), a peak before training begins; 0 where training holds as much
+    load_bytes: int = 0
 
     @property
     def host_ram_bytes(self) -> int:
         return sum(self.host_breakdown.values())
+
+    @property
+    def peak(self) -> MemoryEstimate:
+        """What the rank's GPU must hold at its highest: training's estimate, or loading's where that is higher."""
+        if self.load_bytes <= self.gpu.predicted_peak_bytes:
+            return self.gpu
+        return dataclasses.replace(self.gpu, predicted_peak_bytes=self.load_bytes,
+                                   predicted_peak_allocated_bytes=self.load_bytes, phase=LOADING)
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
             "optimizer states": ranks * (sum(states.pooled) + sum(states.paged) + sum(states.step_temporaries)),
             **host,
         }
-    return RankEstimate(parallelism, gpu, host)
+    return RankEstimate(parallelism, gpu, host, single.breakdown["weights"] + single.breakdown["adapter"])
 
 
 def estimate_rank_memory(shape: ModelShape, run: ResolvedRun, parallelism: Parallelism,
@@ -236,9 +248,10 @@ class DistributedPlan:
     batch_per_rank: int  # sequences each rank takes of the effective batch per optimizer step
 
 
-def _rank_estimator(parallelism: Parallelism):
+def rank_estimator(parallelism: Parallelism):
+    """search.py's estimator for each rank under `parallelism`: its GPU at its highest, loading included."""
     def estimate(shape: ModelShape, run: ResolvedRun, calibration: Calibration) -> MemoryEstimate:
-        return estimate_rank_memory(shape, run, parallelism, calibration).gpu
+        return estimate_rank_memory(shape, run, parallelism, calibration).peak
     return estimate
 
 
@@ -247,7 +260,7 @@ def plan_for(shape: ModelShape, run: ResolvedRun, parallelism: Parallelism, effe
     """search.py's search with each rank's estimate against one card's budget (the same `Budget.fits` rule). The
     effective batch is split over the ranks: each takes ceil(batch / gpus) sequences per optimizer step."""
     batch_per_rank = -(-effective_batch // parallelism.gpus)
-    result = search_plan(shape, run, batch_per_rank, calibration, _rank_estimator(parallelism))
+    result = search_plan(shape, run, batch_per_rank, calibration, rank_estimator(parallelism))
     chosen = result.run.with_values({"training.distributed": parallelism.strategy,
                                      "training.fsdp_cpu_offload": parallelism.cpu_offload})
     result = dataclasses.replace(result, run=chosen)

@@ -263,6 +263,9 @@ def distributed_table(plan: DistributedPlan, gpu: GpuSpec, model: str, fewest: b
     lines += [f"{model} on {_cards(plan, gpu)}: per GPU ({result.budget_bytes / GIB:.2f} GiB each), "
               f"{plan.batch_per_rank} sequences per GPU per optimizer step", ""]
     lines += _component_lines(result)
+    if plan.rank.load_bytes > plan.rank.gpu.predicted_peak_bytes:
+        lines.append(f"  (training needs {plan.rank.gpu.predicted_peak_bytes / GIB:.2f} GiB; loading needs more: every "
+                     "GPU loads the whole 4-bit model and adapter before FSDP shards them)")
     host = plan.rank.host_breakdown
     parts = " + ".join(f"{name} {value / GIB:.2f}" for name, value in host.items() if value)
     lines.append(f"{'host RAM needed':<34}{_gib(plan.rank.host_ram_bytes)}   "

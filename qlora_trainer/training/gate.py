@@ -6,7 +6,7 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.planner.distributed import Parallelism, estimate_rank_memory
+from qlora_trainer.planner.distributed import Parallelism, rank_estimator
 from qlora_trainer.planner.memory import CALIBRATION, estimate_memory
 from qlora_trainer.planner.search import search_plan
 from qlora_trainer.planner.shapes import ModelShape, model_shape
@@ -39,9 +39,7 @@ def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool,
     if run.budget is None:  # the CPU: no budget to plan for
         return run
 
-    estimator = (estimate_memory if parallelism is None
-                 else lambda shape_, run_, calibration: estimate_rank_memory(shape_, run_, parallelism,
-                                                                              calibration).gpu)
+    estimator = estimate_memory if parallelism is None else rank_estimator(parallelism)
     if run.spec.training.plan == "auto":
         run = search_plan(shape, run, estimator=estimator).run
     peak = estimator(shape, run, CALIBRATION).predicted_peak_bytes
