@@ -32,7 +32,8 @@ def _train(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
-    print("\n".join(summary(result).lines()))
+    if result.is_main:  # several processes: rank 0 alone speaks for the run
+        print("\n".join(summary(result).lines()))
     return 0
 
 

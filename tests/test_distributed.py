@@ -1,5 +1,6 @@
 """Several processes (torchrun, gloo on the CPU) on the tiny NF4 Llama: DDP and FSDP2 take the step one process
-would take over the same examples, rank 0 alone writes, and a killed run resumes to the unbroken one's adapter."""
+would take over the same examples, rank 0 alone writes, and a killed run, DDP or FSDP, resumes to the unbroken one's
+adapter."""
 
 import json
 import os
@@ -39,8 +40,15 @@ def raw_config(model_dir: Path, data_path: Path, out_dir: Path, **training) -> d
             "quantization": {"compute_dtype": "float32"}, "training": training, "output": {"dir": str(out_dir)}}
 
 
-def _torchrun(raw: dict, folder: Path, *extra: str) -> subprocess.Popen:
-    """`torchrun --nproc-per-node 2 -m qlora_trainer train` as users launch it, in an empty working folder."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+# accelerate's multi-GPU launcher, which starts torchrun's processes; on a machine without GPUs they train on the CPU
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _torchrun(raw: dict, folder: Path, *extra: str, launcher: list[str] = TORCHRUN) -> subprocess.Popen:
+    """`torchrun --nproc-per-node 2 -m qlora_trainer train` as users launch it (or `launcher`), in an empty working
+    folder."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "run.yaml"
     config.write_text(json.dumps(raw))
@@ -48,8 +56,7 @@ def _torchrun(raw: dict, folder: Path, *extra: str) -> subprocess.Popen:
     workdir.mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "qlora_trainer", "train", "--config", str(config), "--no-progress", *extra],
+    return subprocess.Popen([*launcher, "-m", "qlora_trainer", "train", "--config", str(config), "--no-progress", *extra],
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -105,7 +112,7 @@ def test_rank_0_alone_writes_and_prints(ddp_run):
     assert not list((out.parent / "cwd").iterdir())  # nothing written where the processes ran
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))  # each step logged once
-    assert stdout.count("trainable params:") == 1
+    assert stdout.count("trainable params:") == 1 and stdout.count("done:") == 1
     assert json.loads((out / "data_fingerprint.json").read_text())["world_size"] == 2
 
 
@@ -121,10 +128,10 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_a_rank_killed_mid_run_resumes_to_the_unbroken_runs_adapter(tiny_llama_dir, alpaca_file, tmp_path, ddp_run):
-    out = tmp_path / "out"
-    raw = raw_config(tiny_llama_dir, alpaca_file, out)
-    process = _torchrun(raw, tmp_path)
+def _kill_a_rank_then_resume(raw: dict, folder: Path) -> Path:
+    """Start `raw` on 2 processes, SIGKILL one once the step-2 checkpoint exists, then resume it to the end."""
+    out = Path(raw["output"]["dir"])
+    process = _torchrun(raw, folder)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-0000002").exists():
         assert process.poll() is None and time.time() < deadline, process.communicate()
@@ -135,15 +142,56 @@ def test_a_rank_killed_mid_run_resumes_to_the_unbroken_runs_adapter(tiny_llama_d
     process.communicate(timeout=120)
     assert process.returncode != 0  # torchrun stopped the other rank too
     assert not (out / "adapter").exists(), "the run ended before the kill; nothing was tested"
-    _finish(_torchrun(raw, tmp_path, "--resume"))
+    stdout = _finish(_torchrun(raw, folder, "--resume"))
+    assert "resumed from" in stdout
+    return out
+
+
+def test_a_rank_killed_mid_run_resumes_to_the_unbroken_runs_adapter(tiny_llama_dir, alpaca_file, tmp_path, ddp_run):
+    out = _kill_a_rank_then_resume(raw_config(tiny_llama_dir, alpaca_file, tmp_path / "out"), tmp_path)
     assert_same_weights(_adapter(ddp_run[0]), _adapter(out))
 
 
-def test_fsdp_two_processes_train_as_ddp_and_save_a_plain_peft_adapter(tiny_llama_dir, alpaca_file, tmp_path,
-                                                                      ddp_run):
-    out = tmp_path / "out"
-    raw = raw_config(tiny_llama_dir, alpaca_file, out, distributed="fsdp", save_steps=0)
-    _finish(_torchrun(raw, tmp_path))
-    assert_same_weights(_adapter(ddp_run[0]), _adapter(out))
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_llama_dir, alpaca_file, tmp_path_factory) -> Path:
+    """An unbroken 2-process FSDP run, checkpointed every 2 steps as the DDP run is."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    out = folder / "out"
+    _finish(_torchrun(raw_config(tiny_llama_dir, alpaca_file, out, distributed="fsdp"), folder))
+    return out
+
+
+def test_fsdp_two_processes_train_as_ddp_and_save_a_plain_peft_adapter(ddp_run, fsdp_run):
+    assert_same_weights(_adapter(ddp_run[0]), _adapter(fsdp_run))
+    config = json.loads((fsdp_run / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
+
+
+def _adam_moments(checkpoint: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """exp_avg of each parameter in the checkpoint's optimizer.pt, named by `names` in the optimizer's order."""
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    return {name: saved["state"][key]["exp_avg"] for name, key in zip(names, saved["param_groups"][0]["params"])}
+
+
+def test_an_fsdp_checkpoint_holds_the_whole_optimizer_state(ddp_run, fsdp_run):
+    step_2 = Path("checkpoints") / "step-0000002"
+    fsdp_names = torch.load(fsdp_run / step_2 / "optimizer.pt", weights_only=True)["param_groups"][0]["params"]
+    fsdp, ddp = _adam_moments(fsdp_run / step_2, fsdp_names), _adam_moments(ddp_run[0] / step_2, fsdp_names)
+    assert len(fsdp) == len(_adapter(fsdp_run)) == 28  # 2 layers x 7 projections x (lora_A, lora_B)
+    assert {name: m.shape for name, m in fsdp.items()} == {name: m.shape for name, m in ddp.items()}  # not shards
+    assert_same_weights(ddp, fsdp)
+
+
+def test_an_fsdp_rank_killed_mid_run_resumes_to_the_unbroken_runs_adapter(tiny_llama_dir, alpaca_file, tmp_path,
+                                                                          fsdp_run):
+    raw = raw_config(tiny_llama_dir, alpaca_file, tmp_path / "out", distributed="fsdp")
+    assert_same_weights(_adapter(fsdp_run), _adapter(_kill_a_rank_then_resume(raw, tmp_path)))
+
+
+def test_accelerate_launch_starts_the_same_two_processes(tiny_llama_dir, alpaca_file, tmp_path, ddp_run):
+    out = tmp_path / "out"
+    raw = raw_config(tiny_llama_dir, alpaca_file, out, save_steps=0)
+    stdout = _finish(_torchrun(raw, tmp_path, launcher=ACCELERATE))
+    assert json.loads((out / "data_fingerprint.json").read_text())["world_size"] == 2
+    assert stdout.count("done:") == 1
+    assert_same_weights(_adapter(ddp_run[0]), _adapter(out))  # the torchrun run's adapter

@@ -138,6 +138,15 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
+def keep_cpu_attention_within_its_kernels() -> None:
+    """torch's CPU flash attention packs bf16 inputs for AVX512-BF16 whenever the CPU has it, even where ATen's
+    kernels are held below AVX512 (ATEN_CPU_CAPABILITY=avx2), and then stops with "pack_vnni2 is only supported when
+    avx512 is supported" (torch 2.13). There the math kernel computes the same attention; elsewhere nothing changes."""
+    has_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if has_avx512_bf16 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        torch.backends.cuda.enable_flash_sdp(False)  # the flag CPU and CUDA share; only reached on the CPU
+
+
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: torch.dtype,
               device: torch.device, attention: Optional[str] = None, shardable: bool = False) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
@@ -159,6 +168,8 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: 
     )
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # this process's GPU (cuda:LOCAL_RANK with several)
+    else:
+        keep_cpu_attention_within_its_kernels()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
     except (OSError, ValueError, ImportError) as err:

@@ -185,3 +185,47 @@ def adapter_state(peft_model: nn.Module, processes: Processes) -> dict[str, torc
     full = {name: full_tensor(param.detach()).cpu() for name, param in peft_model.named_parameters()
             if param.requires_grad}
     return full if processes.is_main else None
+
+
+def optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, processes: Processes) -> dict | None:
+    """Under FSDP, the optimizer's state gathered whole on the CPU (torch.distributed.checkpoint's full optimizer state
+    dict: keyed by the names of `wrapped`'s parameters, exp_avg and exp_avg_sq at the parameters' full shapes); every
+    rank takes part, rank 0 gets it, the others None. Otherwise None: the optimizer's own state_dict() is whole."""
+    if processes.strategy != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(wrapped, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if processes.is_main else None
+
+
+def names_in_wrapped(peft_model: nn.Module, wrapped: nn.Module) -> dict[str, str]:
+    """Each adapter weight's name in peft's adapter file -> the name of its parameter in `wrapped`. peft's own
+    renaming (get_peft_model_state_dict, which save_pretrained writes through) is applied to the trainable parameters
+    themselves, and each is found in `wrapped` by identity, so neither side's prefixes are spelled out here."""
+    from peft import get_peft_model_state_dict
+
+    in_wrapped = {id(param): name for name, param in wrapped.named_parameters()}
+    trainable = {name: param for name, param in peft_model.named_parameters() if param.requires_grad}
+    return {file_name: in_wrapped[id(param)]
+            for file_name, param in get_peft_model_state_dict(peft_model, state_dict=trainable).items()}
+
+
+def load_sharded(wrapped: nn.Module, peft_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 adapter_weights: dict[str, torch.Tensor], full_optimizer_state: dict) -> list[str]:
+    """Under FSDP, a checkpoint's whole adapter (named as peft's adapter file names it) and whole optimizer state
+    (`optimizer_state`'s) into this rank's shards. Every rank passes what it read from the checkpoint's files
+    (nothing is broadcast, as with DDP, where every rank loads the same files) and keeps its own shard. Collective.
+    Returns the adapter file's names this model has no parameter for."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = names_in_wrapped(peft_model, wrapped)
+    unexpected = [name for name in adapter_weights if name not in names]
+    if unexpected:
+        return unexpected
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the adapter only; the base stays as loaded
+    set_model_state_dict(wrapped, {names[name]: weight for name, weight in adapter_weights.items()}, options=options)
+    set_optimizer_state_dict(wrapped, optimizer, full_optimizer_state, options=options)
+    return []

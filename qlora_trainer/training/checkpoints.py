@@ -16,6 +16,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from qlora_trainer.engine.distributed import load_sharded
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _PREFIX = "step-"
@@ -117,9 +119,11 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, optimizer, scheduler,
                     keep_last: int, scaler: Optional[torch.amp.GradScaler] = None,
-                    adapter_state: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write step-N atomically and prune all but the newest `keep_last` complete checkpoints. `adapter_state`: the
-    adapter's weights where the model does not hold them whole (FSDP, engine/distributed.py `adapter_state`)."""
+                    adapter_state: Optional[dict[str, torch.Tensor]] = None,
+                    optimizer_state: Optional[dict] = None) -> Path:
+    """Write step-N atomically and prune all but the newest `keep_last` complete checkpoints. `adapter_state` and
+    `optimizer_state`: the adapter's weights and the optimizer's state where the model and the optimizer do not hold
+    them whole (FSDP: engine/distributed.py `adapter_state`, `optimizer_state`)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{state.step:07d}"
@@ -128,7 +132,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, optimi
         shutil.rmtree(tmp)
     tmp.mkdir()
     model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     if scaler is not None:  # fp16: the loss scale, so a resumed run scales as the unbroken one would
@@ -198,13 +202,21 @@ def latest_valid_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler,
-                    scaler: Optional[torch.amp.GradScaler] = None) -> TrainerState:
-    """Restore adapter weights, optimizer, scheduler and RNG from a verified checkpoint."""
+                    scaler: Optional[torch.amp.GradScaler] = None,
+                    sharded: Optional[nn.Module] = None) -> TrainerState:
+    """Restore adapter weights, optimizer, scheduler and RNG from a verified checkpoint. `sharded`: under FSDP, the
+    wrapped module whose shards take the whole adapter and optimizer state the checkpoint holds (every rank calls
+    this: engine/distributed.py `load_sharded`)."""
     weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"checkpoint {folder} holds weights this adapter lacks: {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+    optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+    if sharded is not None:
+        unexpected = load_sharded(sharded, model, optimizer, weights, optimizer_state)
+    else:
+        unexpected = getattr(set_peft_model_state_dict(model, weights), "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {folder} holds weights this adapter lacks: {unexpected[:3]}")
+    if sharded is None:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
     if scaler is not None and (folder / "scaler.pt").is_file():

@@ -27,7 +27,7 @@ from qlora_trainer.data.sampling import steps_for_epochs
 from qlora_trainer.engine.base import load_model_config, load_tokenizer, settle_auto_attention
 from qlora_trainer.engine.build import Session, build, check_before_loading
 from qlora_trainer.engine.compiled_layers import uncompile_decoder_layers
-from qlora_trainer.engine.distributed import Processes, adapter_state, launch_facts, process_group
+from qlora_trainer.engine.distributed import Processes, adapter_state, launch_facts, optimizer_state, process_group
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
 from qlora_trainer.export.generate import prompt_format
@@ -61,6 +61,7 @@ class TrainResult:
     tokens_per_second: Optional[float] = None  # median over the steps after two warm-up steps
     peak_allocated_bytes: Optional[int] = None  # GPU only
     peak_reserved_bytes: Optional[int] = None  # GPU only
+    is_main: bool = True  # this process reports the run: the only one, or rank 0 of several
 
 
 class _Feed:
@@ -184,12 +185,10 @@ def _resume(start: RunStart, session: Session, output_dir: Path) -> checkpoints.
         checkpoints.discard_unusable(start.checkpoints)
     state = checkpoints.TrainerState(step=0, examples_done=0, tokens_seen=0)
     latest = start.checkpoints.newest_valid
-    if latest is not None and session.processes.strategy == "fsdp":  # its optimizer.pt holds rank 0's shard only
-        raise UserError("training.distributed: fsdp runs cannot resume from a checkpoint yet (a "
-                        "checkpoint's optimizer.pt holds rank 0's shard of the optimizer state only); start over with --overwrite")
     if latest is not None:
         state = checkpoints.load_checkpoint(latest, session.model, session.optimizer, session.scheduler,
-                                            session.scaler)
+                                            session.scaler,
+                                            session.loss_sum if session.processes.strategy == "fsdp" else None)
         print(f"resumed from {latest} (step {state.step})")
     if session.processes.is_main:
         MetricsLog(output_dir).truncate_after(state.step)
@@ -272,11 +271,12 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
 
             def save(at: checkpoints.TrainerState) -> Path:
                 adapter = adapter_state(session.model, processes)  # FSDP: gathered from every rank
+                optimizer = optimizer_state(session.loss_sum, session.optimizer, processes)  # the same
                 saved = None
                 if processes.is_main:
                     saved = checkpoints.save_checkpoint(output_dir, at, session.model, session.optimizer,
                                                         session.scheduler, training.save_total_limit, session.scaler,
-                                                        adapter)
+                                                        adapter, optimizer)
                     drop_earlier_run()
                 return processes.from_main(saved)  # also the barrier: no rank goes on while rank 0 writes
 
@@ -293,7 +293,8 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
     metrics = MetricsLog(output_dir)
     feed = _Feed(data.train, session.tokenizer.pad_token_id, training.micro_batch_size,
                  training.gradient_accumulation_steps, training.seed, state.examples_done, processes)
-    result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step)
+    result = TrainResult(output_dir=output_dir, adapter_dir=output_dir / ADAPTER, final_step=state.step,
+                         is_main=processes.is_main)
     speeds: list[float] = []
     bad_steps = 0
     if session.device.type == "cuda":
