@@ -138,12 +138,18 @@ def upcast_non_quantized(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def keep_cpu_attention_within_its_kernels() -> None:
+def cpu_flash_attention_fails() -> bool:
     """torch's CPU flash attention packs bf16 inputs for AVX512-BF16 whenever the CPU has it, even where ATen's
     kernels are held below AVX512 (ATEN_CPU_CAPABILITY=avx2), and then stops with "pack_vnni2 is only supported when
-    avx512 is supported" (torch 2.13). There the math kernel computes the same attention; elsewhere nothing changes."""
+    avx512 is supported" (torch 2.13)."""
     has_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if has_avx512_bf16 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+    return has_avx512_bf16 and torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+def keep_cpu_attention_within_its_kernels() -> None:
+    """Where the CPU's flash attention would fail (above), the math kernel computes the same attention; elsewhere
+    nothing changes."""
+    if cpu_flash_attention_fails():
         torch.backends.cuda.enable_flash_sdp(False)  # the flag CPU and CUDA share; only reached on the CPU
 
 
