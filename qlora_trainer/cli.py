@@ -4,6 +4,7 @@ runs, so `--help` answers without loading torch."""
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -280,5 +281,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The process's entry point (`qlora-trainer`, `python -m qlora_trainer`): main()'s exit code. A process of a
+    several-process run (torchrun, accelerate launch) leaves without running destructors, once its files are written
+    and its output flushed: freeing its process group at exit can deadlock (engine/distributed.py `_HELD`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as stop:  # a rank that takes rank 0's refusal leaves with its exit code
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # a programming error: its traceback, as Python would print it
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -189,6 +189,11 @@ def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_wher
     assert launch_strategy(l4_run(), llama70b, 2) == Parallelism("fsdp", 2, False)
     assert launch_strategy(l4_run({"training.fsdp_cpu_offload": True}), llama70b, 2) == Parallelism("fsdp", 2, True)
     assert launch_strategy(l4_run(), llama70b, 1) is None  # one process: no torch.distributed
+    t4 = resolve(l4_run().spec, Hardware.planned(lookup_gpu("T4")))  # fp16 with loss scaling: each shard would
+    with pytest.raises(UserError, match="fsdp with float16 compute"):  # decide alone whether to skip a step
+        launch_strategy(t4, llama70b, 2)
+    assert launch_strategy(resolve(l4_run({"model.path": "llama-2-7b"}).spec, Hardware.planned(lookup_gpu("T4"))),
+                           seven_b, 2).strategy == "ddp"  # DDP's gradients are whole and equal on every rank
     # the gate plans and admits the 70B run on two 40 GB cards (per GPU), and refuses it on one, and on two L4s
     a100 = resolve(l4_run({"training.plan": "auto"}).spec, Hardware.planned(lookup_gpu("A100-40GB")))
     run = fit_to_budget(a100, load_model_config("llama-2-70b"), force=False, world_size=2)

@@ -128,6 +128,13 @@ def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
     raise ConfigError("training.distributed: fsdp needs a model with one list of decoder layers; use ddp")
 
 
+# The wrapped modules of several-process runs, held until the process ends (cli.py `entry` leaves without
+# destructors). Freeing one frees its gloo process group, whose destructor waits, holding the GIL, for a worker
+# thread that needs the GIL to free a finished collective's tensors: a deadlock seen here when train() returned
+# (the destructor's blocking is pytorch/pytorch#56297).
+_HELD: list[nn.Module] = []
+
+
 def wrap(loss_module: LossModule, processes: Processes, cpu_offload: bool) -> nn.Module:
     """`loss_module` ready for `processes`: as it is for one process; DDP over the trainable (adapter) parameters,
     the same on every rank from rank 0's; or FSDP2, each decoder layer and the rest sharded across the ranks."""
@@ -139,13 +146,15 @@ def wrap(loss_module: LossModule, processes: Processes, cpu_offload: bool) -> nn
                 if param.requires_grad:
                     dist.broadcast(param.data, src=0)
         device_ids = [processes.local_rank] if processes.device_type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids, init_sync=False)
+        _HELD.append(nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids, init_sync=False))
+        return _HELD[-1]
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     options = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
     for layer in decoder_layers(loss_module.causal_lm):
         fully_shard(layer, **options)
     fully_shard(loss_module, **options)
+    _HELD.append(loss_module)
     return loss_module
 
 

@@ -25,6 +25,11 @@ def launch_strategy(run: ResolvedRun, shape: ModelShape, world_size: int) -> Opt
     if strategy == "auto":
         fits_one = run.budget is None or run.budget.fits(estimate_memory(shape, run).predicted_peak_bytes)
         strategy = "ddp" if fits_one else "fsdp"
+    if strategy == "fsdp" and run.loss_scaling:
+        # each process holds a shard of the gradients, so each would decide alone whether an overflowing fp16 step
+        # is skipped, and the processes would part ways without a word
+        raise UserError("training.distributed: fsdp with float16 compute (loss scaling) is not supported yet: use "
+                        "ddp, or bfloat16 on GPUs that have it")
     return Parallelism(strategy, world_size, strategy == "fsdp" and training.fsdp_cpu_offload)
 
 
