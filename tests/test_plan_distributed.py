@@ -171,6 +171,7 @@ def test_gpus_auto_names_the_fewest_cards(capsys):
     (["--gpus", "2", "--strategy", "ddp"], "error: --strategy ddp: every GPU holds the whole model, and llama-2-70b's "
                                            "leanest plan needs"),
     (["--gpus", "2", "--strategy", "fsdp", "--quant", "int8"], "error: fsdp cannot shard bitsandbytes int8 weights"),
+    (["--gpus", "2", "--strategy", "fsdp", "--gpu", "T4"], "error: --strategy fsdp: not with float16 compute"),
 ])
 def test_bad_parallel_flags_exit_2_with_one_line(capsys, args, message):
     assert main(["plan-memory", "--model", "llama-2-70b", "--gpu", "L4", *args]) == 2

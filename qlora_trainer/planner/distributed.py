@@ -276,7 +276,8 @@ def strategies_to_try(run: ResolvedRun, gpus: int, strategy: Optional[str], cpu_
     if gpus == 1:
         return [Parallelism("ddp", 1, False)]
     order = [Parallelism("ddp", gpus, False)]
-    if run.spec.quantization.mode != "int8":
+    # int8 weights cannot be sharded; fp16's loss scaling is refused under fsdp (training/gate.py)
+    if run.spec.quantization.mode != "int8" and not run.loss_scaling:
         order += [Parallelism("fsdp", gpus, False), Parallelism("fsdp", gpus, True)]
     return order
 

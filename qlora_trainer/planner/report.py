@@ -127,6 +127,9 @@ def distributed_plan(args: argparse.Namespace) -> tuple[DistributedPlan, GpuSpec
     if args.strategy == "fsdp" and gpus == 1:
         raise UserError("--strategy fsdp: needs --gpus 2 or more (one GPU trains in one process, unsharded)")
     gpu, shape, run = _planned_run(args)
+    if args.strategy == "fsdp" and run.loss_scaling:
+        raise UserError(f"--strategy fsdp: not with float16 compute, which a {gpu.name} needs (fsdp's loss scaling is "
+                        "not supported yet); use --strategy ddp or a GPU with bfloat16")
     try:
         if gpus is None:
             plan = fewest_gpus(shape, run, args.strategy, args.cpu_offload, args.batch_size)
