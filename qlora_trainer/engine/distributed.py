@@ -7,7 +7,7 @@ processes (DDP and FSDP average them, and the step undoes that: engine/step.py).
 """
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Literal, Mapping
@@ -101,23 +101,12 @@ def process_group(device_type: str, setting: str, environ: Mapping[str, str] = o
     processes = Processes(rank, world_size, local_rank, choose_strategy(setting), device_type)
     quiet = open(os.devnull, "w") if not processes.is_main else None
     try:
-        with (_stdout_to(quiet) if quiet else nullcontext()):
+        with (redirect_stdout(quiet) if quiet else nullcontext()):
             yield processes
     finally:
         if quiet:
             quiet.close()
         dist.destroy_process_group()
-
-
-@contextmanager
-def _stdout_to(stream) -> Iterator[None]:
-    import sys
-
-    saved, sys.stdout = sys.stdout, stream
-    try:
-        yield
-    finally:
-        sys.stdout = saved
 
 
 def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
