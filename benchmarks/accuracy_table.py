@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure_training import run_config  # noqa: E402
 
 from qlora_trainer.hardware import GPU_CATALOGUE, Hardware  # noqa: E402
-from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
-from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
+from qlora_trainer.planner.shapes import load_model_config, model_shape  # noqa: E402
 from qlora_trainer.spec import RunSpec, resolve, spec_from_dict  # noqa: E402
 from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES  # noqa: E402
+from qlora_trainer.training.gate import training_estimate  # noqa: E402
 
 GIB = 2**30
 MEASURED_ON = Hardware.planned(GPU_CATALOGUE["H100-80GB"])  # results/planner-accuracy-h100.*
@@ -51,7 +51,7 @@ def record_spec(case: dict, record: dict) -> RunSpec:
 def predicted(case: dict, record: dict) -> dict:
     """The planner's prediction for a record's run on the preset's architecture (the record's model)."""
     run = resolve(record_spec(case, record), MEASURED_ON)
-    estimate = estimate_memory(load_model_config(case["model"]), run)
+    estimate = training_estimate(run, model_shape(load_model_config(case["model"])))
     return {"predicted_peak_bytes": estimate.predicted_peak_bytes, "predicted_phase": estimate.phase}
 
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's q
 
 from qlora_trainer.bench.random_model import random_checkpoint_in_subprocess, write_synthetic_text  # noqa: E402
 from qlora_trainer.hardware import GPU_CATALOGUE, Hardware, detect_gpu  # noqa: E402
-from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
 from qlora_trainer.planner.search import SEARCHED_KEYS, search_plan  # noqa: E402
 from qlora_trainer.planner.shapes import load_model_config, model_shape  # noqa: E402
 from qlora_trainer.spec import resolve, spec_from_dict  # noqa: E402
+from qlora_trainer.training.gate import training_estimate  # noqa: E402
 
 WORK = Path(os.environ.get("QLORA_BENCH_WORK", tempfile.gettempdir()))
 
@@ -160,7 +160,7 @@ def predicted(config: dict, model: Optional[str] = None) -> dict:
     """The planner's prediction for the same run config, as the trainer resolves it on this machine's GPU (an H100
     where there is none); shapes from `model` (a preset) when given, else from the config's model folder."""
     run = resolve(spec_from_dict(config), Hardware.planned(detect_gpu() or GPU_CATALOGUE["H100-80GB"]))
-    estimate = estimate_memory(load_model_config(model or run.spec.model.path), run)
+    estimate = training_estimate(run, model_shape(load_model_config(model or run.spec.model.path)))
     return {"predicted_peak_bytes": estimate.predicted_peak_bytes,
             "predicted_peak_allocated_bytes": estimate.predicted_peak_allocated_bytes,
             "predicted_breakdown": estimate.breakdown, "predicted_phase": estimate.phase}

@@ -195,3 +195,14 @@ def test_accelerate_launch_starts_the_same_two_processes(tiny_llama_dir, alpaca_
     assert json.loads((out / "data_fingerprint.json").read_text())["world_size"] == 2
     assert stdout.count("done:") == 1
     assert_same_weights(_adapter(ddp_run[0]), _adapter(out))  # the torchrun run's adapter
+
+
+def test_one_process_asking_for_fsdp_trains_as_a_group_of_one(tiny_llama_dir, alpaca_file, tmp_path, ddp_run):
+    """`training.distributed: fsdp` without a launcher (what FSDP's CPU offload on one GPU needs): the same step as
+    the two-process runs take over the same examples, micro-batch 2 on one rank."""
+    out = tmp_path / "out"
+    raw = raw_config(tiny_llama_dir, alpaca_file, out, distributed="fsdp", micro_batch_size=2)
+    stdout = _finish(_torchrun(raw, tmp_path, launcher=[sys.executable]))
+    assert "distributed: fsdp over 1 process\n" in stdout
+    assert json.loads((out / "data_fingerprint.json").read_text())["world_size"] == 1
+    assert_same_weights(_adapter(ddp_run[0]), _adapter(out))

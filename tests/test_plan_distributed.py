@@ -161,13 +161,29 @@ def test_gpus_auto_names_the_fewest_cards(capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("llama-2-70b at seq 2048 does not fit 8 cards")
 
 
+def test_fsdp_on_one_gpu_with_cpu_offload_keeps_only_gathered_layers_and_quantization_states_on_it(llama70b,
+                                                                                                   capsys):
+    run = l4_run()
+    rank = estimate_rank_memory(llama70b, run, Parallelism("fsdp", 1, True))
+    base, whole = fsdp_base_tensors(llama70b, run)
+    assert rank.gpu.breakdown["weights"] == sum(cuda_block_bytes(b) for b in whole)  # the codes live in host RAM
+    assert rank.gpu.breakdown["adapter"] == rank.gpu.breakdown["optimizer"] == 0
+    # one shard of one rank is the whole tensor, pinned in host memory
+    assert rank.host_breakdown["parameter shards"] == sum(pinned_bytes(t.full_bytes) for t in base) + sum(
+        pinned_bytes(t.full_bytes) for t in fsdp_adapter_tensors(llama70b, run))
+    # before fully_shard moves it to the host, the loaded model is whole on the GPU: the 70B does not fit an L4
+    assert rank.load_bytes > 35 * GIB and rank.peak.phase == "model load"
+    code = main(["plan-memory", "--model", "llama-2-7b", "--gpu", "L4", "--gpus", "1", "--strategy", "fsdp",
+                 "--cpu-offload"])
+    assert code == 0 and capsys.readouterr().out.startswith("llama-2-7b on 1 x L4 with FSDP and CPU offload: per GPU")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--gpus", "0"], "error: --gpus 0: not allowed; give a number of GPUs, 1 or more, or auto"),
     (["--gpus", "two"], "error: --gpus two: not allowed"),
     (["--gpus", "2", "--cpu-offload"], "error: --cpu-offload: only with --strategy fsdp"),
     (["--gpus", "2", "--strategy", "ddp", "--cpu-offload"], "error: --cpu-offload: only with --strategy fsdp"),
     (["--strategy", "fsdp"], "error: --strategy fsdp: plans a multi-GPU run; add --gpus N"),
-    (["--gpus", "1", "--strategy", "fsdp"], "error: --strategy fsdp: needs --gpus 2 or more"),
     (["--gpus", "2", "--strategy", "ddp"], "error: --strategy ddp: every GPU holds the whole model, and llama-2-70b's "
                                            "leanest plan needs"),
     (["--gpus", "2", "--strategy", "fsdp", "--quant", "int8"], "error: fsdp cannot shard bitsandbytes int8 weights"),
@@ -190,6 +206,9 @@ def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_wher
     assert launch_strategy(l4_run(), llama70b, 2) == Parallelism("fsdp", 2, False)
     assert launch_strategy(l4_run({"training.fsdp_cpu_offload": True}), llama70b, 2) == Parallelism("fsdp", 2, True)
     assert launch_strategy(l4_run(), llama70b, 1) is None  # one process: no torch.distributed
+    assert launch_strategy(l4_run({"training.distributed": "ddp"}), llama70b, 1) is None
+    assert launch_strategy(l4_run({"training.distributed": "fsdp", "training.fsdp_cpu_offload": True}), llama70b,
+                           1) == Parallelism("fsdp", 1, True)  # unless it asks for FSDP: a group of one
     t4 = resolve(l4_run().spec, Hardware.planned(lookup_gpu("T4")))  # fp16 with loss scaling: each shard would
     with pytest.raises(UserError, match="fsdp with float16 compute"):  # decide alone whether to skip a step
         launch_strategy(t4, llama70b, 2)

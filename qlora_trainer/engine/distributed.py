@@ -2,7 +2,8 @@
 accelerate launch), the strategy (DDP or FSDP2), the model wrapped for it, and the few collectives a step needs.
 
 One process (no WORLD_SIZE, or 1) gets `SINGLE`, whose collectives do nothing, so a single run computes exactly as
-it always did. With W processes each takes its own micro-batches; the gradients of the adapter are summed across
+it always did, unless it asks for FSDP (`training.distributed: fsdp`): then it is a process group of one, for
+FSDP's CPU offload of parameters, gradients and optimizer states on a single GPU. With W processes each takes its own micro-batches; the gradients of the adapter are summed across
 processes (DDP and FSDP average them, and the step undoes that: engine/step.py).
 """
 
@@ -87,9 +88,10 @@ def choose_strategy(setting: str) -> Strategy:
 @contextmanager
 def process_group(device_type: str, setting: str, environ: Mapping[str, str] = os.environ) -> Iterator[Processes]:
     """Join the launcher's process group for the block (NCCL on CUDA, gloo on the CPU) and leave it after; a process
-    that was not launched with several gets SINGLE. Ranks other than 0 print nothing to stdout."""
+    that was not launched with several gets SINGLE, or for `fsdp` a group of its own. Ranks other than 0 print
+    nothing to stdout."""
     rank, world_size, local_rank = launch_facts(environ)
-    if world_size == 1:
+    if world_size == 1 and setting != "fsdp":
         yield SINGLE
         return
     if device_type == "cuda":
@@ -97,7 +99,11 @@ def process_group(device_type: str, setting: str, environ: Mapping[str, str] = o
             raise ConfigError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPUs; launch "
                               "at most that many processes per machine")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if world_size == 1:  # FSDP alone: no launcher to meet, so no address or port to need
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
     processes = Processes(rank, world_size, local_rank, choose_strategy(setting), device_type)
     quiet = open(os.devnull, "w") if not processes.is_main else None
     try:
@@ -143,6 +149,8 @@ def wrap(loss_module: LossModule, processes: Processes, cpu_offload: bool) -> nn
     for layer in decoder_layers(loss_module.causal_lm):
         fully_shard(layer, **options)
     fully_shard(loss_module, **options)
+    if processes.device_type == "cuda":  # the whole loaded tensors the shards replaced: back to the GPU's free memory
+        torch.cuda.empty_cache()
     _HELD.append(loss_module)
     return loss_module
 

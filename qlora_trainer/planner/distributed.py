@@ -235,7 +235,7 @@ def estimate_rank_memory(shape: ModelShape, run: ResolvedRun, parallelism: Paral
     """Each rank's predicted GPU peak (all ranks alike) and the host RAM of `run` under `parallelism`."""
     single = estimate_memory(shape, run, calibration)
     inputs = offloaded_input_bytes(shape, run)
-    if parallelism.strategy == "ddp" or parallelism.gpus == 1:
+    if parallelism.strategy == "ddp":
         return _ddp(single, parallelism, inputs)
     return _fsdp(shape, run, single, parallelism, inputs, calibration)
 
@@ -270,7 +270,7 @@ def plan_for(shape: ModelShape, run: ResolvedRun, parallelism: Parallelism, effe
 
 def strategies_to_try(run: ResolvedRun, gpus: int, strategy: Optional[str], cpu_offload: bool) -> list[Parallelism]:
     """The parallelisms to search, in order: the one asked for, or ddp (the fastest: no gathering) when it fits,
-    then fsdp, then fsdp with its state in host RAM. One GPU is one process: no torch.distributed."""
+    then fsdp, then fsdp with its state in host RAM. One GPU is one plain process unless fsdp is asked for."""
     if strategy is not None:
         return [Parallelism(strategy, gpus, cpu_offload)]
     if gpus == 1:
@@ -296,7 +296,7 @@ def search_distributed_plan(shape: ModelShape, run: ResolvedRun, gpus: int, stra
 
 def fewest_gpus(shape: ModelShape, run: ResolvedRun, strategy: Optional[str], cpu_offload: bool,
                 effective_batch: int, calibration: Calibration = CALIBRATION) -> DistributedPlan:
-    """The plan on the fewest cards of the run's kind, 1 to MAX_GPUS, that fits (fsdp needs 2); when none does,
+    """The plan on the fewest cards of the run's kind, 1 to MAX_GPUS, that fits (fsdp from 2: on one card it runs only when asked, --gpus 1); when none does,
     the last plan tried."""
     first = 2 if strategy == "fsdp" else 1
     plan = None

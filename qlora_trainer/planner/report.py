@@ -124,8 +124,6 @@ def distributed_plan(args: argparse.Namespace) -> tuple[DistributedPlan, GpuSpec
     gpus = _gpu_count(args.gpus)
     if args.cpu_offload and args.strategy != "fsdp":
         raise UserError("--cpu-offload: only with --strategy fsdp (ddp keeps the whole model on every GPU)")
-    if args.strategy == "fsdp" and gpus == 1:
-        raise UserError("--strategy fsdp: needs --gpus 2 or more (one GPU trains in one process, unsharded)")
     gpu, shape, run = _planned_run(args)
     if args.strategy == "fsdp" and run.loss_scaling:
         raise UserError(f"--strategy fsdp: not with float16 compute, which a {gpu.name} needs (fsdp's loss scaling is "
@@ -237,7 +235,7 @@ def result_table(result: PlanResult, gpu: GpuSpec, model: str) -> str:
 def _cards(plan: DistributedPlan, gpu: GpuSpec) -> str:
     """E.g. "2 x L4 with FSDP and CPU offload"."""
     parallelism = plan.parallelism
-    if parallelism.gpus == 1:
+    if parallelism.gpus == 1 and parallelism.strategy != "fsdp":
         return f"1 x {gpu.name}"
     return f"{parallelism.gpus} x {gpu.name} with {parallelism.strategy.upper()}" + (
         " and CPU offload" if parallelism.cpu_offload else "")
@@ -272,7 +270,8 @@ def distributed_table(plan: DistributedPlan, gpu: GpuSpec, model: str, fewest: b
     host = plan.rank.host_breakdown
     parts = " + ".join(f"{name} {value / GIB:.2f}" for name, value in host.items() if value)
     lines.append(f"{'host RAM needed':<34}{_gib(plan.rank.host_ram_bytes)}   "
-                 f"({parts + ' GiB, ' if parts else ''}all {parallelism.gpus} ranks on one host; "
+                 f"({parts + ' GiB, ' if parts else ''}"
+                 f"{f'all {parallelism.gpus} ranks on one host' if parallelism.gpus > 1 else 'one rank'}; "
                  "beyond the processes' own memory)")
     lines += ["", *_plan_lines(result),
               f"  training.distributed                 {result.run.spec.training.distributed}",

@@ -6,8 +6,8 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.planner.distributed import Parallelism, rank_estimator
-from qlora_trainer.planner.memory import CALIBRATION, estimate_memory
+from qlora_trainer.planner.distributed import Parallelism, estimate_rank_memory, rank_estimator
+from qlora_trainer.planner.memory import CALIBRATION, MemoryEstimate, estimate_memory
 from qlora_trainer.planner.search import search_plan
 from qlora_trainer.planner.shapes import ModelShape, model_shape
 from qlora_trainer.spec import ResolvedRun
@@ -16,11 +16,12 @@ GIB = 2**30
 
 
 def launch_strategy(run: ResolvedRun, shape: ModelShape, world_size: int) -> Optional[Parallelism]:
-    """How `world_size` processes share the run (None for one process): training.distributed as set, and for auto
-    DDP where one GPU holds the whole run, FSDP where it does not (on the CPU, with no budget to judge by: DDP)."""
-    if world_size == 1:
-        return None
+    """How `world_size` processes share the run (None for one plain process): training.distributed as set, and for
+    auto DDP where one GPU holds the whole run, FSDP where it does not (on the CPU, with no budget to judge by: DDP).
+    One process asking for fsdp gets it (a process group of one, for FSDP's CPU offload)."""
     training = run.spec.training
+    if world_size == 1 and training.distributed != "fsdp":
+        return None
     strategy = training.distributed
     if strategy == "auto":
         fits_one = run.budget is None or run.budget.fits(estimate_memory(shape, run).predicted_peak_bytes)
@@ -31,6 +32,16 @@ def launch_strategy(run: ResolvedRun, shape: ModelShape, world_size: int) -> Opt
         raise UserError("training.distributed: fsdp with float16 compute (loss scaling) is not supported yet: use "
                         "ddp, or bfloat16 on GPUs that have it")
     return Parallelism(strategy, world_size, strategy == "fsdp" and training.fsdp_cpu_offload)
+
+
+def training_estimate(run: ResolvedRun, shape: ModelShape, world_size: int = 1) -> MemoryEstimate:
+    """What each GPU holds at its highest once training runs (after loading, which FSDP's `fit_to_budget` also
+    judges): the one-GPU estimate, or each rank's under the strategy `world_size` processes share the run by.
+    What metrics.jsonl's peaks measure, so the benchmarks compare with it."""
+    parallelism = launch_strategy(run, shape, world_size)
+    if parallelism is None:
+        return estimate_memory(shape, run)
+    return estimate_rank_memory(shape, run, parallelism).gpu
 
 
 def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool, world_size: int = 1) -> ResolvedRun:

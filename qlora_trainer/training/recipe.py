@@ -261,6 +261,11 @@ def train(spec: RunSpec, resume: bool = False, show_progress: bool = True, force
         if warning:
             print(warning, file=sys.stderr)
         print(session.summary.line())
+        if processes.strategy != "single":
+            offload = ", parameters, gradients and optimizer states offloaded to the CPU" if (
+                processes.strategy == "fsdp" and training.fsdp_cpu_offload) else ""
+            print(f"distributed: {processes.strategy} over {processes.world_size} process"
+                  f"{'es' if processes.world_size > 1 else ''}{offload}")
 
         # 3. Take the folder over; an earlier run being replaced is kept aside until the first checkpoint.
         with earlier_run_kept(output_dir, processes.is_main and start.mode == "replace") as drop_earlier_run:
