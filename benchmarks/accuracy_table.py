@@ -35,11 +35,15 @@ def record_spec(case: dict, record: dict) -> RunSpec:
     """The run a record measured. spec_from_dict reads configs with keys since renamed (alpha, dropout)."""
     if "ran_config" in record:  # the config as the trainer ran it (after training.plan: auto)
         spec = spec_from_dict(record["ran_config"])
-        # layers the compiler failed on ran eager (training/recipe.py): predict what ran
-        return spec.with_values({"training.compile_layers": "off"}) if record.get("compile_fell_back") else spec
+        values = {}
+        if "loss_kernel" not in record["ran_config"]["training"]:  # before 2026-12-06: the chunked loss alone
+            values["training.loss_kernel"] = "chunked"
+        if record.get("compile_fell_back"):  # layers the compiler failed on ran eager (training/recipe.py)
+            values["training.compile_layers"] = "off"
+        return spec.with_values(values)
     spec = spec_from_dict(run_config(Path(case["model"]), Path("synthetic.jsonl"), case, Path("out")))
     # records from before 2026-11-23 carry no compile_layers: the trainer had no compiled layers then
-    values = {"training.compile_layers": record.get("compile_layers", "off")}
+    values = {"training.compile_layers": record.get("compile_layers", "off"), "training.loss_kernel": "chunked"}
     plan = record.get("plan")
     if plan:
         values.update({f"training.{k}": v for k, v in plan.items() if k not in ("rank", "target_modules")})

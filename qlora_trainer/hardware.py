@@ -109,6 +109,7 @@ class Hardware:
     device_type: str = "cuda"  # where tensors live: "cuda", or "cpu" (no GPU, or a CPU build of torch beside one)
     triton: bool = True  # Triton is installed, so torch.compile can generate GPU kernels (a planned card: assumed)
     varlen_attention: bool = True  # torch has variable-length flash attention (>= 2.10; a planned card: assumed)
+    liger: bool = True  # Liger-Kernel is installed (a dependency on Linux; a planned card: assumed)
 
     @staticmethod
     def planned(gpu: GpuSpec) -> "Hardware":
@@ -127,7 +128,8 @@ def detect_hardware() -> Hardware:
 
     return Hardware(detect_gpu(), "cuda" if torch.cuda.is_available() else "cpu",
                     importlib.util.find_spec("triton") is not None,
-                    importlib.util.find_spec("torch.nn.attention.varlen") is not None)
+                    importlib.util.find_spec("torch.nn.attention.varlen") is not None,
+                    importlib.util.find_spec("liger_kernel") is not None)
 
 
 # Growable segments instead of fixed blocks: less reserved-but-unused memory, and a predictable peak.

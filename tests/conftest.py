@@ -1,6 +1,11 @@
 """Shared fixtures: tiny models built from a config and saved once per test session."""
 
+import os
 from pathlib import Path
+
+# Triton kernels (Liger-Kernel's fused loss, tests/test_fused_loss.py) run in Triton's interpreter on this CPU; it
+# must be chosen before anything imports triton. Nothing else here runs Triton kernels (inductor emits C++ on the CPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -288,8 +288,12 @@ def test_partial_checkpointing_lies_between_none_and_all(llama2):
     assert peak({"training.checkpointed_layers": 32}) == everything
     assert peak({"training.checkpointed_layers": 0}) == nothing
     partial = [peak({"training.checkpointed_layers": count}) for count in range(1, 33)]
-    assert all(a >= b for a, b in zip(partial, partial[1:]))  # more checkpointed layers, less memory
+    assert all(a >= b for a, b in zip(partial[:-1], partial[1:-1]))  # more checkpointed layers, less memory
     assert nothing > partial[0] and partial[-1] == everything
+    # except the last one: its backward needs its activations at once, so recomputing them saves nothing, and the
+    # reentrant checkpoint holds the gradient of its input as well, at most one layer input more (once the fused
+    # loss no longer peaks above the layers' backward)
+    assert 0 <= partial[-1] - partial[-2] <= 2048 * 4 * 4096 * 2
 
 
 def test_offloaded_checkpoints_leave_one_layer_input_on_the_gpu(llama2):
@@ -321,10 +325,11 @@ def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():
 
 def test_large_vocabulary_peaks_at_the_loss_chunk():
     gemma = model_shape(load_model_config("gemma-7b"))  # 256k vocabulary
-    estimate = estimate_memory(gemma, run({"training.max_seq_len": 512, "training.loss_chunk_tokens": 1024}))
+    chunked = {"training.max_seq_len": 512, "training.loss_kernel": "chunked"}
+    estimate = estimate_memory(gemma, run({**chunked, "training.loss_chunk_tokens": 1024}))
     assert estimate.phase == "loss"
     assert estimate.breakdown["logits"] == 512 * 256_000 * 12  # one 512-token chunk: all the labelled tokens
-    smaller = estimate_memory(gemma, run({"training.max_seq_len": 512, "training.loss_chunk_tokens": 256}))
+    smaller = estimate_memory(gemma, run({**chunked, "training.loss_chunk_tokens": 256}))
     assert smaller.breakdown["logits"] == estimate.breakdown["logits"] // 2
 
 

@@ -410,11 +410,11 @@ def _fail_on_calls(monkeypatch, failing_calls: set[int], make_failure):
     real = forward_module.causal_lm_loss
     calls = {"n": 0}
 
-    def hooked(causal_lm, batch, chunk_tokens):
+    def hooked(causal_lm, batch, chunk_tokens, fused=False):
         calls["n"] += 1
         if calls["n"] in failing_calls:
             return make_failure(causal_lm, batch, chunk_tokens, real)
-        return real(causal_lm, batch, chunk_tokens)
+        return real(causal_lm, batch, chunk_tokens, fused)
 
     monkeypatch.setattr(forward_module, "causal_lm_loss", hooked)
     return calls

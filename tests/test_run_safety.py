@@ -146,11 +146,11 @@ def earlier(tiny_llama_dir, alpaca_file, tmp_path) -> Path:
 def _hook_first_loss(monkeypatch, action) -> None:
     real, calls = forward_module.causal_lm_loss, []
 
-    def hooked(causal_lm, batch, chunk_tokens):
+    def hooked(causal_lm, batch, chunk_tokens, fused=False):
         calls.append(1)
         if len(calls) == 1:
             action()
-        return real(causal_lm, batch, chunk_tokens)
+        return real(causal_lm, batch, chunk_tokens, fused)
 
     monkeypatch.setattr(forward_module, "causal_lm_loss", hooked)
 

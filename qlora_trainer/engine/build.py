@@ -102,7 +102,7 @@ def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
         chunk_mlps(model, training.mlp_chunk_tokens)
     if run.compile_layers:  # 6
         compile_decoder_layers(model)
-    loss_sum = wrap(LossModule(model.get_base_model(), training.loss_chunk_tokens), processes,
+    loss_sum = wrap(LossModule(model.get_base_model(), training.loss_chunk_tokens, run.fused_loss), processes,
                     training.fsdp_cpu_offload)  # 7
     trainable = [p for p in model.parameters() if p.requires_grad]  # 8
     optimizer = build_optimizer(training.optimizer, trainable, training.learning_rate, training.weight_decay)

@@ -1,9 +1,12 @@
-"""Causal-LM loss computed chunk by chunk, so the vocab x tokens logits never exist all at once.
+"""Causal-LM loss computed without the vocab x tokens logits ever existing all at once.
 
 A plain forward materialises bf16 logits for every position plus an fp32 copy for the loss: 2.4 GiB at
 seq 8192 with a 32k vocabulary, 11 GiB with a 152k one. Here the decoder's hidden states are gathered at the
-labelled positions only (prompt tokens cost nothing), and lm_head + cross-entropy run on `chunk_tokens` of
-them at a time under a checkpoint, so one chunk's logits are alive at any moment, in forward and backward.
+labelled positions only (prompt tokens cost nothing), then lm_head + cross-entropy run either fused
+(Liger-Kernel's fused linear cross-entropy on CUDA: it takes the gradient of its input in forward, a chunk of
+about tokens x hidden / vocab rows at a time, so its logits never outgrow the hidden states; `fused`) or on
+`chunk_tokens` of them at a time under a checkpoint, so one chunk's logits are alive at any moment, in forward
+and backward. Both compute the logits in the compute dtype and the cross-entropy in fp32.
 
 Packed rows (several examples per row, data/prepare.py `pack`) reach the model as position ids that restart at
 every example and no attention_mask: transformers reads the restarts as sequence boundaries and gives each
@@ -74,8 +77,19 @@ def _chunk_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def causal_lm_loss(causal_lm: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> LossParts:
-    """Summed next-token loss of `batch` (input_ids, attention_mask, labels) under `causal_lm`."""
+def _fused_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, softcap: float
+                         ) -> torch.Tensor:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap or None)
+    return fused(lm_head.weight, hidden, labels, lm_head.bias).float()
+
+
+def causal_lm_loss(causal_lm: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int,
+                   fused: bool = False) -> LossParts:
+    """Summed next-token loss of `batch` (input_ids, attention_mask, labels) under `causal_lm`; `fused`: lm_head
+    and cross-entropy in Liger-Kernel's kernel (a CUDA GPU; spec/resolve.py decides), else `chunk_tokens` at a
+    time."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     label_tokens = int(keep.sum())
@@ -90,6 +104,8 @@ def causal_lm_loss(causal_lm: nn.Module, batch: dict[str, torch.Tensor], chunk_t
     targets = labels[keep]
     lm_head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None) or 0.0
+    if fused and type(lm_head) is nn.Linear:  # an adapted lm_head is not one weight: resolve.py leaves it chunked
+        return LossParts(_fused_cross_entropy(hidden, targets, lm_head, softcap), label_tokens)
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, label_tokens, chunk_tokens):
         piece = slice(start, start + chunk_tokens)
@@ -106,9 +122,9 @@ class LossModule(nn.Module):
     """The step's forward as one module (the summed token loss of a batch), so DDP and FSDP see the forward that
     produces the gradients: engine/loss.py runs the backbone and lm_head apart, past the model's own forward."""
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int):
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int, fused: bool = False):
         super().__init__()
-        self.causal_lm, self.chunk_tokens = causal_lm, chunk_tokens
+        self.causal_lm, self.chunk_tokens, self.fused = causal_lm, chunk_tokens, fused
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return causal_lm_loss(self.causal_lm, batch, self.chunk_tokens).loss_sum
+        return causal_lm_loss(self.causal_lm, batch, self.chunk_tokens, self.fused).loss_sum

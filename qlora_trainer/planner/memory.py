@@ -106,6 +106,15 @@ class MemoryEstimate:
         return self.predicted_peak_bytes + self.cuda_context_bytes
 
 
+def fused_loss_chunk_bytes(tokens: int, hidden: int, vocab: int, compute_bytes: int) -> int:
+    """The logits of one chunk of Liger-Kernel's fused linear cross-entropy (ops/fused_linear_cross_entropy.py,
+    liger-kernel 0.8: chunks of next_power_of_2(ceil(tokens / ceil(vocab / hidden))) rows, at most `tokens`, in the
+    compute dtype; the kernel writes the logits' gradient over them in place). Its other buffers, the gradient of
+    its input and a loss per token, are the gathered hidden states' gradient the loss phase counts anyway."""
+    rows = min(1 << (math.ceil(tokens / math.ceil(vocab / hidden)) - 1).bit_length(), tokens)
+    return rows * vocab * compute_bytes + 4 * tokens
+
+
 def cuda_block_bytes(nbytes: int) -> int:
     """Bytes the CUDA caching allocator takes for a tensor of `nbytes`."""
     return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
@@ -386,7 +395,8 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads
     # the loss: one chunk of logits at a time (engine/loss.py), and the gradient of the gathered hidden states
-    chunk_logits = int(min(training.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit)
+    chunk_logits = (fused_loss_chunk_bytes(tokens, hidden, shape.vocab_size, compute) if run.fused_loss
+                    else int(min(training.loss_chunk_tokens, tokens) * shape.vocab_size * cal.loss_bytes_per_logit))
     loss_phase = saved + chunk_logits + 2 * compute * hidden * tokens + (gradients if accumulating else 0)
     if checkpointed and adapter_type == "lora" and adapter_bytes != compute:
         # autocast caches its compute-dtype copy of every LoRA weight until the forward (loss included) ends;

@@ -52,6 +52,7 @@ class ResolvedRun:
     loss_scaling: bool  # fp16 on a GPU: a gradient scaler guards against underflow
     compile_layers: bool  # torch.compile each decoder layer (training.compile_layers, auto = on capable GPUs)
     fused_lora: bool  # fused LoRA-on-4-bit forward (training.fused_lora, for LoRA over a 4-bit base)
+    fused_loss: bool  # Liger's fused lm_head + cross-entropy (training.loss_kernel), else the chunked loss
     attention: str  # the attn_implementation the model loads with (model.attn_implementation, or packed varlen)
     budget: Optional[Budget]  # None on the CPU
 
@@ -85,6 +86,25 @@ def _compiles(setting: str, hardware: Hardware) -> bool:
     gpu = hardware.gpu
     return (hardware.device_type == "cuda" and gpu is not None and hardware.triton
             and gpu.compute_capability >= (7, 0))
+
+
+def _fused_loss(spec: RunSpec, hardware: Hardware) -> bool:
+    """`auto` fuses lm_head and cross-entropy with Liger-Kernel's Triton kernel on CUDA GPUs that run Triton
+    (compute capability 7.0 and up) where it is installed, unless lm_head itself is adapted (the kernel reads its
+    frozen weight alone). `fused` asks for it and is refused where it cannot run."""
+    setting = spec.training.loss_kernel
+    if setting == "chunked":
+        return False
+    gpu = hardware.gpu
+    targets = spec.adapter.target_modules
+    runs = (hardware.device_type == "cuda" and gpu is not None and gpu.compute_capability >= (7, 0)
+            and hardware.triton and hardware.liger)
+    adapted_head = not isinstance(targets, str) and "lm_head" in targets
+    if setting == "fused" and not (runs and not adapted_head):
+        why = ("cannot read an adapter on lm_head" if runs
+               else "needs a CUDA GPU (compute capability 7.0+) with liger-kernel installed")
+        raise ConfigError(f"training.loss_kernel: fused {why}; use auto or chunked")
+    return runs and not adapted_head
 
 
 def _attention(spec: RunSpec, hardware: Hardware) -> str:
@@ -122,6 +142,7 @@ def resolve(spec: RunSpec, hardware: Hardware) -> ResolvedRun:
         compile_layers=_compiles(spec.training.compile_layers, hardware),
         fused_lora=(spec.training.fused_lora and spec.adapter.type == "lora"
                     and spec.quantization.mode in ("nf4", "fp4")),
+        fused_loss=_fused_loss(spec, hardware),
         attention=_attention(spec, hardware),
         budget=_budget(spec, hardware),
     )

@@ -127,7 +127,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = True  # recompute each decoder layer's activations in backward
     checkpointed_layers: Optional[int] = None  # with checkpointing: only the first N decoder layers (None = all)
     offload_checkpoints: bool = False  # keep checkpointed layers' inputs in pinned CPU memory (less VRAM, host RAM)
-    loss_chunk_tokens: int = 1024  # tokens per lm_head + cross-entropy chunk (bounds the logits' memory)
+    loss_chunk_tokens: int = 1024  # chunked loss: tokens per lm_head + cross-entropy chunk (bounds the logits)
+    # fused: Liger-Kernel's fused lm_head + cross-entropy (CUDA), whose logits never outgrow ~tokens x hidden;
+    # chunked: lm_head + cross-entropy loss_chunk_tokens at a time; auto: fused where it runs, else chunked
+    loss_kernel: Literal["auto", "fused", "chunked"] = "auto"
     fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (engine/fused_lora.py)
     compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto: CUDA GPUs, Triton
     mlp_chunk_tokens: int = 0  # > 0: MLPs run this many tokens at a time, each chunk recomputed (long sequences)

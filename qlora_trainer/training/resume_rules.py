@@ -38,6 +38,7 @@ ALLOWED_ON_RESUME = {
     "training.checkpointed_layers": "memory: recomputed activations",
     "training.offload_checkpoints": "memory: activations in host memory",
     "training.loss_chunk_tokens": "memory: the loss a chunk of tokens at a time",
+    "training.loss_kernel": "memory: the same loss, fused or a chunk of tokens at a time",
     "training.mlp_chunk_tokens": "memory: MLPs a chunk of tokens at a time",
     "training.fused_lora": "speed: one kernel path for the same LoRA forward",
     "training.compile_layers": "speed: compiled decoder layers",
