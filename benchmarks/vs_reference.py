@@ -2,7 +2,8 @@
 
 Every stack runs in its own process (Unsloth patches transformers on import) on the same random-weight checkpoint
 and the same token batches: packed synthetic text through this trainer's own data pipeline (data/prepare.py,
-data/batches.py), micro-batch 1. Settings: LoRA r=16, alpha 32, dropout 0 on q/k/v/o, NF4 + double quantization,
+data/batches.py), micro-batch 1. Settings: LoRA r=16 (--rank), alpha 2 x r, dropout 0 on q/k/v/o (--targets
+all-linear: every linear layer of the decoder), NF4 + double quantization,
 bf16, gradient checkpointing, torch AdamW at a constant 1e-4, gradients clipped at norm 1.0 (the default of
 `qlora-trainer train`, and of the Trainer the peers are usually driven by).
 
@@ -11,10 +12,14 @@ tokens/s and peaks from its metrics.jsonl); ours-offload adds `training.offload_
 MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
 torch.compile off, ours-compiled turns it on, ours-peft-lora also uses peft's LoRA forward; ours-engine (and
 ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
-command line around it costs. Modes:
+command line around it costs; ours-auto leaves to the planner what `training.plan: auto` leaves it (checkpointing,
+offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
+`training.memory_cap_gib`. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
-           --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process;
+           --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process, planned
+           by `train`'s own gate for the longest length searched (training/gate.py), built once: the compiled
+           layers compile again for the second length and then take any length (torch's automatic dynamic shapes);
   profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process).
 
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
@@ -39,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's q
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # our trainer's defaults, then the same with some run-specification keys changed
-OURS = {"ours": {}, "ours-offload": {"training.offload_checkpoints": True},
+OURS = {"ours": {}, "ours-auto": {"training.plan": "auto"}, "ours-offload": {"training.offload_checkpoints": True},
         "ours-long": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 2048,
                       "training.loss_chunk_tokens": 512},
         "ours-long-4k": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 4096,
@@ -54,19 +59,22 @@ ENGINE = {"ours-engine": OURS["ours"], "ours-engine-compiled": OURS["ours-compil
           "ours-engine-contaminated": OURS["ours"]}  # packed rows without position ids: attention across examples
 STACKS = ("plain", "unsloth", *OURS, *ENGINE)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ADAPTED = {"qkvo": TARGETS, "all-linear": TARGETS + ["gate_proj", "up_proj", "down_proj"]}  # --targets
 SEQ_STEP = 1024
 LEARNING_RATE, MAX_GRAD_NORM, SEED = 1e-4, 1.0, 42
 
 
-def ours_config(model_dir: Path, data_path: Path, seq_len: int, steps: int, changes: dict, output_dir: Path) -> dict:
+def ours_config(model_dir: Path, data_path: Path, seq_len: int, steps: int, changes: dict, output_dir: Path,
+                rank: int = 16, targets: str = "qkvo", cap_gib: float = 0.0) -> dict:
     """The run config of one of our stacks (YAML sections, as a user writes them)."""
     config = {
         "model": {"path": str(model_dir)},
         "data": {"path": str(data_path), "format": "text", "packing": True},
-        "adapter": {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS},
+        "adapter": {"type": "lora", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+                    "target_modules": ADAPTED[targets]},
         "training": {"max_steps": steps, "micro_batch_size": 1, "max_seq_len": seq_len, "save_steps": 0,
                      "learning_rate": LEARNING_RATE, "lr_scheduler": "constant", "max_grad_norm": MAX_GRAD_NORM,
-                     "logging_steps": 1, "seed": SEED},
+                     "logging_steps": 1, "seed": SEED, **({"memory_cap_gib": cap_gib} if cap_gib else {})},
         "output": {"dir": str(output_dir), "overwrite": True},
     }
     for key, value in changes.items():
@@ -97,7 +105,7 @@ def token_batches(config: dict, steps: int) -> list:
     return [collate([data.train[i] for i in next(stream)], tokenizer.pad_token_id) for _ in range(steps)]
 
 
-def build_plain(model_dir: str, seq_len: int):
+def build_plain(model_dir: str, seq_len: int, rank: int, targets: list[str]):
     """The stack as peft's and bitsandbytes' documentation show it."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -108,7 +116,7 @@ def build_plain(model_dir: str, seq_len: int):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
                                                  device_map={"": 0})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
                                              task_type="CAUSAL_LM"))
     return model, lambda batch: peer_loss(model, batch)
 
@@ -121,14 +129,14 @@ def peer_loss(model, batch: dict):
     return model(**model_inputs(batch, "sdpa"), labels=batch["labels"]).loss
 
 
-def build_unsloth(model_dir: str, seq_len: int):
+def build_unsloth(model_dir: str, seq_len: int, rank: int, targets: list[str]):
     import unsloth  # noqa: F401  (must come before transformers)
     import torch
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq_len, dtype=torch.bfloat16,
                                                  load_in_4bit=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
+    model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=2 * rank, lora_dropout=0, target_modules=targets,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=0,
                                              max_seq_length=seq_len)
     return model, lambda batch: peer_loss(model, batch)
@@ -146,14 +154,18 @@ def peer_step(model, loss_fn: Callable, optimizer, batch: dict) -> float:
 
 
 def ours_session(config: dict, seq_len: int):
-    """Our engine, built from `config` exactly as `train` builds it, with `train_step` as its step."""
+    """Our engine, planned and built from `config` exactly as `train` plans and builds it (its gate fills what
+    `training.plan: auto` leaves open; forced, so a length past what fits is still tried), with `train_step` as its
+    step."""
+    from qlora_trainer.engine.base import load_model_config
     from qlora_trainer.engine.build import build
     from qlora_trainer.engine.step import train_step
     from qlora_trainer.hardware import detect_hardware
     from qlora_trainer.spec import resolve, spec_from_dict
+    from qlora_trainer.training.gate import fit_to_budget
 
-    session = build(resolve(spec_from_dict(config).with_values({"training.max_seq_len": seq_len}),
-                            detect_hardware()))
+    spec = spec_from_dict(config).with_values({"training.max_seq_len": seq_len})
+    session = build(fit_to_budget(resolve(spec, detect_hardware()), load_model_config(spec.model), force=True))
     return session.model, lambda batch: train_step(session, [batch]).loss
 
 
@@ -179,7 +191,8 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
             record_data = prepare_data(spec.data, load_tokenizer(spec.model), spec.training.max_seq_len,  # noqa: F841
                                        spec.training.seed)
     else:
-        model, loss_fn = {"plain": build_plain, "unsloth": build_unsloth}[stack](model_dir, length)
+        model, loss_fn = {"plain": build_plain, "unsloth": build_unsloth}[stack](model_dir, length, args.rank,
+                                                                                  ADAPTED[args.targets])
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
         step = lambda batch: peer_step(model, loss_fn, optimizer, batch)  # noqa: E731
@@ -277,6 +290,7 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
         command = [sys.executable, __file__, "--worker", stack, "--worker-config", str(config_path),
                    "--batches", str(batches_path), "--mode", args.mode, "--seq-len", str(args.seq_len),
                    "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--max-seq-len", str(args.max_seq_len),
+                   "--rank", str(args.rank), "--targets", args.targets,
                    "--out", str(out)]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
         if stack in OURS or stack in ENGINE:  # the allocator settings our command line sets
@@ -302,6 +316,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="speed: the length; longest: where to start")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cap-gib", type=float, default=0.0)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every stack (alpha = 2 x rank)")
+    parser.add_argument("--targets", choices=tuple(ADAPTED), default="qkvo", help="the linear layers adapted")
     parser.add_argument("--max-seq-len", type=int, default=49152, help="longest: search no further")
     parser.add_argument("--timeout-s", type=int, default=300, help="per stack")
     parser.add_argument("--doc-words", help="MIN,MAX: synthetic documents of MIN to MAX words (default 400 each)")
@@ -322,11 +338,13 @@ def main() -> None:
     model_dir = random_checkpoint_in_subprocess(args.model)
     data_path = synthetic_documents(*map(int, args.doc_words.split(","))) if args.doc_words else synthetic_data()
     batches_path = WORK / "vs-reference-batches.pt"
-    torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK), args.steps),
+    adapter = {"rank": args.rank, "targets": args.targets, "cap_gib": args.cap_gib}
+    torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK, **adapter),
+                             args.steps),
                batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
     for stack in args.stacks.split(","):
         config = ours_config(model_dir, data_path, args.seq_len, args.steps, {**OURS, **ENGINE}.get(stack, {}),
-                             WORK / f"vs-reference-{stack}")
+                             WORK / f"vs-reference-{stack}", **adapter)
         record = run_stack(stack, args, config, batches_path) | {"model": args.model}
         if args.out:
             with open(args.out, "a") as handle:
