@@ -206,3 +206,17 @@ def test_one_process_asking_for_fsdp_trains_as_a_group_of_one(tiny_llama_dir, al
     assert "distributed: fsdp over 1 process\n" in stdout
     assert json.loads((out / "data_fingerprint.json").read_text())["world_size"] == 1
     assert_same_weights(_adapter(ddp_run[0]), _adapter(out))
+
+
+def test_a_one_process_fsdp_run_resumes_as_a_plain_run(tiny_llama_dir, alpaca_file, tmp_path):
+    """An FSDP checkpoint holds the adapter and the optimizer state whole, so a run begun with `fsdp` in one process
+    goes on without it (training.distributed may change on resume) and ends where the plain run ends."""
+    half = STEPS // 2
+    fsdp = raw_config(tiny_llama_dir, alpaca_file, tmp_path / "out", distributed="fsdp", lr_scheduler="constant",
+                      max_steps=half, save_steps=half)
+    _finish(_torchrun(fsdp, tmp_path / "fsdp", launcher=[sys.executable]))
+    resumed = raw_config(tiny_llama_dir, alpaca_file, tmp_path / "out", lr_scheduler="constant")
+    train(spec_from_dict(resumed), resume=True, show_progress=False)
+    unbroken = raw_config(tiny_llama_dir, alpaca_file, tmp_path / "unbroken", lr_scheduler="constant")
+    train(spec_from_dict(unbroken), show_progress=False)
+    assert_same_weights(_adapter(tmp_path / "unbroken"), _adapter(tmp_path / "out"))

@@ -170,6 +170,7 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
             "gradient_accumulation_steps": training.gradient_accumulation_steps,
             "seq_len": training.max_seq_len,
             "optimizer": training.optimizer,
+            "loss": "fused" if run.fused_loss else "chunked",
             "compute_dtype": run.compute_dtype,
             "adapter_dtype": adapter.dtype,
             "adapter_type": adapter.type,
@@ -220,6 +221,7 @@ def _plan_lines(result: PlanResult) -> list[str]:
             f"  training.gradient_accumulation_steps {training.gradient_accumulation_steps}",
             f"  training.max_seq_len                 {training.max_seq_len}",
             f"  training.optimizer                   {training.optimizer}",
+            f"  loss (training.loss_kernel)          {'fused (liger-kernel)' if run.fused_loss else 'chunked'}",
             f"  quantization.mode                    {run.spec.quantization.mode}",
             f"  compute / adapter dtype              {run.compute_dtype} / {adapter.dtype}",
             f"  trainable params                     {estimate.trainable_params:,} of {estimate.total_params:,}"]
