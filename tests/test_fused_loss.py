@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from qlora_trainer.engine.loss import causal_lm_loss
+from qlora_trainer.engine.loss import _fused_cross_entropy, causal_lm_loss
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.hardware import CPU, Hardware, lookup_gpu
 from qlora_trainer.planner.memory import estimate_memory, fused_loss_chunk_bytes
@@ -83,3 +83,28 @@ def test_the_planner_counts_one_fused_chunk_of_logits_instead_of_a_chunk_of_loss
     # at 2,048 tokens the loss was the peak; with the fused loss the layers' backward is
     assert (chunked.phase, fused.phase) == ("loss", "layer backward")
     assert fused.predicted_peak_bytes < chunked.predicted_peak_bytes
+
+
+@pytest.mark.skipif(not RUNS_KERNELS, reason="needs liger-kernel (Linux) and Triton's interpreter")
+def test_the_fused_kernel_reads_a_vocabulary_wider_than_one_block():
+    """Liger's kernel runs over the vocabulary 32,768 logits at a time (an online softmax across blocks); 40,000
+    makes it take two, one partial. fp32 here, so the bound is fp32 rounding over sums of 40,000 terms (well
+    under 1e-5 relative); an ignored label counted, a block dropped or its max mishandled is off by far more."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(24, 32, generator=generator)
+    weight = torch.randn(40_000, 32, generator=generator) * 0.05
+    labels = torch.randint(0, 40_000, (24,), generator=generator)
+    labels[:3] = -100
+    lm_head = torch.nn.Linear(32, 40_000, bias=False)
+    lm_head.weight.data.copy_(weight)
+    lm_head.weight.requires_grad_(False)
+    results = []
+    for fuse in (True, False):
+        x = hidden.clone().requires_grad_()
+        loss = (_fused_cross_entropy(x, labels, lm_head, 0.0) if fuse
+                else torch.nn.functional.cross_entropy(x @ weight.t(), labels, reduction="sum"))
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (fused_loss, fused_grad), (want_loss, want_grad) = results
+    assert float(fused_loss) == pytest.approx(float(want_loss), rel=1e-5)
+    assert float((fused_grad - want_grad).norm()) <= 1e-5 * float(want_grad.norm())
