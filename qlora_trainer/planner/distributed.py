@@ -296,8 +296,8 @@ def search_distributed_plan(shape: ModelShape, run: ResolvedRun, gpus: int, stra
 
 def fewest_gpus(shape: ModelShape, run: ResolvedRun, strategy: Optional[str], cpu_offload: bool,
                 effective_batch: int, calibration: Calibration = CALIBRATION) -> DistributedPlan:
-    """The plan on the fewest cards of the run's kind, 1 to MAX_GPUS, that fits (fsdp from 2: on one card it runs only when asked, --gpus 1); when none does,
-    the last plan tried."""
+    """The plan on the fewest cards of the run's kind, 1 to MAX_GPUS, that fits (fsdp from 2: on one card it runs
+    only when asked, --gpus 1); when none does, the last plan tried."""
     first = 2 if strategy == "fsdp" else 1
     plan = None
     for gpus in range(first, MAX_GPUS + 1):

@@ -2,7 +2,7 @@
 resolved run).
 
 Every choice is read from the run's spec (`run.spec`: adapter.r, training.max_seq_len, quantization.mode, ...) and
-from what resolving it for the hardware decided (`run.compute_dtype`, `run.compile_layers`).
+from what resolving it for the hardware decided (`run.compute_dtype`, `run.compile_layers`, `run.fused_loss`).
 
 No weights and no torch.cuda calls: shapes come from the model built on the meta device. What is stored
 (base weights, adapters, gradients, optimizer states) is counted tensor by tensor exactly as bitsandbytes,

@@ -142,7 +142,8 @@ class TrainingConfig:
     plan: Literal["off", "auto"] = "off"  # auto = the planner picks what you left out to fit the GPU
     memory_cap_gib: float = 0.0  # use at most this much of the GPU, CUDA context included (0 = all of it); also the planner's budget
     # several processes (torchrun / accelerate launch): ddp = each GPU holds the whole 4-bit model, fsdp = the base
-    # is sharded across GPUs, auto = ddp when the run fits one GPU, fsdp otherwise; one process ignores it
+    # is sharded across GPUs, auto = ddp when the run fits one GPU, fsdp otherwise; one process ignores it unless
+    # it is fsdp (a process group of one, for fsdp_cpu_offload on a single GPU)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     fsdp_cpu_offload: bool = False  # fsdp: keep the sharded parameters in CPU memory between uses (host RAM)
 
