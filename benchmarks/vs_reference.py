@@ -18,8 +18,8 @@ offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
            --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process, planned
-           by `train`'s own gate for the longest length searched (training/gate.py), built once: the compiled
-           layers compile again for the second length and then take any length (torch's automatic dynamic shapes);
+           by `train`'s own gate for the longest length searched (training/gate.py), built once, its compiled
+           layers compiled once with symbolic sizes for every length probed;
   profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process).
 
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
@@ -178,6 +178,10 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     from qlora_trainer.hardware import apply_memory_cap
 
     apply_memory_cap(args.cap_gib)  # every stack: its pool gets the cap less the context
+    if args.mode == "longest":  # compiled layers: one compilation with symbolic sizes serves every length probed
+        import torch._dynamo
+
+        torch._dynamo.config.assume_static_by_default = False
     length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
     model_dir = config["model"]["path"]
     if stack in OURS or stack in ENGINE:
