@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qlora_trainer.cli import main
-from qlora_trainer.hardware import GIB, Hardware, lookup_gpu
+from qlora_trainer.hardware import CPU, GIB, Hardware, lookup_gpu
 from qlora_trainer.planner.distributed import (BUCKETS, GATHERED, Parallelism, estimate_rank_memory,
                                                fsdp_adapter_tensors, fsdp_base_tensors, pinned_bytes)
 from qlora_trainer.planner.memory import cuda_block_bytes, estimate_memory
@@ -209,6 +209,9 @@ def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_wher
     assert launch_strategy(l4_run({"training.distributed": "ddp"}), llama70b, 1) is None
     assert launch_strategy(l4_run({"training.distributed": "fsdp", "training.fsdp_cpu_offload": True}), llama70b,
                            1) == Parallelism("fsdp", 1, True)  # unless it asks for FSDP: a group of one
+    on_cpu = resolve(l4_run({"training.distributed": "fsdp", "training.fsdp_cpu_offload": True}).spec, CPU)
+    with pytest.raises(UserError, match=r"^training.fsdp_cpu_offload: needs a GPU .*; set it to false on the CPU$"):
+        launch_strategy(on_cpu, llama70b, 2)  # FSDP pins host memory for an accelerator that is not there
     t4 = resolve(l4_run().spec, Hardware.planned(lookup_gpu("T4")))  # fp16 with loss scaling: each shard would
     with pytest.raises(UserError, match="fsdp with float16 compute"):  # decide alone whether to skip a step
         launch_strategy(t4, llama70b, 2)

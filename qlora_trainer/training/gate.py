@@ -31,7 +31,11 @@ def launch_strategy(run: ResolvedRun, shape: ModelShape, world_size: int) -> Opt
         # is skipped, and the processes would part ways without a word
         raise UserError("training.distributed: fsdp with float16 compute (loss scaling) is not supported yet: use "
                         "ddp, or bfloat16 on GPUs that have it")
-    return Parallelism(strategy, world_size, strategy == "fsdp" and training.fsdp_cpu_offload)
+    cpu_offload = strategy == "fsdp" and training.fsdp_cpu_offload
+    if cpu_offload and run.device_type != "cuda":
+        raise UserError("training.fsdp_cpu_offload: needs a GPU (FSDP offloads to pinned host memory for copies to "
+                        "the GPU); set it to false on the CPU")
+    return Parallelism(strategy, world_size, cpu_offload)
 
 
 def training_estimate(run: ResolvedRun, shape: ModelShape, world_size: int = 1) -> MemoryEstimate:
