@@ -342,13 +342,13 @@ def main() -> None:
     model_dir = random_checkpoint_in_subprocess(args.model)
     data_path = synthetic_documents(*map(int, args.doc_words.split(","))) if args.doc_words else synthetic_data()
     batches_path = WORK / "vs-reference-batches.pt"
-    adapter = {"rank": args.rank, "targets": args.targets, "cap_gib": args.cap_gib}
-    torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK, **adapter),
+    settings = {"rank": args.rank, "targets": args.targets, "cap_gib": args.cap_gib}  # every stack of ours alike
+    torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK, **settings),
                              args.steps),
                batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
     for stack in args.stacks.split(","):
         config = ours_config(model_dir, data_path, args.seq_len, args.steps, {**OURS, **ENGINE}.get(stack, {}),
-                             WORK / f"vs-reference-{stack}", **adapter)
+                             WORK / f"vs-reference-{stack}", **settings)
         record = run_stack(stack, args, config, batches_path) | {"model": args.model}
         if args.out:
             with open(args.out, "a") as handle:

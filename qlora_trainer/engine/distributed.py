@@ -4,8 +4,8 @@ accelerate launch), the strategy (DDP or FSDP2), the model wrapped for it, and t
 One process (no WORLD_SIZE, or 1) gets `SINGLE`, whose collectives do nothing, so a single run computes exactly as
 it always did, unless it asks for FSDP (`training.distributed: fsdp`): then it is a process group of one, for
 FSDP's CPU offload of parameters, gradients and optimizer states on a single GPU. With W processes each takes its
-own micro-batches; the gradients of the adapter are summed across
-processes (DDP and FSDP average them, and the step undoes that: engine/step.py).
+own micro-batches; the gradients of the adapter are summed across processes (DDP and FSDP average them, and the
+step undoes that: engine/step.py).
 """
 
 import os

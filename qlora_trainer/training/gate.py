@@ -75,11 +75,12 @@ def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool,
 
 
 def fallback_warning(run: ResolvedRun, model_config: PretrainedConfig) -> str:
-    """After compiled layers fell back to eager (recipe.py): where the planner predicts the eager run not to fit its
-    budget, the words that say so; else nothing."""
+    """After compiled layers fell back to eager (recipe.py, one process): where the planner predicts the eager run not
+    to fit its budget, the words that say so; else nothing. The prediction is training's (the model is loaded), under
+    FSDP that of the process group of one."""
     if run.budget is None:
         return ""
-    peak = estimate_memory(model_shape(model_config), run).predicted_peak_bytes
+    peak = training_estimate(run, model_shape(model_config)).predicted_peak_bytes
     if run.budget.fits(peak):
         return ""
     return (f"; eager layers are predicted at {peak / GIB:.2f} GiB, more than the {run.budget.usable_bytes / GIB:.2f} "
