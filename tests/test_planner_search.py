@@ -6,8 +6,8 @@ import pytest
 
 from qlora_trainer.hardware import GIB, Hardware, budget_gpu
 from qlora_trainer.planner.memory import estimate_memory
-from qlora_trainer.planner.search import (MLP_CHUNK_TOKENS, SEARCHED_KEYS, SEQ_LEN_STEP, TARGET_ORDER,
-                                          candidate_runs, search_plan)
+from qlora_trainer.planner.search import (GROUP_KEYS, MIN_MICRO_BATCH_TOKENS, MLP_CHUNK_TOKENS, SEARCHED_KEYS,
+                                          SEQ_LEN_STEP, TARGET_ORDER, candidate_runs, search_plan)
 from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import Budget, ResolvedRun, RunSpec, resolve, spec_from_dict
 
@@ -45,17 +45,47 @@ def fits(run: ResolvedRun, shape) -> bool:
     return run.budget.fits(estimate_memory(shape, run).predicted_peak_bytes)
 
 
+def recomputed(run: ResolvedRun, shape) -> int:
+    training = run.spec.training
+    if not training.gradient_checkpointing:
+        return 0
+    return shape.num_layers if training.checkpointed_layers is None else training.checkpointed_layers
+
+
+def group(run: ResolvedRun) -> tuple:
+    return tuple(run.spec.value(key) for key in GROUP_KEYS)
+
+
 @pytest.mark.parametrize("budget_gib", [8, 12, 16, 24, 80])
-def test_the_chosen_plan_is_the_first_that_fits_in_objective_order(llama2, budget_gib):
-    base = planned(budget_gib)
+@pytest.mark.parametrize("seq_len", [1024, 4096])
+def test_the_chosen_plan_recomputes_fewest_layers_in_the_first_group_that_fits(llama2, budget_gib, seq_len):
+    base = planned(budget_gib, {**BASE, "training.max_seq_len": seq_len})
     result = search_plan(llama2, base)
     assert result.fits
     assert result.estimate.predicted_peak_bytes <= base.budget.usable_bytes == result.usable_bytes
-    candidates = candidate_runs(llama2, base, 16)
-    chosen = candidates.index(result.run.with_values({"training.checkpointed_layers": None}))
-    assert not any(fits(run, llama2) for run in candidates[:chosen])
     training = result.run.spec.training
     assert training.micro_batch_size * training.gradient_accumulation_steps == 16
+    candidates = candidate_runs(llama2, base, 16)
+    chosen = candidates.index(result.run.with_values({"training.checkpointed_layers": None}))
+    # no run of an earlier targets/rank/optimizer/offloading choice fits
+    first = next(i for i, run in enumerate(candidates) if group(run) == group(result.run))
+    assert not any(fits(run, llama2) for run in candidates[:first])
+    # no run of the chosen group with micro-batches of at least MIN_MICRO_BATCH_TOKENS recomputes fewer layers, or
+    # as few with a larger micro-batch
+    fewest = recomputed(result.run, llama2)
+    same_group = [run for run in candidates if group(run) == group(result.run)]
+    large = [run for run in same_group if run.spec.training.micro_batch_size * seq_len >= MIN_MICRO_BATCH_TOKENS]
+    for run in large:
+        micro = run.spec.training.micro_batch_size
+        if not run.spec.training.gradient_checkpointing:
+            assert not fits(run, llama2) or fewest == 0 and micro <= training.micro_batch_size
+        elif fewest > 0:
+            assert not fits(run.with_values({"training.checkpointed_layers": fewest - 1}), llama2)
+            assert not fits(run.with_values({"training.checkpointed_layers": fewest}), llama2) or (
+                micro <= training.micro_batch_size)
+    if not any(fits(run, llama2) for run in large):  # none that large fits: the largest micro-batch that fits
+        assert not any(fits(run, llama2) for run in same_group[:chosen]
+                       if run.spec.training.micro_batch_size > training.micro_batch_size)
 
 
 @pytest.mark.parametrize("budget_gib", [8, 12, 15, 16, 24])
@@ -94,12 +124,16 @@ def test_objective_order_all_linear_then_rank_then_optimizer_then_micro_batch(ll
             < position({"training.gradient_checkpointing": True, "training.offload_checkpoints": True}))
 
 
-def test_a_large_gpu_gets_all_linear_rank_64_and_the_whole_batch_checkpointing_only_some_layers(llama2):
-    spec = search_plan(llama2, planned(80)).run.spec
+def test_a_large_gpu_gets_all_linear_rank_64_without_recompute_at_the_largest_micro_batch_that_allows_it(llama2):
+    result = search_plan(llama2, planned(80))
+    spec = result.run.spec
     assert (spec.adapter.target_modules, spec.adapter.r, spec.training.optimizer,
-            spec.training.micro_batch_size, spec.training.gradient_checkpointing) == (
-        "all-linear", 64, "adamw", 16, True)
-    assert 0 < spec.training.checkpointed_layers < llama2.num_layers
+            spec.training.gradient_checkpointing) == ("all-linear", 64, "adamw", False)
+    micro = spec.training.micro_batch_size
+    assert 1 <= micro < 16  # the whole batch of 16 x 4,096 tokens needs checkpointing on 80 GB
+    larger = result.run.with_values({"training.micro_batch_size": 2 * micro,
+                                     "training.gradient_accumulation_steps": 16 // (2 * micro)})
+    assert not fits(larger, llama2)
 
 
 def test_checkpointing_is_off_where_the_whole_batch_fits_without_it(llama2):

@@ -2,21 +2,22 @@
 
 The search changes only the keys of SEARCHED_KEYS that are not in `run.spec.explicit_keys` (what the user wrote in
 the config, with --set, or as a plan-memory flag); everything else comes from the spec as it is.
-Objective, in order (lexicographic; the first run that fits wins):
+Objective, in order (the first of 1-3 for which a run fits wins, then 4-6 choose among its runs):
   1. adapt all linear layers, then the MLP only, then attention only: the QLoRA paper (Dettmers et al. 2023,
      sec. 4) found adapters on every linear layer necessary to match 16-bit finetuning;
   2. the highest rank (64, 32, 16, 8), adapter.lora_alpha = 2 x rank unless fixed;
   3. 32-bit AdamW, then paged 8-bit AdamW (QLoRA's optimizer; its paged states can move to CPU RAM);
-  4. the largest micro-batch that divides the effective batch, with gradient accumulation making up the rest: a
-     step of a 7B model at micro-batch 1 waits on the host (benchmarks/results/vs-reference-h100-profile.txt), so
-     more tokens per micro-batch is the larger gain (planner-accuracy-h100.md, 2026-11-22: the T4 plan at
-     micro-batch 4 ran at 8,141 tokens/s, the L4 plan at micro-batch 1 without checkpointing at 6,171);
-  5. gradient checkpointing off (a third less compute), then on;
-  6. with checkpointing on, as few checkpointed layers as the memory left over allows: each layer that keeps its
-     activations is not recomputed in backward, so the budget the micro-batch leaves buys speed;
-  7. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
+  4. the micro-batch and checkpointing that recompute the fewest layers in backward (checkpointing off: none; on:
+     as few checkpointed layers as the memory left over allows, each layer that keeps its activations is not
+     recomputed), among micro-batches of at least MIN_MICRO_BATCH_TOKENS tokens; then the largest such
+     micro-batch, with gradient accumulation making up the effective batch. Smaller micro-batches leave finer
+     steps of memory to spend on layers that keep their activations (at 2,048 tokens a Llama-3-8B layer keeps
+     about 0.4 GiB per sequence: on an L4, one layer of 32 keeps them at micro-batch 8, eleven at micro-batch 2),
+     and above that many tokens a step is bound by the GPU, not by the host launching it.
+     When no micro-batch that large fits, the largest that fits;
+  5. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
      (it needs host RAM, but it keeps the adapter's targets and rank);
-  8. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
+  6. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
      at a time (engine/chunked_mlp.py: one more MLP forward per layer in backward).
 A run fits when PyTorch's predicted reserved peak fits its budget (`run.budget.fits`: the budget less the safety
 margin and the CUDA context, spec/resolve.py). When nothing fits, the result carries the leanest run, the smallest
@@ -44,11 +45,19 @@ SEQ_LEN_STEP = 64  # granularity of the longest-sequence advice
 # measured on an H100 (benchmarks/results/vs-reference-h100.md): 4,096-token chunks kept Qwen2.5-7B at seq 8192
 # faster than 2,048-token ones (10,641 against 10,169 tokens/s) and still under Unsloth's memory
 MLP_CHUNK_TOKENS = 4096
+# Tokens per micro-batch above which a step's time is its GPU work, not the host's launching of it. Measured on an
+# H100 (benchmarks/results/defaults-h100/, Llama-2-7B): micro-batch 1 x 2,048 tokens ran at 9,690 tokens/s, half
+# of its matmul ceiling (~19,000), so at twice the tokens the GPU's work reaches the host's time; every smaller
+# card (T4, L4, A10G) reaches it at fewer tokens.
+MIN_MICRO_BATCH_TOKENS = 4096
 # What the search asks of a candidate: its predicted peak on one GPU. estimate_memory for a run on one GPU;
 # planner/distributed.py gives one for each rank of a multi-GPU run.
 Estimator = Callable[[ModelShape, ResolvedRun, Calibration], MemoryEstimate]
 # The keys the search may change unless the user set them, each with the word the advice uses for it. The
 # accumulation is never a choice of its own: it makes up the effective batch for the micro-batch chosen.
+# The choices of objective 1-3 and 5 (offloading); objective 4 chooses among the runs that share them.
+GROUP_KEYS = ("adapter.target_modules", "adapter.r", "adapter.lora_alpha", "training.optimizer",
+              "training.offload_checkpoints")
 SEARCHED_KEYS = {
     "adapter.r": "rank",
     "adapter.lora_alpha": "lora_alpha",
@@ -214,6 +223,26 @@ def fewest_checkpointed_layers(shape: ModelShape, run: ResolvedRun, budget: Budg
     return high, estimate_with(high)
 
 
+def _recomputed_layers(values: dict[str, Any], num_layers: int) -> int:
+    if not values["training.gradient_checkpointing"]:
+        return 0
+    layers = values["training.checkpointed_layers"]
+    return num_layers if layers is None else layers
+
+
+def _fastest(fitting: list[tuple[dict[str, Any], MemoryEstimate]], num_layers: int,
+             seq_len: int) -> tuple[dict[str, Any], MemoryEstimate]:
+    """Objective 4 (and 6) among runs that fit, one per micro-batch: of those whose micro-batches hold at least
+    MIN_MICRO_BATCH_TOKENS tokens, the one without chunked MLPs that recomputes the fewest layers, then the largest
+    micro-batch; when none is that large, the largest micro-batch."""
+    micro = lambda item: item[0]["training.micro_batch_size"]  # noqa: E731
+    large = [item for item in fitting if micro(item) * seq_len >= MIN_MICRO_BATCH_TOKENS]
+    if not large:
+        return max(fitting, key=micro)
+    return min(large, key=lambda item: (bool(item[0]["training.mlp_chunk_tokens"]),
+                                        _recomputed_layers(item[0], num_layers), -micro(item)))
+
+
 def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, effective_batch: Optional[int] = None,
                 calibration: Calibration = CALIBRATION, estimator: Estimator = estimate_memory) -> PlanResult:
     """The best run under the objective above that fits `run.budget`, its peak predicted by `estimator` (one GPU's
@@ -232,20 +261,31 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, ef
     effective_batch = effective_batch or training.micro_batch_size * training.gradient_accumulation_steps
     limit = budget.usable_bytes
     leanest: Optional[tuple[dict[str, Any], ResolvedRun, MemoryEstimate]] = None
+    fitting: list[tuple[dict[str, Any], MemoryEstimate]] = []  # objective 1-3's first group that fits, by micro-batch
+    group: Optional[list] = None
     for values in candidate_values(shape, run, effective_batch):
+        if (key := [values[name] for name in GROUP_KEYS]) != group:
+            if fitting:
+                break
+            group = key
+        micro = values["training.micro_batch_size"]
+        if any(other["training.micro_batch_size"] == micro for other, _ in fitting):
+            continue  # this micro-batch's first mode that fits is its best
         candidate = changed(run, values)
         estimate = estimator(shape, candidate, calibration)
         if budget.fits(estimate.predicted_peak_bytes):
             if values["training.gradient_checkpointing"] and not _fixed(run, "training.checkpointed_layers"):
                 layers, estimate = fewest_checkpointed_layers(shape, candidate, budget, calibration, estimator)
                 values = dict(values, **{"training.checkpointed_layers": layers})
-            chosen = run.with_values(copy.deepcopy(values))
-            advice = (f"{describe(chosen)}: predicted {_gib(estimate.predicted_peak_bytes)} of "
-                      f"{_gib(limit)} usable")
-            return PlanResult(True, chosen, estimate, budget.budget_bytes, limit,
-                              Budget.needed_for(estimate.predicted_peak_bytes), None, advice)
-        if leanest is None or estimate.predicted_peak_bytes < leanest[2].predicted_peak_bytes:
+            fitting.append((values, estimate))
+        elif leanest is None or estimate.predicted_peak_bytes < leanest[2].predicted_peak_bytes:
             leanest = (values, candidate, estimate)
+    if fitting:
+        values, estimate = _fastest(fitting, shape.num_layers, training.max_seq_len)
+        chosen = run.with_values(copy.deepcopy(values))
+        advice = f"{describe(chosen)}: predicted {_gib(estimate.predicted_peak_bytes)} of {_gib(limit)} usable"
+        return PlanResult(True, chosen, estimate, budget.budget_bytes, limit,
+                          Budget.needed_for(estimate.predicted_peak_bytes), None, advice)
     values, candidate, estimate = leanest
     chosen = run.with_values(copy.deepcopy(values))
     seq_len = chosen.spec.training.max_seq_len
