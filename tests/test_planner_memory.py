@@ -296,16 +296,21 @@ def test_partial_checkpointing_lies_between_none_and_all(llama2):
     assert 0 <= partial[-1] - partial[-2] <= 2048 * 4 * 4096 * 2
 
 
-def test_offloaded_checkpoints_leave_one_layer_input_on_the_gpu(llama2):
+def test_offloaded_checkpoints_leave_two_layer_inputs_on_the_gpu(llama2):
     # with accumulation every layer's gradient exists throughout, so both peak at the last layer's backward
-    planned = run({"training.max_seq_len": 16384, "training.micro_batch_size": 1,
+    planned = run({"training.max_seq_len": 16384, "training.micro_batch_size": 1, "training.offload_checkpoints": False,
                    "training.gradient_accumulation_steps": 2, "data.packing": True, "adapter.lora_dropout": 0.0})
     kept = estimate_memory(llama2, planned)
-    offloaded = estimate_memory(llama2, planned.with_values({"training.offload_checkpoints": True}))
+    offloaded_run = planned.with_values({"training.offload_checkpoints": True})
+    offloaded = estimate_memory(llama2, offloaded_run)
     layer_input = 16384 * 4096 * 2
     assert kept.phase == offloaded.phase == "layer backward"
-    # 32 inputs kept on the GPU, against the one copied back for the layer in backward (the two gradients that
-    # the reentrant backward holds at once are there in both)
+    # 32 inputs kept on the GPU, against the one copied back for the layer in backward and the one of the layer
+    # before it, copied back meanwhile (the two gradients that the reentrant backward holds at once are in both)
+    assert kept.predicted_peak_allocated_bytes - offloaded.predicted_peak_allocated_bytes == 30 * layer_input
+    # with chunked MLPs (a run at the edge of its memory) the input before is copied back only when needed
+    chunked = {"training.mlp_chunk_tokens": 4096}
+    kept, offloaded = (estimate_memory(llama2, run_.with_values(chunked)) for run_ in (planned, offloaded_run))
     assert kept.predicted_peak_allocated_bytes - offloaded.predicted_peak_allocated_bytes == 31 * layer_input
 
 
@@ -348,9 +353,10 @@ def test_mlp_chunks_bound_the_mlp_activations_of_long_sequences_only(llama2):
     chunked = estimate_memory(llama2, planned.with_values({"training.mlp_chunk_tokens": 4096}))
     assert whole.phase == chunked.phase == "layer backward"
     # one layer's gate/up outputs (compiled: act(gate) is recomputed) for 28k fewer tokens, less the MLP input the
-    # chunks keep for the whole sequence; the backward buffers follow q/k/v, wider than Llama-2's MLP chunk
+    # chunks keep for the whole sequence; the backward buffers follow q/k/v, wider than Llama-2's MLP chunk; and the
+    # input of the layer before, which offloaded runs without chunked MLPs copy back ahead (spec/resolve.py)
     inter, hidden = 11008, 4096
-    saved = (32768 - 4096) * 2 * 2 * inter - 32768 * 2 * hidden
+    saved = (32768 - 4096) * 2 * 2 * inter - 32768 * 2 * hidden + 32768 * 2 * hidden
     assert whole.predicted_peak_allocated_bytes - chunked.predicted_peak_allocated_bytes == saved
     short = planned.with_values({"training.max_seq_len": 4096})
     assert estimate_memory(llama2, short) == estimate_memory(llama2,

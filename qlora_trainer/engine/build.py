@@ -95,7 +95,7 @@ def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
                                                             or os.path.abspath(spec.model.path))
     if training.gradient_checkpointing:  # 3
         enable_activation_checkpointing(model.get_base_model(), training.checkpointed_layers,
-                                        training.offload_checkpoints)
+                                        training.offload_checkpoints, run.prefetch_checkpoints)
     if run.fused_lora:  # 4
         use_fused_lora(model)
     if training.mlp_chunk_tokens:  # 5

@@ -13,6 +13,7 @@ offloaded reentrant path beat torch's non-reentrant checkpoint in two of three s
 keeps the checkpoint out of torch.compile's graphs on every transformers version (`_CheckpointedLayer` below).
 """
 
+import weakref
 from functools import partial
 from typing import Callable, Optional
 
@@ -23,17 +24,80 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qlora_trainer.engine.class_mixing import mixed_class
 
 
+class _HostCopies:
+    """The offloaded inputs' copies between GPU and pinned host memory, on one side CUDA stream per device so that
+    they overlap the layers' compute: the forward's copy out runs while the next layers compute, and when backward
+    reaches a layer, the input of the layer before it (in forward order) is copied back while this one recomputes
+    (`prefetch`; it holds one more input on the GPU, so runs with chunked MLPs, at the edge of their memory, copy each
+    input back when its layer needs it: spec/resolve.py `prefetch_checkpoints`).
+
+    Copies on the compute stream instead made a Llama-2-7B step at seq 2048 14% slower on an H100 than keeping the
+    inputs on the GPU (benchmarks/results/defaults-h100/llama-2-7b-s2048-2026-12-06.jsonl): the layers waited for
+    them. GPU memory of a copied-back input is taken on the compute stream, so the allocator's order is the
+    compute stream's; a layer's input on the GPU is kept from reuse until its copy out is done (record_stream).
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pending: list[weakref.ReferenceType] = []  # offloaded checkpoints' contexts, in forward order
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def copy_out(self, ctx, hidden_states: torch.Tensor) -> None:
+        """Start copying `hidden_states` to pinned host memory (ctx.stored); `ctx` waits in line for backward."""
+        stream = self._stream(hidden_states.device)
+        stream.wait_stream(torch.cuda.current_stream(hidden_states.device))
+        with torch.cuda.stream(stream):
+            ctx.stored = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
+            ctx.stored.copy_(hidden_states, non_blocking=True)
+        hidden_states.record_stream(stream)
+        ctx.on_gpu, ctx.copied_back = None, None
+        self._pending = [ref for ref in self._pending if ref() is not None and ref().stored is not None]
+        self._pending.append(weakref.ref(ctx))
+
+    def _copy_back(self, ctx) -> None:
+        if ctx.on_gpu is not None or ctx.stored is None:
+            return
+        compute = torch.cuda.current_stream(ctx.device)
+        ctx.on_gpu = torch.empty(ctx.stored.shape, dtype=ctx.stored.dtype, device=ctx.device)
+        stream = self._stream(ctx.device)
+        stream.wait_stream(compute)  # the memory taken above is free on the compute stream from here on
+        with torch.cuda.stream(stream):
+            ctx.on_gpu.copy_(ctx.stored, non_blocking=True)
+            ctx.copied_back = torch.cuda.Event()
+            ctx.copied_back.record(stream)
+
+    def take_back(self, ctx, prefetch: bool) -> torch.Tensor:
+        """`ctx`'s input on the GPU, once copied; with `prefetch`, the copy of the input before it is started."""
+        self._copy_back(ctx)
+        torch.cuda.current_stream(ctx.device).wait_event(ctx.copied_back)
+        hidden_states = ctx.on_gpu
+        ctx.on_gpu = ctx.copied_back = None
+        contexts = [ref() for ref in self._pending]
+        self._pending = [ref for ref, other in zip(self._pending, contexts) if other is not None and other is not ctx]
+        earlier = [other for other in contexts[:contexts.index(ctx)] if other is not None] if ctx in contexts else []
+        if earlier and prefetch:
+            self._copy_back(earlier[-1])
+        return hidden_states
+
+
+_HOST_COPIES = _HostCopies()
+
+
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run_function: Callable, offload: bool, hidden_states: torch.Tensor):
+    def forward(ctx, run_function: Callable, offload: bool, prefetch: bool, hidden_states: torch.Tensor):
         ctx.run_function = run_function
         ctx.device = hidden_states.device
         ctx.autocast = (torch.is_autocast_enabled(ctx.device.type), torch.get_autocast_dtype(ctx.device.type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
-        if offload and ctx.device.type == "cuda":
-            ctx.stored = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
-            ctx.stored.copy_(hidden_states, non_blocking=True)
+        ctx.offloaded, ctx.prefetch = offload and ctx.device.type == "cuda", prefetch
+        if ctx.offloaded:
+            _HOST_COPIES.copy_out(ctx, hidden_states)
         else:
             ctx.stored = hidden_states.detach()
         with torch.no_grad():
@@ -41,7 +105,8 @@ class _LayerCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        hidden_states = ctx.stored.to(ctx.device, non_blocking=True).requires_grad_(True)
+        stored = _HOST_COPIES.take_back(ctx, ctx.prefetch) if ctx.offloaded else ctx.stored
+        hidden_states = stored.detach().requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_rng)
@@ -55,12 +120,14 @@ class _LayerCheckpoint(torch.autograd.Function):
                  if torch.is_tensor(o) and o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.stored = None
-        return None, None, hidden_states.grad
+        return None, None, None, hidden_states.grad
 
 
-def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False) -> torch.Tensor:
-    """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload`."""
-    return _LayerCheckpoint.apply(function, offload, hidden_states)
+def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False,
+                     prefetch: bool = False) -> torch.Tensor:
+    """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload` (and, with
+    `prefetch`, the input before it copied back while this layer's backward runs)."""
+    return _LayerCheckpoint.apply(function, offload, prefetch, hidden_states)
 
 
 class _CheckpointedLayer:
@@ -71,12 +138,13 @@ class _CheckpointedLayer:
     """
 
     offload_checkpoint: bool
+    prefetch_checkpoint: bool
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return nn.Module.__call__(self, hidden_states, *args, **kwargs)
         run = partial(_call_module, self, args=args, kwargs=kwargs)
-        return layer_checkpoint(run, hidden_states, offload=self.offload_checkpoint)
+        return layer_checkpoint(run, hidden_states, self.offload_checkpoint, self.prefetch_checkpoint)
 
 
 def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
@@ -84,9 +152,10 @@ def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kw
 
 
 def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optional[int] = None,
-                                    offload: bool = False) -> None:
+                                    offload: bool = False, prefetch: bool = False) -> None:
     """Checkpointing of the first `checkpointed_layers` decoder layers (None = all of them) with our
-    reentrant checkpoint (above), their inputs kept in pinned CPU memory when `offload`.
+    reentrant checkpoint (above), their inputs kept in pinned CPU memory when `offload`, copied back one layer
+    ahead of backward when `prefetch`.
 
     The last layers are the ones left out: backward reaches them first, so their kept activations are freed
     before any checkpointed layer recomputes its own. transformers' own checkpointing stays off.
@@ -96,7 +165,7 @@ def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optio
         layer.gradient_checkpointing = False
         if checkpointed_layers is None or index < checkpointed_layers:
             layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
-            layer.offload_checkpoint = offload
+            layer.offload_checkpoint, layer.prefetch_checkpoint = offload, prefetch
     model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad
 
 

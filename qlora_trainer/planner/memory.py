@@ -383,14 +383,16 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # recomputed activations as well, and the gradients of layers i..L-1 exist (all of them while accumulating).
     # In engine/checkpointing.py's reentrant checkpoint the gradient of a layer's output stays alive through the
     # inner backward beside the gradient of its input (measured: the offloaded Llama-2-7B rows of
-    # planner-accuracy-h100.md, whose shortfall grew by 2 inputs' bytes/token), and an offloaded layer also holds
-    # its input copied back.
+    # planner-accuracy-h100.md, whose shortfall grew by 2 inputs' bytes/token); an offloaded layer also holds its
+    # input copied back and, where they are prefetched, the input of the layer before it being copied back meanwhile
+    # (engine/checkpointing.py).
     layers = shape.num_layers
+    copied_back = (2 if run.prefetch_checkpoints else 1) if offloaded else 0
     layer_phase, layer_grads, kept_so_far = 0, 0, 0
     for index in range(layers):
         kept_so_far += kept[index]
         grads = gradients if accumulating else gradients * (layers - index) // layers
-        recomputed = layer_bytes[index] + (3 if offloaded else 2) * layer_input if index < checkpointed else 0
+        recomputed = layer_bytes[index] + (2 + copied_back) * layer_input if index < checkpointed else 0
         memory = head + kept_so_far + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads

@@ -53,6 +53,9 @@ class ResolvedRun:
     compile_layers: bool  # torch.compile each decoder layer (training.compile_layers, auto = on capable GPUs)
     fused_lora: bool  # fused LoRA-on-4-bit forward (training.fused_lora, for LoRA over a 4-bit base)
     fused_loss: bool  # Liger's fused lm_head + cross-entropy (training.loss_kernel), else the chunked loss
+    # offloaded checkpoint inputs copied back one layer ahead of backward (engine/checkpointing.py; one more input on
+    # the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the edge of their memory
+    prefetch_checkpoints: bool
     attention: str  # the attn_implementation the model loads with (model.attn_implementation, or packed varlen)
     budget: Optional[Budget]  # None on the CPU
 
@@ -143,6 +146,9 @@ def resolve(spec: RunSpec, hardware: Hardware) -> ResolvedRun:
         fused_lora=(spec.training.fused_lora and spec.adapter.type == "lora"
                     and spec.quantization.mode in ("nf4", "fp4")),
         fused_loss=_fused_loss(spec, hardware),
+        prefetch_checkpoints=(hardware.device_type == "cuda" and spec.training.gradient_checkpointing
+                              and spec.training.offload_checkpoints
+                              and not 0 < spec.training.mlp_chunk_tokens < spec.training.max_seq_len),
         attention=_attention(spec, hardware),
         budget=_budget(spec, hardware),
     )
