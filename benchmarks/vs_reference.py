@@ -8,7 +8,8 @@ bf16, gradient checkpointing, torch AdamW at a constant 1e-4, gradients clipped 
 `qlora-trainer train`, and of the Trainer the peers are usually driven by).
 
 `ours` is `qlora-trainer train` itself, in its own process, with its defaults (benchmarks/measure_training.py reads
-tokens/s and peaks from its metrics.jsonl); ours-offload adds `training.offload_checkpoints`, ours-long adds that,
+tokens/s and peaks from its metrics.jsonl); ours-offload sets `training.offload_checkpoints` (the default since
+2026-12-06), ours-on-gpu turns it off, ours-long offloads,
 MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
 torch.compile off, ours-compiled turns it on, ours-peft-lora also uses peft's LoRA forward; ours-engine (and
 ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # our trainer's defaults, then the same with some run-specification keys changed
 OURS = {"ours": {}, "ours-auto": {"training.plan": "auto"}, "ours-offload": {"training.offload_checkpoints": True},
+        "ours-on-gpu": {"training.offload_checkpoints": False},
         "ours-long": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 2048,
                       "training.loss_chunk_tokens": 512},
         "ours-long-4k": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 4096,

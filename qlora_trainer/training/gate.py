@@ -1,18 +1,24 @@
-"""Before any weight is loaded: the planner fills the choices left open (`training.plan: auto`) and a run predicted
-not to fit its budget is refused, unless forced. The same prediction and fits rule as `plan-memory`."""
+"""Before any weight is loaded: the planner fills the choices left open (`training.plan: auto`), offloaded
+checkpoints are held to the host memory they may pin, and a run predicted not to fit its budget is refused, unless
+forced. The same prediction and fits rule as `plan-memory`."""
 
 from typing import Optional
 
+import psutil
 from transformers import PretrainedConfig
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.planner.distributed import Parallelism, estimate_rank_memory, rank_estimator
+from qlora_trainer.planner.distributed import (Parallelism, estimate_rank_memory, offloaded_input_bytes,
+                                                rank_estimator)
 from qlora_trainer.planner.memory import CALIBRATION, MemoryEstimate, estimate_memory
 from qlora_trainer.planner.search import search_plan
 from qlora_trainer.planner.shapes import ModelShape, model_shape
 from qlora_trainer.spec import ResolvedRun
 
 GIB = 2**30
+# Offloaded checkpoints may pin at most this share of the host memory available when training starts: the rest is
+# the process's own (the dataset, the loader, Python) and the other programs'.
+HOST_SHARE = 0.5
 
 
 def launch_strategy(run: ResolvedRun, shape: ModelShape, world_size: int) -> Optional[Parallelism]:
@@ -48,6 +54,25 @@ def training_estimate(run: ResolvedRun, shape: ModelShape, world_size: int = 1) 
     return estimate_rank_memory(shape, run, parallelism).gpu
 
 
+def offload_within_host_memory(run: ResolvedRun, shape: ModelShape, processes: int = 1) -> ResolvedRun:
+    """`run`, its checkpointed inputs offloaded only where the host can pin them (HOST_SHARE of its available
+    memory, shared by `processes` ranks, counted as if all on this host). Where it cannot: a UserError when the user asked for offloading, else offloading turned off, said in one
+    line (the GPU then keeps the inputs, and the budget check that follows judges that)."""
+    training = run.spec.training
+    if run.device_type != "cuda" or not (training.offload_checkpoints and training.gradient_checkpointing):
+        return run
+    needed, available = processes * offloaded_input_bytes(shape, run), psutil.virtual_memory().available
+    if needed <= HOST_SHARE * available:
+        return run
+    words = (f"the checkpointed layers' inputs need {needed / GIB:.1f} GiB of pinned host memory, more than half of "
+             f"the {available / GIB:.1f} GiB available here")
+    if "training.offload_checkpoints" in run.spec.explicit_keys:
+        raise UserError(f"training.offload_checkpoints: {words}; set it to false (the GPU keeps them) or lower "
+                        f"training.max_seq_len or training.micro_batch_size")
+    print(f"training.offload_checkpoints: off, {words}")
+    return run.with_values({"training.offload_checkpoints": False})
+
+
 def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool, world_size: int = 1) -> ResolvedRun:
     """`run`, planned where asked; a UserError when its predicted peak does not fit (unless `force`). With several
     processes the prediction is each GPU's under the strategy they share the run by (planner/distributed.py), and
@@ -62,6 +87,7 @@ def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool,
     estimator = estimate_memory if parallelism is None else rank_estimator(parallelism)
     if run.spec.training.plan == "auto":
         run = search_plan(shape, run, estimator=estimator).run
+    run = offload_within_host_memory(run, shape, world_size)
     peak = estimator(shape, run, CALIBRATION).predicted_peak_bytes
     budget = run.budget
     per_gpu = f" per GPU ({parallelism.strategy}, {world_size} processes)" if parallelism else ""
