@@ -58,14 +58,13 @@ def offload_within_host_memory(run: ResolvedRun, shape: ModelShape, processes: i
     """`run`, its checkpointed inputs offloaded only where the host can pin them (HOST_SHARE of its available
     memory, shared by `processes` ranks, counted as if all on this host). Where it cannot: a UserError when the user asked for offloading, else offloading turned off, said in one
     line (the GPU then keeps the inputs, and the budget check that follows judges that)."""
-    training = run.spec.training
-    if run.device_type != "cuda" or not (training.offload_checkpoints and training.gradient_checkpointing):
+    if run.device_type != "cuda" or not offloaded_input_bytes(shape, run):
         return run
     needed, available = processes * offloaded_input_bytes(shape, run), psutil.virtual_memory().available
     if needed <= HOST_SHARE * available:
         return run
-    words = (f"the checkpointed layers' inputs need {needed / GIB:.1f} GiB of pinned host memory, more than half of "
-             f"the {available / GIB:.1f} GiB available here")
+    words = (f"the checkpointed layers' inputs need {needed / GIB:.1f} GiB of pinned host memory, more than "
+             f"{HOST_SHARE:.0%} of the {available / GIB:.1f} GiB available here")
     if "training.offload_checkpoints" in run.spec.explicit_keys:
         raise UserError(f"training.offload_checkpoints: {words}; set it to false (the GPU keeps them) or lower "
                         f"training.max_seq_len or training.micro_batch_size")
@@ -91,8 +90,10 @@ def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool,
     peak = estimator(shape, run, CALIBRATION).predicted_peak_bytes
     budget = run.budget
     per_gpu = f" per GPU ({parallelism.strategy}, {world_size} processes)" if parallelism else ""
+    pinned = offloaded_input_bytes(shape, run)
+    host = f"; checkpoint inputs in pinned host memory: {pinned / GIB:.2f} GiB" if pinned else ""
     print(f"planner: predicted peak {peak / GIB:.2f} GiB{per_gpu} of {budget.budget_bytes / GIB:.2f} GiB on "
-          f"{budget.device_name}")
+          f"{budget.device_name}{host}")
     if not budget.fits(peak) and not force:
         advice = search_plan(shape, run, estimator=estimator).advice
         raise UserError(f"training: predicted peak {peak / GIB:.2f} GiB{per_gpu} does not fit {budget.device_name} "
