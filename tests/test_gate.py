@@ -8,7 +8,7 @@ import pytest
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.hardware import Hardware, budget_gpu
-from qlora_trainer.planner.distributed import offloaded_input_bytes
+from qlora_trainer.planner.memory import offloaded_input_bytes
 from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import RunSpec, resolve
 from qlora_trainer.training.gate import HOST_SHARE, fit_to_budget, offload_within_host_memory

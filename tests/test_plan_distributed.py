@@ -8,9 +8,8 @@ import pytest
 from qlora_trainer.cli import main
 from qlora_trainer.hardware import CPU, GIB, Hardware, lookup_gpu
 from qlora_trainer.planner.distributed import (BUCKETS, GATHERED, Parallelism, estimate_rank_memory,
-                                               fsdp_adapter_tensors, fsdp_base_tensors, offloaded_input_bytes,
-                                               pinned_bytes)
-from qlora_trainer.planner.memory import cuda_block_bytes, estimate_memory
+                                               fsdp_adapter_tensors, fsdp_base_tensors, pinned_bytes)
+from qlora_trainer.planner.memory import cuda_block_bytes, estimate_memory, offloaded_input_bytes
 from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import RunSpec, resolve
 

@@ -32,6 +32,20 @@ def test_json_on_a_catalogue_gpu(capsys):
     assert out["total_params"] == 6_738_415_616 + out["trainable_params"]
 
 
+def test_a_plan_that_offloads_names_the_pinned_host_memory(capsys):
+    # 32k tokens of Llama-2-7B do not fit an L4 with the inputs on the GPU: the plan offloads them
+    code, out = _json(capsys, "--model", "llama-2-7b", "--gpu", "L4", "--seq-len", "32768", "--batch-size", "1")
+    plan = out["plan"]
+    assert code == 0 and plan["offload_checkpoints"] and plan["gradient_checkpointing"]
+    layers = 32 if plan["checkpointed_layers"] is None else plan["checkpointed_layers"]
+    assert out["pinned_host_bytes"] == layers * 32768 * 4096 * 2  # each checkpointed layer's input, bf16
+    code, out = _json(capsys, "--model", "llama-2-7b", "--gpu", "L4", "--seq-len", "1024")
+    assert not out["plan"]["offload_checkpoints"] and out["pinned_host_bytes"] == 0
+    main(["plan-memory", "--model", "llama-2-7b", "--gpu", "L4", "--seq-len", "32768", "--batch-size", "1"])
+    assert f"{layers * 32768 * 4096 * 2 / GIB:.2f} GiB of checkpointed layers' inputs in pinned host" in (
+        capsys.readouterr().out)
+
+
 def test_fixed_choices_from_the_command_line_are_kept(capsys):
     code, out = _json(capsys, "--model", "mistral-7b", "--vram", "24", "--rank", "8", "--targets", "q_proj,v_proj",
                       "--grad-ckpt", "on", "--optimizer", "adamw8bit", "--batch-size", "8", "--seq-len", "512")

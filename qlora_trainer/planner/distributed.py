@@ -24,8 +24,8 @@ from typing import Optional
 
 from qlora_trainer.errors import UserError
 from qlora_trainer.planner.memory import (CALIBRATION, DTYPE_BYTES, Calibration, MemoryEstimate,
-                                          adapter_tensor_shapes, checkpointed_layer_count, cuda_block_bytes,
-                                          estimate_memory, optimizer_state_tensors, quantized_weight_tensor_bytes)
+                                          adapter_tensor_shapes, cuda_block_bytes, estimate_memory,
+                                          offloaded_input_bytes, optimizer_state_tensors, quantized_weight_tensor_bytes)
 from qlora_trainer.planner.search import PlanResult, search_plan
 from qlora_trainer.planner.shapes import ModelShape
 from qlora_trainer.spec.resolve import ResolvedRun
@@ -133,16 +133,6 @@ def fsdp_adapter_tensors(shape: ModelShape, run: ResolvedRun) -> list[ShardedTen
     return [ShardedTensor(dims[0], math.prod(dims[1:]), element_bytes, target.layer_index)
             for target in shape.targets(adapter.target_modules)
             for dims in adapter_tensor_shapes(adapter.type, adapter.r, target.d_in, target.d_out, adapter.use_dora)]
-
-
-def offloaded_input_bytes(shape: ModelShape, run: ResolvedRun) -> int:
-    """Host bytes of one rank's checkpointed layer inputs when training.offload_checkpoints moves them there
-    (engine/checkpointing.py: each checkpointed layer's input, micro-batch x seq x hidden in the compute dtype)."""
-    training = run.spec.training
-    if not training.offload_checkpoints:
-        return 0
-    tokens = training.micro_batch_size * training.max_seq_len
-    return checkpointed_layer_count(shape, run) * tokens * shape.hidden_size * DTYPE_BYTES[run.compute_dtype]
 
 
 def _with_breakdown(single: MemoryEstimate, breakdown: dict[str, int], phase: str, paged: int) -> MemoryEstimate:

@@ -99,6 +99,7 @@ class MemoryEstimate:
     # every phase's own bytes, the peak's and the others (for estimates that shard or move some of them, such as
     # planner/distributed.py's per-GPU estimates of multi-GPU runs)
     phases: dict[str, PhaseBytes] = field(default_factory=dict)
+    pinned_host_bytes: int = 0  # offloaded checkpoint inputs in pinned host memory (offloaded_input_bytes)
 
     @property
     def predicted_device_bytes(self) -> int:
@@ -205,6 +206,17 @@ def checkpointed_layer_count(shape: ModelShape, run: ResolvedRun) -> int:
     if training.checkpointed_layers is None:
         return shape.num_layers
     return min(training.checkpointed_layers, shape.num_layers)
+
+
+def offloaded_input_bytes(shape: ModelShape, run: ResolvedRun) -> int:
+    """Pinned host bytes of one process's checkpointed layer inputs when training.offload_checkpoints moves them
+    there (engine/checkpointing.py, GPUs only: each checkpointed layer's input, micro-batch x seq x hidden in the
+    compute dtype)."""
+    training = run.spec.training
+    if not training.offload_checkpoints or run.device_type != "cuda":
+        return 0
+    tokens = training.micro_batch_size * training.max_seq_len
+    return checkpointed_layer_count(shape, run) * tokens * shape.hidden_size * DTYPE_BYTES[run.compute_dtype]
 
 
 def sdpa_gets_mask(shape: ModelShape, run: ResolvedRun, layer_index: int) -> bool:
@@ -436,6 +448,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         total_params=shape.total_params + trainable,
         target_layers=len(targets),
         phase=phase,
+        pinned_host_bytes=offloaded_input_bytes(shape, run),
         phases={
             "layer backward": PhaseBytes(layer_phase - layer_grads, 0, layer_grads, 0),
             "loss": PhaseBytes(loss_phase - chunk_logits - loss_grads, chunk_logits, loss_grads, 0),

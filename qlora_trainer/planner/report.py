@@ -155,6 +155,7 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
         "predicted_peak_allocated_bytes": estimate.predicted_peak_allocated_bytes,
         "cuda_context_bytes": estimate.cuda_context_bytes,
         "paged_optimizer_bytes": estimate.paged_optimizer_bytes,
+        "pinned_host_bytes": estimate.pinned_host_bytes,
         "peak_phase": estimate.phase,
         "breakdown": estimate.breakdown,
         "plan": {  # these names are read by users and tests: they stay as they are
@@ -201,6 +202,9 @@ def _component_lines(result: PlanResult) -> list[str]:
     if estimate.paged_optimizer_bytes:
         lines.append(f"  + {estimate.paged_optimizer_bytes / GIB:.2f} GiB of paged optimizer states in unified "
                      "memory (moved to CPU RAM when the GPU runs short)")
+    if estimate.pinned_host_bytes:
+        lines.append(f"  + {estimate.pinned_host_bytes / GIB:.2f} GiB of checkpointed layers' inputs in pinned host "
+                     "memory (training.offload_checkpoints)")
     return lines
 
 

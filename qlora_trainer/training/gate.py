@@ -8,9 +8,8 @@ import psutil
 from transformers import PretrainedConfig
 
 from qlora_trainer.errors import UserError
-from qlora_trainer.planner.distributed import (Parallelism, estimate_rank_memory, offloaded_input_bytes,
-                                                rank_estimator)
-from qlora_trainer.planner.memory import CALIBRATION, MemoryEstimate, estimate_memory
+from qlora_trainer.planner.distributed import Parallelism, estimate_rank_memory, rank_estimator
+from qlora_trainer.planner.memory import CALIBRATION, MemoryEstimate, estimate_memory, offloaded_input_bytes
 from qlora_trainer.planner.search import search_plan
 from qlora_trainer.planner.shapes import ModelShape, model_shape
 from qlora_trainer.spec import ResolvedRun
