@@ -6,7 +6,8 @@ import pytest
 
 from qlora_trainer.hardware import GIB, Hardware, budget_gpu
 from qlora_trainer.planner.memory import estimate_memory
-from qlora_trainer.planner.search import (GROUP_KEYS, MIN_MICRO_BATCH_TOKENS, MLP_CHUNK_TOKENS, SEARCHED_KEYS,
+from qlora_trainer.planner.search import (GROUP_KEYS, MIN_MICRO_BATCH_LAYER_WORK, MIN_MICRO_BATCH_TOKENS,
+                                          MLP_CHUNK_TOKENS, SEARCHED_KEYS, layer_weights,
                                           SEQ_LEN_STEP, TARGET_ORDER, candidate_runs, search_plan)
 from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import Budget, ResolvedRun, RunSpec, resolve, spec_from_dict
@@ -70,8 +71,8 @@ def test_the_chosen_plan_recomputes_fewest_layers_in_the_first_group_that_fits(l
     # no run of an earlier targets/rank/optimizer/offloading choice fits
     first = next(i for i, run in enumerate(candidates) if group(run) == group(result.run))
     assert not any(fits(run, llama2) for run in candidates[:first])
-    # no run of the chosen group with micro-batches of at least MIN_MICRO_BATCH_TOKENS recomputes fewer layers, or
-    # as few with a larger micro-batch
+    # no run of the chosen group with micro-batches of enough work per layer (for Llama-2-7B's layers,
+    # MIN_MICRO_BATCH_TOKENS tokens) recomputes fewer layers, or as few with a larger micro-batch
     fewest = recomputed(result.run, llama2)
     same_group = [run for run in candidates if group(run) == group(result.run)]
     large = [run for run in same_group if run.spec.training.micro_batch_size * seq_len >= MIN_MICRO_BATCH_TOKENS]
@@ -86,6 +87,18 @@ def test_the_chosen_plan_recomputes_fewest_layers_in_the_first_group_that_fits(l
     if not any(fits(run, llama2) for run in large):  # none that large fits: the largest micro-batch that fits
         assert not any(fits(run, llama2) for run in same_group[:chosen]
                        if run.spec.training.micro_batch_size > training.micro_batch_size)
+
+
+def test_the_work_a_micro_batch_needs_is_4096_tokens_of_a_llama_2_layer_and_scales_with_the_layer(llama2):
+    assert layer_weights(llama2) * MIN_MICRO_BATCH_TOKENS == MIN_MICRO_BATCH_LAYER_WORK
+    tiny = model_shape(load_model_config("tinyllama-1.1b"))  # 22 layers of 2048 hidden, 5632 MLP, 4 kv heads
+    assert layer_weights(tiny) == 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632
+    # at seq 4096 a TinyLlama micro-batch needs 5 sequences (4.6 x Llama-2's tokens) to count as large: on an L4 the
+    # plan takes micro-batch 8 (with checkpointing) where one 4,096-token sequence alone would be host-bound
+    result = search_plan(tiny, planned(24, {**BASE, "training.max_seq_len": 4096}))
+    micro = result.run.spec.training.micro_batch_size
+    assert micro * 4096 * layer_weights(tiny) >= MIN_MICRO_BATCH_LAYER_WORK
+    assert (micro // 2) * 4096 * layer_weights(tiny) < MIN_MICRO_BATCH_LAYER_WORK
 
 
 @pytest.mark.parametrize("budget_gib", [8, 12, 15, 16, 24])

@@ -9,7 +9,8 @@ Objective, in order (the first of 1-3 for which a run fits wins, then 4-6 choose
   3. 32-bit AdamW, then paged 8-bit AdamW (QLoRA's optimizer; its paged states can move to CPU RAM);
   4. the micro-batch and checkpointing that recompute the fewest layers in backward (checkpointing off: none; on:
      as few checkpointed layers as the memory left over allows, each layer that keeps its activations is not
-     recomputed), among micro-batches of at least MIN_MICRO_BATCH_TOKENS tokens; then the largest such
+     recomputed), among micro-batches whose tokens x a layer's weights reach MIN_MICRO_BATCH_LAYER_WORK (4,096
+     tokens of a Llama-2-7B layer); then the largest such
      micro-batch, with gradient accumulation making up the effective batch. Smaller micro-batches leave finer
      steps of memory to spend on layers that keep their activations (at 2,048 tokens a Llama-3-8B layer keeps
      about 0.4 GiB per sequence: on an L4, one layer of 32 keeps them at micro-batch 8, eleven at micro-batch 2),
@@ -45,11 +46,14 @@ SEQ_LEN_STEP = 64  # granularity of the longest-sequence advice
 # measured on an H100 (benchmarks/results/vs-reference-h100.md): 4,096-token chunks kept Qwen2.5-7B at seq 8192
 # faster than 2,048-token ones (10,641 against 10,169 tokens/s) and still under Unsloth's memory
 MLP_CHUNK_TOKENS = 4096
-# Tokens per micro-batch above which a step's time is its GPU work, not the host's launching of it. Measured on an
-# H100 (benchmarks/results/defaults-h100/, Llama-2-7B): micro-batch 1 x 2,048 tokens ran at 9,690 tokens/s, half
-# of its matmul ceiling (~19,000), so at twice the tokens the GPU's work reaches the host's time; every smaller
-# card (T4, L4, A10G) reaches it at fewer tokens.
+# The matmul work per decoder layer (tokens x weights) of a micro-batch above which a step's time is its GPU work,
+# not the host's launching of it: 4,096 tokens of a Llama-2-7B layer (4 x 4096^2 + 3 x 4096 x 11008 weights).
+# Measured on an H100 (benchmarks/results/defaults-h100/): micro-batch 1 x 2,048 tokens of Llama-2-7B ran at 9,690
+# tokens/s, half of its matmul ceiling (~19,000), so at twice the tokens the GPU's work reaches the host's time;
+# the host's time per layer hardly depends on the layer's size, so a smaller model needs more tokens (TinyLlama's
+# layers about 4.6 times as many), a larger one fewer, and every slower card (T4, L4, A10G) gets there sooner.
 MIN_MICRO_BATCH_TOKENS = 4096
+MIN_MICRO_BATCH_LAYER_WORK = MIN_MICRO_BATCH_TOKENS * (4 * 4096 * 4096 + 3 * 4096 * 11008)
 # What the search asks of a candidate: its predicted peak on one GPU. estimate_memory for a run on one GPU;
 # planner/distributed.py gives one for each rank of a multi-GPU run.
 Estimator = Callable[[ModelShape, ResolvedRun, Calibration], MemoryEstimate]
@@ -230,17 +234,27 @@ def _recomputed_layers(values: dict[str, Any], num_layers: int) -> int:
     return num_layers if layers is None else layers
 
 
-def _fastest(fitting: list[tuple[dict[str, Any], MemoryEstimate]], num_layers: int,
+def layer_weights(shape: ModelShape) -> int:
+    """The weights of one decoder layer's linear layers (the largest layer's, where they differ)."""
+    per_layer: dict[int, int] = {}
+    for linear in shape.linears:
+        if linear.layer_index is not None:
+            per_layer[linear.layer_index] = per_layer.get(linear.layer_index, 0) + linear.d_in * linear.d_out
+    return max(per_layer.values(), default=0)
+
+
+def _fastest(fitting: list[tuple[dict[str, Any], MemoryEstimate]], shape: ModelShape,
              seq_len: int) -> tuple[dict[str, Any], MemoryEstimate]:
-    """Objective 4 (and 6) among runs that fit, one per micro-batch: of those whose micro-batches hold at least
-    MIN_MICRO_BATCH_TOKENS tokens, the one without chunked MLPs that recomputes the fewest layers, then the largest
-    micro-batch; when none is that large, the largest micro-batch."""
+    """Objective 4 (and 6) among runs that fit, one per micro-batch: of those whose micro-batches hold enough work
+    per layer (MIN_MICRO_BATCH_LAYER_WORK), the one without chunked MLPs that recomputes the fewest layers, then the
+    largest micro-batch; when none holds that much, the largest micro-batch."""
     micro = lambda item: item[0]["training.micro_batch_size"]  # noqa: E731
-    large = [item for item in fitting if micro(item) * seq_len >= MIN_MICRO_BATCH_TOKENS]
+    weights = layer_weights(shape)
+    large = [item for item in fitting if micro(item) * seq_len * weights >= MIN_MICRO_BATCH_LAYER_WORK]
     if not large:
         return max(fitting, key=micro)
     return min(large, key=lambda item: (bool(item[0]["training.mlp_chunk_tokens"]),
-                                        _recomputed_layers(item[0], num_layers), -micro(item)))
+                                        _recomputed_layers(item[0], shape.num_layers), -micro(item)))
 
 
 def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, effective_batch: Optional[int] = None,
@@ -281,7 +295,7 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, ef
         elif leanest is None or estimate.predicted_peak_bytes < leanest[2].predicted_peak_bytes:
             leanest = (values, candidate, estimate)
     if fitting:
-        values, estimate = _fastest(fitting, shape.num_layers, training.max_seq_len)
+        values, estimate = _fastest(fitting, shape, training.max_seq_len)
         chosen = run.with_values(copy.deepcopy(values))
         advice = f"{describe(chosen)}: predicted {_gib(estimate.predicted_peak_bytes)} of {_gib(limit)} usable"
         return PlanResult(True, chosen, estimate, budget.budget_bytes, limit,
