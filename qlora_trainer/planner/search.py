@@ -10,12 +10,11 @@ Objective, in order (the first of 1-3 for which a run fits wins, then 4-6 choose
   4. the micro-batch and checkpointing that recompute the fewest layers in backward (checkpointing off: none; on:
      as few checkpointed layers as the memory left over allows, each layer that keeps its activations is not
      recomputed), among micro-batches whose tokens x a layer's weights reach MIN_MICRO_BATCH_LAYER_WORK (4,096
-     tokens of a Llama-2-7B layer); then the largest such
-     micro-batch, with gradient accumulation making up the effective batch. Smaller micro-batches leave finer
-     steps of memory to spend on layers that keep their activations (at 2,048 tokens a Llama-3-8B layer keeps
-     about 0.4 GiB per sequence: on an L4, one layer of 32 keeps them at micro-batch 8, eleven at micro-batch 2),
-     and above that many tokens a step is bound by the GPU, not by the host launching it.
-     When no micro-batch that large fits, the largest that fits;
+     tokens of a Llama-2-7B layer); then the largest such micro-batch, with gradient accumulation making up the
+     effective batch. Smaller micro-batches leave finer steps of memory to spend on layers that keep their
+     activations (at 2,048 tokens a Llama-3-8B layer keeps about 0.4 GiB per sequence: on an L4, one layer of 32
+     keeps them at micro-batch 8, eleven at micro-batch 2), and above that much work a step is bound by the GPU,
+     not by the host launching it. When no micro-batch that large fits, the largest that fits;
   5. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
      (it needs host RAM, but it keeps the adapter's targets and rank);
   6. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
@@ -57,11 +56,11 @@ MIN_MICRO_BATCH_LAYER_WORK = MIN_MICRO_BATCH_TOKENS * (4 * 4096 * 4096 + 3 * 409
 # What the search asks of a candidate: its predicted peak on one GPU. estimate_memory for a run on one GPU;
 # planner/distributed.py gives one for each rank of a multi-GPU run.
 Estimator = Callable[[ModelShape, ResolvedRun, Calibration], MemoryEstimate]
-# The keys the search may change unless the user set them, each with the word the advice uses for it. The
-# accumulation is never a choice of its own: it makes up the effective batch for the micro-batch chosen.
 # The choices of objective 1-3 and 5 (offloading); objective 4 chooses among the runs that share them.
 GROUP_KEYS = ("adapter.target_modules", "adapter.r", "adapter.lora_alpha", "training.optimizer",
               "training.offload_checkpoints")
+# The keys the search may change unless the user set them, each with the word the advice uses for it. The
+# accumulation is never a choice of its own: it makes up the effective batch for the micro-batch chosen.
 SEARCHED_KEYS = {
     "adapter.r": "rank",
     "adapter.lora_alpha": "lora_alpha",
