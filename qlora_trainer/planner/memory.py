@@ -365,7 +365,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # own backward; the others keep everything from the forward on.
     checkpointed = checkpointed_layer_count(shape, run)
     layer_input = tokens * hidden * compute
-    offloaded = training.offload_checkpoints and checkpointed > 0
+    offloaded = offloaded_input_bytes(shape, run) > 0  # on a GPU, with some layer checkpointed
     # A compiled layer that keeps its activations keeps its own input too, for its first norm's backward (a
     # checkpointed one recomputes from the input the checkpoint keeps, counted once); counted tensor by tensor on
     # the CPU in tests/test_planner_memory.py
