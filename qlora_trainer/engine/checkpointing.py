@@ -8,7 +8,8 @@ function's backward, under the forward's autocast and RNG state so that dropout 
 
 Offloading is the default on GPUs (training.offload_checkpoints; nothing is offloaded on the CPU). Without it, this
 is still our checkpoint: its no-grad forward skips the saved-tensor hooks that torch's non-reentrant checkpoint runs
-for every tensor. With compiled layers on an H100 (Llama-2-7B, seq 2048) the offloaded reentrant path beat torch's non-reentrant checkpoint in two of three same-run comparisons and lost one
+for every tensor. With compiled layers on an H100 (Llama-2-7B, seq 2048) the offloaded reentrant path beat torch's
+non-reentrant checkpoint in two of three same-run comparisons and lost one
 (benchmarks/results/vs-reference-h100/development-2026-11-23.jsonl); it also wraps the layer from outside, which
 keeps the checkpoint out of torch.compile's graphs on every transformers version (`_CheckpointedLayer` below).
 """

@@ -250,11 +250,6 @@ def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
-def mlp_chunked(run: ResolvedRun) -> bool:
-    """Whether engine/chunked_mlp.py splits this run's sequences (only those longer than the chunk)."""
-    return 0 < run.spec.training.mlp_chunk_tokens < run.spec.training.max_seq_len
-
-
 def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int, targets: list[LinearShape],
                            tokens: int) -> int:
     """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
@@ -312,7 +307,7 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
         kept_inputs.pop(("attn", False), None)
     per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind != "mlp")
     mlp_per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind == "mlp")
-    if not mlp_chunked(run):
+    if not run.mlp_chunked:
         return tokens * (per_token + mlp_per_token) + constant
     # engine/chunked_mlp.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
     chunk = spec.training.micro_batch_size * spec.training.mlp_chunk_tokens
@@ -365,7 +360,8 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # own backward; the others keep everything from the forward on.
     checkpointed = checkpointed_layer_count(shape, run)
     layer_input = tokens * hidden * compute
-    offloaded = offloaded_input_bytes(shape, run) > 0  # on a GPU, with some layer checkpointed
+    pinned = offloaded_input_bytes(shape, run)
+    offloaded = pinned > 0  # on a GPU, with some layer checkpointed
     # A compiled layer that keeps its activations keeps its own input too, for its first norm's backward (a
     # checkpointed one recomputes from the input the checkpoint keeps, counted once); counted tensor by tensor on
     # the CPU in tests/test_planner_memory.py
@@ -374,7 +370,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
             for index, full in enumerate(layer_bytes)]
     saved = sum(kept) + head
     widest = max(shape.q_dim + 2 * shape.kv_dim, hidden) * tokens
-    mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if mlp_chunked(run) else tokens
+    mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if run.mlp_chunked else tokens
     widest = max(widest, shape.mlp_width * mlp_tokens)
     backward = int(cal.backward_gradient_widths * compute * widest)
     if attn == "eager":
@@ -448,7 +444,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         total_params=shape.total_params + trainable,
         target_layers=len(targets),
         phase=phase,
-        pinned_host_bytes=offloaded_input_bytes(shape, run),
+        pinned_host_bytes=pinned,
         phases={
             "layer backward": PhaseBytes(layer_phase - layer_grads, 0, layer_grads, 0),
             "loss": PhaseBytes(loss_phase - chunk_logits - loss_grads, chunk_logits, loss_grads, 0),

@@ -53,9 +53,6 @@ class ResolvedRun:
     compile_layers: bool  # torch.compile each decoder layer (training.compile_layers, auto = on capable GPUs)
     fused_lora: bool  # fused LoRA-on-4-bit forward (training.fused_lora, for LoRA over a 4-bit base)
     fused_loss: bool  # Liger's fused lm_head + cross-entropy (training.loss_kernel), else the chunked loss
-    # offloaded checkpoint inputs copied back one layer ahead of backward (engine/checkpointing.py; one more input on
-    # the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the edge of their memory
-    prefetch_checkpoints: bool
     attention: str  # the attn_implementation the model loads with (model.attn_implementation, or packed varlen)
     budget: Optional[Budget]  # None on the CPU
 
@@ -63,6 +60,20 @@ class ResolvedRun:
     def device_type(self) -> str:
         """Where tensors live: "cuda" or "cpu"."""
         return self.hardware.device_type
+
+    @property
+    def mlp_chunked(self) -> bool:
+        """Whether engine/chunked_mlp.py splits this run's sequences (only those longer than the chunk)."""
+        return 0 < self.spec.training.mlp_chunk_tokens < self.spec.training.max_seq_len
+
+    @property
+    def prefetch_checkpoints(self) -> bool:
+        """Whether offloaded checkpoint inputs are copied back one layer ahead of backward (engine/checkpointing.py;
+        one more input on the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the
+        edge of their memory."""
+        training = self.spec.training
+        return (self.device_type == "cuda" and training.gradient_checkpointing and training.offload_checkpoints
+                and not self.mlp_chunked)
 
     def with_values(self, values: dict[str, Any]) -> "ResolvedRun":
         """This run with some `section.key` values changed, resolved again for the same hardware."""
@@ -146,9 +157,6 @@ def resolve(spec: RunSpec, hardware: Hardware) -> ResolvedRun:
         fused_lora=(spec.training.fused_lora and spec.adapter.type == "lora"
                     and spec.quantization.mode in ("nf4", "fp4")),
         fused_loss=_fused_loss(spec, hardware),
-        prefetch_checkpoints=(hardware.device_type == "cuda" and spec.training.gradient_checkpointing
-                              and spec.training.offload_checkpoints
-                              and not 0 < spec.training.mlp_chunk_tokens < spec.training.max_seq_len),
         attention=_attention(spec, hardware),
         budget=_budget(spec, hardware),
     )

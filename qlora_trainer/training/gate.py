@@ -55,11 +55,13 @@ def training_estimate(run: ResolvedRun, shape: ModelShape, world_size: int = 1) 
 
 def offload_within_host_memory(run: ResolvedRun, shape: ModelShape, processes: int = 1) -> ResolvedRun:
     """`run`, its checkpointed inputs offloaded only where the host can pin them (HOST_SHARE of its available
-    memory, shared by `processes` ranks, counted as if all on this host). Where it cannot: a UserError when the user asked for offloading, else offloading turned off, said in one
-    line (the GPU then keeps the inputs, and the budget check that follows judges that)."""
-    if run.device_type != "cuda" or not offloaded_input_bytes(shape, run):
+    memory, shared by `processes` ranks, counted as if all on this host). Where it cannot: a UserError when the user
+    asked for offloading, else offloading turned off, said in one line (the GPU then keeps the inputs, and the
+    budget check that follows judges that)."""
+    needed = processes * offloaded_input_bytes(shape, run)
+    if not needed:  # nothing offloaded (the CPU, or no checkpointed layer)
         return run
-    needed, available = processes * offloaded_input_bytes(shape, run), psutil.virtual_memory().available
+    available = psutil.virtual_memory().available
     if needed <= HOST_SHARE * available:
         return run
     words = (f"the checkpointed layers' inputs need {needed / GIB:.1f} GiB of pinned host memory, more than "
@@ -86,10 +88,10 @@ def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool,
     if run.spec.training.plan == "auto":
         run = search_plan(shape, run, estimator=estimator).run
     run = offload_within_host_memory(run, shape, world_size)
-    peak = estimator(shape, run, CALIBRATION).predicted_peak_bytes
+    estimate = estimator(shape, run, CALIBRATION)
+    peak, pinned = estimate.predicted_peak_bytes, estimate.pinned_host_bytes
     budget = run.budget
     per_gpu = f" per GPU ({parallelism.strategy}, {world_size} processes)" if parallelism else ""
-    pinned = offloaded_input_bytes(shape, run)
     host = f"; checkpoint inputs in pinned host memory: {pinned / GIB:.2f} GiB" if pinned else ""
     print(f"planner: predicted peak {peak / GIB:.2f} GiB{per_gpu} of {budget.budget_bytes / GIB:.2f} GiB on "
           f"{budget.device_name}{host}")
