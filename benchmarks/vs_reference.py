@@ -311,7 +311,10 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
             return json.loads(out.read_text())
         if "ModuleNotFoundError" in process.stderr and stack == "unsloth":
             return {"stack": stack, "mode": args.mode, "skipped": "unsloth is not importable"}
-        return {"stack": stack, "mode": args.mode, "error": (process.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        errors = [line for line in process.stderr.splitlines() if "Error" in line]  # the exception, not the hint
+        sys.stderr.write(f"{stack} failed; the end of its stderr:\n{process.stderr[-3000:]}\n")
+        return {"stack": stack, "mode": args.mode,
+                "error": (errors or process.stderr.strip().splitlines() or ["?"])[-1][:300]}
 
 
 def main() -> None:
