@@ -128,14 +128,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())}")
+    parser.add_argument("--model",
+                        help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())} "
+                             "(default: --config's model.path)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="plan a run config (YAML, as `train` reads it): what `train` would run with "
+                             "training.plan: auto; its keys are kept, the flags below override them")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--gpu", help=f"a catalogue GPU: {', '.join(GPU_CATALOGUE)} (default: the GPU here)")
     budget.add_argument("--vram", type=float, metavar="GIB", help="the GPU's memory in GiB, for any card")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="effective batch: sequences per optimizer step, kept through accumulation (default 16)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, or the config's)")
+    parser.add_argument("--batch-size", type=int,
+                        help="effective batch: sequences per optimizer step, kept through accumulation (default 16, "
+                             "or the config's micro-batch x accumulation)")
     parser.add_argument("--micro-batch-size", type=int, help="fix the micro-batch (default: chosen)")
     parser.add_argument("--rank", type=int, help="fix the adapter rank (default: chosen)")
     parser.add_argument("--alpha", type=float, help="fix lora_alpha (default 2 x rank)")
@@ -145,10 +150,12 @@ def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gradient checkpointing (default auto: chosen)")
     parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
                         help="fix the optimizer (default: chosen)")
-    parser.add_argument("--quant", choices=("nf4", "fp4", "int8", "none"), default="nf4",
-                        help="how the base is stored (default nf4)")
-    parser.add_argument("--adapter", choices=("lora", "loha", "lokr"), default="lora", help="adapter type")
-    parser.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--quant", choices=("nf4", "fp4", "int8", "none"),
+                        help="how the base is stored (default nf4, or the config's)")
+    parser.add_argument("--adapter", choices=("lora", "loha", "lokr"),
+                        help="adapter type (default lora, or the config's)")
+    parser.add_argument("--adapter-dtype", choices=("float32", "bfloat16"),
+                        help="(default float32, or the config's)")
     parser.add_argument("--gpus", metavar="N|auto",
                         help="plan a run on N cards of the --gpu/--vram kind (torchrun): each GPU's memory and the "
                              "host RAM; auto: the fewest cards, 1 to 8, that fit (default: one GPU)")

@@ -122,3 +122,70 @@ def test_no_gpu_and_no_budget_exits_2(monkeypatch, capsys):
 def test_a_folder_without_config_json_exits_2(tmp_path, capsys):
     assert main(["plan-memory", "--model", str(tmp_path), "--vram", "16"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def _run_config(tmp_path, text: str):
+    """A run config beside a model folder holding only Llama-3-8B's config.json (its preset)."""
+    from qlora_trainer.presets import PRESETS
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text((PRESETS / "llama-3-8b.json").read_text())
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {path: model}\ndata: {path: train.jsonl, format: text, packing: true}\n" + text)
+    return path
+
+
+def test_a_run_config_is_planned_as_train_plans_it(tmp_path, capsys):
+    """plan-memory --config plans what `train` would run on that card with training.plan: auto (training/gate.py),
+    packed rows included (on a T4, SDPA with the block-diagonal mask), which the flags alone do not describe."""
+    from qlora_trainer.engine.base import settle_auto_attention
+    from qlora_trainer.hardware import Hardware
+    from qlora_trainer.planner.shapes import load_model_config
+    from qlora_trainer.spec.load import load_spec
+    from qlora_trainer.spec.resolve import resolve
+    from qlora_trainer.training.gate import fit_to_budget
+
+    config = _run_config(tmp_path, "training: {max_seq_len: 8192, gradient_accumulation_steps: 16, plan: auto}\n")
+    code, out = _json(capsys, "--config", str(config), "--gpu", "T4")
+    assert code == 0 and out["fits"]
+    spec = load_spec(config)
+    model_config = load_model_config(spec.model.path)  # train reads the same config.json (and checks weights)
+    trained = fit_to_budget(resolve(settle_auto_attention(spec, model_config), Hardware.planned(GPU_CATALOGUE["T4"])),
+                            model_config, force=False)
+    capsys.readouterr()
+    plan, training = out["plan"], trained.spec.training
+    assert (plan["rank"], plan["target_modules"], plan["micro_batch_size"], plan["gradient_accumulation_steps"],
+            plan["checkpointed_layers"], plan["offload_checkpoints"], plan["optimizer"]) == (
+        trained.spec.adapter.r, trained.spec.adapter.target_modules, training.micro_batch_size,
+        training.gradient_accumulation_steps, training.checkpointed_layers, training.offload_checkpoints,
+        training.optimizer)
+    assert (plan["packing"], plan["attention"], plan["seq_len"]) == (True, "sdpa", 8192)
+    unpacked = _json(capsys, "--model", str(tmp_path / "model"), "--gpu", "T4", "--seq-len", "8192")[1]["plan"]
+    assert (unpacked["packing"], unpacked["attention"]) == (False, "sdpa")  # the flags alone: RunSpec's data section
+
+
+def test_flags_override_the_run_config_and_its_keys_are_kept(tmp_path, capsys):
+    config = _run_config(tmp_path, "adapter: {r: 16, target_modules: attn}\n"
+                                   "training: {max_seq_len: 8192, micro_batch_size: 2, gradient_accumulation_steps: 4}\n")
+    code, out = _json(capsys, "--config", str(config), "--vram", "24", "--seq-len", "1024", "--rank", "8")
+    plan = out["plan"]
+    assert code == 0
+    assert (plan["seq_len"], plan["rank"], plan["lora_alpha"]) == (1024, 8, 16.0)  # the flags win (alpha: 2 x rank)
+    assert (plan["target_modules"], plan["micro_batch_size"], plan["gradient_accumulation_steps"],
+            plan["packing"]) == ("attn", 2, 4, True)  # the config's own keys are kept
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "error: plan-memory: name the model (--model FOLDER or preset) or a run config (--config FILE)"),
+    (["--config", "no-such-run.yaml", "--gpu", "T4"], "error: "),
+])
+def test_plan_memory_without_a_model_exits_2_with_one_line(capsys, args, message):
+    assert main(["plan-memory", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_a_config_whose_model_has_no_config_json_names_model_path(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(f"model: {{path: {tmp_path}}}\ndata: {{path: train.jsonl, format: text}}\n")
+    assert main(["plan-memory", "--config", str(tmp_path / "run.yaml"), "--gpu", "T4"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: model.path {tmp_path}: the folder has no config.json")

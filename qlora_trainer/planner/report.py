@@ -1,10 +1,13 @@
-"""`plan-memory`: its arguments, the RunSpec they describe, and the readable table and JSON object of a plan, on one
-GPU or (--gpus) per GPU of a multi-GPU run."""
+"""`plan-memory`: its arguments, the RunSpec they describe (from the flags alone, or a run config with --config, as
+`train` reads it, the flags overriding it), and the readable table and JSON object of a plan, on one GPU or (--gpus)
+per GPU of a multi-GPU run."""
 
 import argparse
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from qlora_trainer.engine.adapters import SHORTHANDS
@@ -14,14 +17,15 @@ from qlora_trainer.hardware import GpuSpec, Hardware, budget_gpu, detect_gpu, lo
 from qlora_trainer.planner.distributed import MAX_GPUS, DistributedPlan, fewest_gpus, search_distributed_plan
 from qlora_trainer.planner.search import PlanResult, search_plan
 from qlora_trainer.planner.shapes import ModelShape, load_model_config, model_shape
+from qlora_trainer.spec.load import load_spec
 from qlora_trainer.spec.resolve import ResolvedRun, resolve
 from qlora_trainer.spec.sections import RunSpec
 
 GIB = 2**30
 # The one mapping of plan-memory's flags (argparse names) to spec keys. A flag with a value sets its key and makes
-# it explicit, so the search keeps it (--seq-len, --quant, --adapter and --adapter-dtype always have one, their
-# defaults); the searched keys whose flags are left out are the planner's to choose. --batch-size is the
-# effective batch the search keeps: micro-batch 1 (or --micro-batch-size) x accumulation (see spec_from_args).
+# it explicit, so the search keeps it; the searched keys whose flags are left out are the planner's to choose (or
+# the run config's, with --config). --batch-size is the effective batch the search keeps: micro-batch 1 (or
+# --micro-batch-size) x accumulation (see spec_from_args).
 FLAG_KEYS = {
     "seq_len": "training.max_seq_len",
     "micro_batch_size": "training.micro_batch_size",
@@ -34,6 +38,9 @@ FLAG_KEYS = {
     "adapter": "adapter.type",
     "adapter_dtype": "adapter.dtype",
 }
+# Without --config, the values of the flags left out that are not the planner's to choose (set, so explicit)
+WITHOUT_CONFIG = {"seq_len": 2048, "quant": "nf4", "adapter": "lora", "adapter_dtype": "float32"}
+DEFAULT_BATCH = 16  # --batch-size without --config
 
 
 def _gpu(args: argparse.Namespace) -> GpuSpec:
@@ -67,29 +74,67 @@ def _flag_value(dest: str, value: Any) -> Any:
     return value
 
 
-def spec_from_args(args: argparse.Namespace) -> RunSpec:
-    """The run the command line describes: RunSpec defaults, the flags' values (explicit), model.path = --model."""
-    given = {key: value for dest, key in FLAG_KEYS.items()
-             if (value := _flag_value(dest, getattr(args, dest))) is not None}
-    micro = given.get("training.micro_batch_size", 1)
-    values = {"model.path": args.model, "training.micro_batch_size": micro,
-              "training.gradient_accumulation_steps": max(1, math.ceil(args.batch_size / micro)), **given}
-    return dataclasses.replace(RunSpec().with_values(values), explicit_keys=frozenset(given))
+def _base_spec(args: argparse.Namespace) -> RunSpec:
+    """The run config --config names (read and checked as `train` reads it), or RunSpec's defaults."""
+    if args.config is None:
+        if args.model is None:
+            raise UserError("plan-memory: name the model (--model FOLDER or preset) or a run config (--config FILE)")
+        return RunSpec()
+    return load_spec(Path(args.config))
 
 
-def _planned_run(args: argparse.Namespace) -> tuple[GpuSpec, ModelShape, ResolvedRun]:
-    """The card, the model's shape and the run the command line describes, resolved for that card."""
+def effective_batch(args: argparse.Namespace, base: RunSpec) -> int:
+    """Sequences per optimizer step the plan keeps: --batch-size, else the config's, else DEFAULT_BATCH."""
+    if args.batch_size is not None:
+        return args.batch_size
+    training = base.training
+    return training.micro_batch_size * training.gradient_accumulation_steps if args.config else DEFAULT_BATCH
+
+
+def spec_from_args(args: argparse.Namespace, base: Optional[RunSpec] = None) -> RunSpec:
+    """The run the command line describes: the run config's keys (--config) or RunSpec's defaults, then the flags'
+    values (explicit), model.path = --model where given."""
+    base = base or _base_spec(args)
+    flags = {dest: getattr(args, dest) for dest in FLAG_KEYS}
+    if args.config is None:
+        flags = {dest: WITHOUT_CONFIG.get(dest) if value is None else value for dest, value in flags.items()}
+    given = {key: value for dest, key in FLAG_KEYS.items() if (value := _flag_value(dest, flags[dest])) is not None}
+    micro = given.get("training.micro_batch_size", base.training.micro_batch_size if args.config else 1)
+    values = {"training.micro_batch_size": micro,
+              "training.gradient_accumulation_steps": max(1, math.ceil(effective_batch(args, base) / micro)),
+              **given, **({"model.path": args.model} if args.model is not None else {})}
+    return dataclasses.replace(base.with_values(values), explicit_keys=base.explicit_keys | frozenset(given))
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """What plan-memory plans: the card, the model (its shape and its name for people), the run as resolved for the
+    card, and the effective batch the search keeps."""
+
+    gpu: GpuSpec
+    model: str
+    shape: ModelShape
+    run: ResolvedRun
+    effective_batch: int
+
+
+def _planned_run(args: argparse.Namespace) -> PlannedRun:
+    """The card, the model and the run the command line describes, resolved for that card."""
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
                         ("--micro-batch-size", args.micro_batch_size), ("--rank", args.rank)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} {value}: not allowed; it must be a positive integer")
     if args.alpha is not None and not args.alpha > 0:
         raise UserError(f"--alpha {args.alpha:g}: not allowed; it must be > 0")
+    base = _base_spec(args)
     gpu = _gpu(args)
-    model_config = load_model_config(args.model)
-    shape = model_shape(model_config)
-    run = resolve(settle_auto_attention(spec_from_args(args), model_config), Hardware.planned(gpu))
-    return gpu, shape, run
+    spec = spec_from_args(args, base)
+    try:
+        model_config = load_model_config(spec.model.path)
+    except UserError as err:  # worded for --model; name the config's key when the path is the config's
+        raise err if args.model is not None else UserError(str(err).replace("--model", "model.path", 1)) from None
+    run = resolve(settle_auto_attention(spec, model_config), Hardware.planned(gpu))
+    return PlannedRun(gpu, args.model or spec.model.path, model_shape(model_config), run, effective_batch(args, base))
 
 
 def _targets_error(err: ConfigError) -> UserError:
@@ -97,11 +142,11 @@ def _targets_error(err: ConfigError) -> UserError:
     return UserError(str(err).replace("adapter.target_modules", "--targets", 1))
 
 
-def plan_result(args: argparse.Namespace) -> tuple[PlanResult, GpuSpec]:
+def plan_result(args: argparse.Namespace) -> tuple[PlanResult, PlannedRun]:
     """Run the search the command line asks for."""
-    gpu, shape, run = _planned_run(args)
+    planned = _planned_run(args)
     try:
-        return search_plan(shape, run, args.batch_size), gpu
+        return search_plan(planned.shape, planned.run, planned.effective_batch), planned
     except ConfigError as err:
         raise _targets_error(err) from None
 
@@ -119,28 +164,29 @@ def _gpu_count(text: str) -> Optional[int]:
     return count
 
 
-def distributed_plan(args: argparse.Namespace) -> tuple[DistributedPlan, GpuSpec]:
+def distributed_plan(args: argparse.Namespace) -> tuple[DistributedPlan, PlannedRun]:
     """Run the per-GPU search --gpus asks for: on N cards, or on the fewest that fit (--gpus auto)."""
     gpus = _gpu_count(args.gpus)
     if args.cpu_offload and args.strategy != "fsdp":
         raise UserError("--cpu-offload: only with --strategy fsdp (ddp keeps the whole model on every GPU)")
-    gpu, shape, run = _planned_run(args)
+    planned = _planned_run(args)
+    shape, run, batch = planned.shape, planned.run, planned.effective_batch
     if args.strategy == "fsdp" and run.loss_scaling:
-        raise UserError(f"--strategy fsdp: not with float16 compute, which a {gpu.name} needs (fsdp's loss scaling is "
-                        "not supported yet); use --strategy ddp or a GPU with bfloat16")
+        raise UserError(f"--strategy fsdp: not with float16 compute, which a {planned.gpu.name} needs (fsdp's loss "
+                        "scaling is not supported yet); use --strategy ddp or a GPU with bfloat16")
     try:
         if gpus is None:
-            plan = fewest_gpus(shape, run, args.strategy, args.cpu_offload, args.batch_size)
+            plan = fewest_gpus(shape, run, args.strategy, args.cpu_offload, batch)
         else:
-            plan = search_distributed_plan(shape, run, gpus, args.strategy, args.cpu_offload, args.batch_size)
+            plan = search_distributed_plan(shape, run, gpus, args.strategy, args.cpu_offload, batch)
     except ConfigError as err:
         raise _targets_error(err) from None
     if args.strategy == "ddp" and not plan.result.fits:
-        raise UserError(f"--strategy ddp: every GPU holds the whole model, and {args.model}'s leanest plan needs "
+        raise UserError(f"--strategy ddp: every GPU holds the whole model, and {planned.model}'s leanest plan needs "
                         f"{plan.result.estimate.predicted_peak_bytes / GIB:.2f} GiB per GPU, more than the "
-                        f"{plan.result.usable_bytes / GIB:.2f} GiB usable of a {gpu.name}; use --strategy fsdp "
-                        "(or leave --strategy out)")
-    return plan, gpu
+                        f"{plan.result.usable_bytes / GIB:.2f} GiB usable of a {planned.gpu.name}; use --strategy "
+                        "fsdp (or leave --strategy out)")
+    return plan, planned
 
 
 def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
@@ -171,6 +217,8 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
             "gradient_accumulation_steps": training.gradient_accumulation_steps,
             "seq_len": training.max_seq_len,
             "optimizer": training.optimizer,
+            "packing": run.spec.data.packing,
+            "attention": run.attention,
             "loss": "fused" if run.fused_loss else "chunked",
             "compute_dtype": run.compute_dtype,
             "adapter_dtype": adapter.dtype,
@@ -225,6 +273,7 @@ def _plan_lines(result: PlanResult) -> list[str]:
             f"  training.gradient_accumulation_steps {training.gradient_accumulation_steps}",
             f"  training.max_seq_len                 {training.max_seq_len}",
             f"  training.optimizer                   {training.optimizer}",
+            f"  data.packing / attention             {str(run.spec.data.packing).lower()} / {run.attention}",
             f"  loss (training.loss_kernel)          {'fused (liger-kernel)' if run.fused_loss else 'chunked'}",
             f"  quantization.mode                    {run.spec.quantization.mode}",
             f"  compute / adapter dtype              {run.compute_dtype} / {adapter.dtype}",
@@ -292,10 +341,11 @@ def run_plan_memory(args: argparse.Namespace) -> int:
         if args.strategy or args.cpu_offload:
             flag = f"--strategy {args.strategy}" if args.strategy else "--cpu-offload"
             raise UserError(f"{flag}: plans a multi-GPU run; add --gpus N (or --gpus auto)")
-        result, gpu = plan_result(args)
-        print(json.dumps(result_json(result, gpu), indent=1) if args.json else result_table(result, gpu, args.model))
+        result, planned = plan_result(args)
+        print(json.dumps(result_json(result, planned.gpu), indent=1) if args.json
+              else result_table(result, planned.gpu, planned.model))
         return 0 if result.fits else 1
-    plan, gpu = distributed_plan(args)
-    print(json.dumps(distributed_json(plan, gpu), indent=1) if args.json
-          else distributed_table(plan, gpu, args.model, fewest=_gpu_count(args.gpus) is None))
+    plan, planned = distributed_plan(args)
+    print(json.dumps(distributed_json(plan, planned.gpu), indent=1) if args.json
+          else distributed_table(plan, planned.gpu, planned.model, fewest=_gpu_count(args.gpus) is None))
     return 0 if plan.result.fits else 1
