@@ -19,8 +19,9 @@ offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
            --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process, planned
-           by `train`'s own gate for the longest length searched (training/gate.py), built once, its compiled
-           layers compiled once with symbolic sizes for every length probed;
+           by `train`'s own gate for the longest length searched (training/gate.py), built once, its search starting
+           at the planner's predicted longest (each length probed compiles its layers again, so few probes); the
+           peers' search doubles from --seq-len, then bisects;
   profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process).
 
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's qlora_trainer, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -158,7 +159,7 @@ def peer_step(model, loss_fn: Callable, optimizer, batch: dict) -> float:
 def ours_session(config: dict, seq_len: int):
     """Our engine, planned and built from `config` exactly as `train` plans and builds it (its gate fills what
     `training.plan: auto` leaves open; forced, so a length past what fits is still tried), with `train_step` as its
-    step."""
+    step, and the run as planned."""
     from qlora_trainer.engine.base import load_model_config
     from qlora_trainer.engine.build import build
     from qlora_trainer.engine.step import train_step
@@ -167,8 +168,62 @@ def ours_session(config: dict, seq_len: int):
     from qlora_trainer.training.gate import fit_to_budget
 
     spec = spec_from_dict(config).with_values({"training.max_seq_len": seq_len})
-    session = build(fit_to_budget(resolve(spec, detect_hardware()), load_model_config(spec.model), force=True))
-    return session.model, lambda batch: train_step(session, [batch]).loss
+    run = fit_to_budget(resolve(spec, detect_hardware()), load_model_config(spec.model), force=True)
+    session = build(run)
+    return session.model, lambda batch: train_step(session, [batch]).loss, run
+
+
+def predicted_longest(run, cap_gib: float, limit: int) -> int:
+    """The longest multiple of SEQ_STEP up to `limit` at which the planner predicts `run` to fit the pool --cap-gib
+    leaves PyTorch (the cap less the CUDA context, no safety margin): where the search for ours starts."""
+    from qlora_trainer.planner.memory import estimate_memory
+    from qlora_trainer.planner.search import changed
+    from qlora_trainer.planner.shapes import load_model_config, model_shape
+    from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES
+
+    shape = model_shape(load_model_config(run.spec.model.path))
+    pool = cap_gib * 2**30 - CUDA_CONTEXT_BYTES
+
+    def fits(length: int) -> bool:
+        return estimate_memory(shape, changed(run, {"training.max_seq_len": length})).predicted_peak_bytes <= pool
+
+    low, high = 1, limit // SEQ_STEP
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle * SEQ_STEP) else (low, middle - 1)
+    return low * SEQ_STEP
+
+
+def longest_trainable(trains: Callable[[int], bool], start: int, limit: int, first: Optional[int] = None) -> int:
+    """The longest multiple of SEQ_STEP up to `limit` for which `trains(length)` holds (0: none), trains being
+    monotone. Without `first`: doubling from `start`, then bisection. From `first` (a prediction): steps of SEQ_STEP
+    up (or down), doubled while the answer stays the same, then bisection, so a prediction within a few steps costs
+    a few probes (ours compiles its layers again for every length probed)."""
+    if first is None:
+        good, bad, length = 0, None, start
+        while length <= limit:
+            if not trains(length):
+                bad = length
+                break
+            good, length = length, 2 * length
+    else:
+        first = min(max(first // SEQ_STEP * SEQ_STEP, SEQ_STEP), limit)
+        step = SEQ_STEP
+        if trains(first):
+            good, bad = first, None
+            while bad is None and good < limit:
+                length = min(good + step, limit)
+                good, bad, step = (length, None, 2 * step) if trains(length) else (good, length, step)
+        else:
+            good, bad = 0, first
+            while not good and bad > SEQ_STEP:
+                length = max(bad - step, SEQ_STEP)
+                good, bad, step = (length, bad, step) if trains(length) else (0, length, 2 * step)
+    high = bad or limit + SEQ_STEP
+    while high - good > SEQ_STEP:
+        middle = (good + high) // 2 // SEQ_STEP * SEQ_STEP
+        good, high = (middle, high) if trains(middle) else (good, middle)
+    return good
 
 
 def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Path) -> dict:
@@ -180,14 +235,20 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     from qlora_trainer.hardware import apply_memory_cap
 
     apply_memory_cap(args.cap_gib)  # every stack: its pool gets the cap less the context
-    if args.mode == "longest":  # compiled layers: one compilation with symbolic sizes serves every length probed
+    ours = stack in OURS or stack in ENGINE
+    if args.mode == "longest":
         import torch._dynamo
 
-        torch._dynamo.config.assume_static_by_default = False
+        if ours:  # each length probed compiles our layers on its own: with symbolic sizes torch 2.11's Dynamo failed
+            torch._dynamo.config.automatic_dynamic_shapes = False  # on chunked MLPs (results/defaults-h100/README.md)
+            torch._dynamo.config.recompile_limit = 64  # past the limit Dynamo would run a length's layers eagerly
+        else:  # as the peers were always measured: anything they compile, compiled once with symbolic sizes
+            torch._dynamo.config.assume_static_by_default = False
     length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
     model_dir = config["model"]["path"]
-    if stack in OURS or stack in ENGINE:
-        model, step = ours_session(config, length)
+    run = None
+    if ours:
+        model, step, run = ours_session(config, length)
         if stack == "ours-engine-with-data":
             from qlora_trainer.data.prepare import prepare_data
             from qlora_trainer.engine.base import load_tokenizer
@@ -257,18 +318,10 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
         finally:
             torch.cuda.empty_cache()
 
-    # doubling from seq_len, then bisection between the last length that trained and the first that did not
-    good, bad, length = 0, None, args.seq_len
-    while length <= args.max_seq_len:
-        if not trains(length):
-            bad = length
-            break
-        good, length = length, 2 * length
-    high = bad or args.max_seq_len + SEQ_STEP
-    while high - good > SEQ_STEP:
-        middle = (good + high) // 2 // SEQ_STEP * SEQ_STEP
-        good, high = (middle, high) if trains(middle) else (good, middle)
-    return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len}
+    first = predicted_longest(run, args.cap_gib, args.max_seq_len) if run is not None and args.cap_gib else None
+    good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
+    return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len,
+                     **({"predicted_longest_seq_len": first} if first else {})}
 
 
 def run_ours_command(stack: str, config: dict, args: argparse.Namespace) -> dict:

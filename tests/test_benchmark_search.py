@@ -1,0 +1,42 @@
+"""The longest-sequence search of benchmarks/vs_reference.py (its logic only: the GPU runs it): the answer it finds and
+how few lengths it tries from a prediction, since each length costs ours a compilation of its layers."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from vs_reference import SEQ_STEP, longest_trainable  # noqa: E402
+
+LIMIT = 98 * SEQ_STEP
+
+
+def _search(longest: int, first, start: int = 4 * SEQ_STEP) -> tuple[int, list[int]]:
+    probed = []
+
+    def trains(length: int) -> bool:
+        assert length % SEQ_STEP == 0 and SEQ_STEP <= length <= LIMIT  # only lengths the search may report
+        probed.append(length)
+        return length <= longest
+
+    return longest_trainable(trains, start, LIMIT, first), probed
+
+
+@pytest.mark.parametrize("longest", [0, SEQ_STEP, 45 * SEQ_STEP + 100, 57 * SEQ_STEP, LIMIT, LIMIT + 5000])
+@pytest.mark.parametrize("first", [None, SEQ_STEP, 40 * SEQ_STEP, 57 * SEQ_STEP + 300, 60 * SEQ_STEP, LIMIT])
+def test_the_search_finds_the_longest_length_that_trains(longest, first):
+    found, probed = _search(longest, first)
+    assert found == min(longest, LIMIT) // SEQ_STEP * SEQ_STEP
+    assert len(probed) == len(set(probed))  # no length tried twice
+
+
+@pytest.mark.parametrize("error_steps", [-3, -1, 0, 1, 2, 4])
+def test_a_close_prediction_costs_few_probes(error_steps):
+    """From a prediction k steps off, about 2 log2(k) + 2 probes (steps doubled, then bisection), not the ~12 of
+    doubling from the start and bisecting down to a step."""
+    longest = 57 * SEQ_STEP
+    found, probed = _search(longest, longest + error_steps * SEQ_STEP)
+    assert found == longest
+    assert len(probed) <= 2 + 2 * max(abs(error_steps), 1).bit_length()
+    assert len(_search(longest, None)[1]) > len(probed)
