@@ -47,3 +47,47 @@ def test_a_compiler_failure_retakes_the_step_with_eager_layers(tiny_llama_dir, t
     assert fallen_back.losses == eager.losses
     records = [json.loads(line) for line in (tmp_path / "fallback" / "metrics.jsonl").read_text().splitlines()]
     assert [r["compiled_layers"] for r in records] == [False, False, False]  # what ran, for whoever reads the peaks
+
+
+def test_a_failure_of_dynamos_own_tracing_retakes_the_step_too(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Dynamo itself can fail while tracing a layer (torch 2.11 on an H100: "lift_tracked_freevar_to_input should not
+    be called on root SubgraphTracer", an AssertionError from its tracer, not a backend failure). A tracer that
+    raises it stands in for that bug; the eager retake is the eager run."""
+    import torch._dynamo
+    from torch._dynamo.output_graph import OutputGraph
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    eager = train(_spec(tiny_llama_dir, data, tmp_path / "eager", "off"), show_progress=False)
+
+    def failing_create_proxy(self, *args, **kwargs):
+        raise AssertionError("lift_tracked_freevar_to_input should not be called on root SubgraphTracer")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(OutputGraph, "create_proxy", failing_create_proxy)
+    monkeypatch.setattr(build_module, "compile_decoder_layers",
+                        lambda model: compile_decoder_layers(model, backend="eager"))
+    capsys.readouterr()
+    fallen_back = train(_spec(tiny_llama_dir, data, tmp_path / "fallback", "on"), show_progress=False)
+
+    out = capsys.readouterr()
+    notes = [line for line in (out.out + out.err).splitlines() if "torch.compile failed" in line]
+    assert len(notes) == 1 and "AssertionError: lift_tracked_freevar_to_input" in notes[0]
+    assert fallen_back.final_step == 3 and fallen_back.losses == eager.losses
+
+
+def test_an_error_that_is_not_the_compilers_is_not_hidden(tiny_llama_dir, tmp_path, monkeypatch):
+    """Only what the compiler raised is retaken eagerly: an error of the step itself stops the run as before."""
+    import pytest
+
+    import qlora_trainer.training.recipe as recipe
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+
+    def failing_step(session, batches):
+        raise AssertionError("a bug of the step")
+
+    monkeypatch.setattr(recipe, "train_step", failing_step)
+    with pytest.raises(AssertionError, match="a bug of the step"):
+        train(_spec(tiny_llama_dir, data, tmp_path / "run", "on"), show_progress=False)

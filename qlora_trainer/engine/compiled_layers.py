@@ -16,7 +16,9 @@ backward, and saves a dequantization there.
 
 The compiler itself can fail on a layer's graph (seen on an H100 with torch 2.11: inductor's min-cut partitioner
 raised "Node add_687 was invalid, but is output" for Llama-3-8B at micro-batch 2, fp16, seq 8192, once in 12 card
-plans); `uncompile_decoder_layers` turns every layer back to eager so the recipe can take that step again.
+plans; Dynamo's tracer raised an AssertionError on chunked MLPs compiled with symbolic sizes);
+`uncompile_decoder_layers` turns every layer back to eager so the recipe can take that step again
+(training/recipe.py `compiler_failed`).
 """
 
 import torch._functorch.config as functorch_config

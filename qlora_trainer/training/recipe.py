@@ -130,6 +130,14 @@ def _after_oom(session: Session, feed: _Feed, state: checkpoints.TrainerState, s
     raise OutOfMemoryAbort(f"out of GPU memory at step {state.step + 1}{where}. Lower {_oom_advice(spec)}") from None
 
 
+def compiler_failed(error: Exception) -> bool:
+    """Whether torch.compile failed while compiling a frame: its backend (BackendCompilerFailed) or Dynamo itself,
+    which stamps what escapes its compilation of a frame with that compilation's id (torch/_dynamo/convert_frame.py,
+    exc.get_exc_message; seen on an H100 with torch 2.11: an AssertionError from Dynamo's tracer on chunked MLPs
+    with symbolic sizes)."""
+    return isinstance(error, BackendCompilerFailed) or hasattr(error, "compile_id")
+
+
 def _after_compile_failure(session: Session, feed: _Feed, state: checkpoints.TrainerState, reporter: RunReporter,
                            failure: Exception) -> None:
     """torch.compile failed on a decoder layer's graph (a compiler bug, engine/compiled_layers.py): no optimizer step
@@ -315,7 +323,9 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
             except torch.cuda.OutOfMemoryError:
                 _after_oom(session, feed, state, save, reporter)
                 continue
-            except BackendCompilerFailed as failure:
+            except Exception as failure:  # noqa: BLE001 (only the compiler's failures are handled; the rest re-raised)
+                if not compiler_failed(failure):
+                    raise
                 _after_compile_failure(session, feed, state, reporter, failure)
                 continue
             if not step.stepped:
