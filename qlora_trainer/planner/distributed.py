@@ -202,10 +202,11 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
         if best is None or total > best[0]:
             best = (total, name, on_gpu)
     _, phase_name, breakdown = best
-    # memory.py's allocator overhead holds about one adapter's bytes for the step's temporaries: a shard's on the
-    # GPU, none when the step runs on the CPU
+    # memory.py's allocator overhead holds the optimizer step's temporaries: a shard's on the GPU, none when the
+    # step runs on the CPU
+    step_on_gpu = 0 if offload else step_shard
     breakdown["overhead"] = single.breakdown["overhead"] - int(
-        calibration.allocator_adapter_factor * (full_gradients - breakdown["adapter"]))
+        calibration.allocator_step_factor * (single.phases["optimizer step"].step_temporaries - step_on_gpu))
     gpu = _with_breakdown(single, breakdown, phase_name, 0 if offload else sum(states.paged))
     host = {"offloaded layer inputs": ranks * inputs}
     if offload:

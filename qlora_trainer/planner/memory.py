@@ -57,10 +57,12 @@ class Calibration:
     """
 
     # from measurement: benchmarks/results/planner-accuracy-h100.md: reserved - allocated at the peak. The
-    # caching allocator keeps what the optimizer step's temporaries took (about one adapter's bytes, for AdamW's
-    # foreach ops) and a few dequantization buffers of the largest base weight, plus small-pool segments.
+    # caching allocator keeps what the optimizer step's temporaries took (torch's foreach AdamW: one tensor per
+    # parameter, an adapter's bytes; bitsandbytes' 8-bit steps make none: the grid's six 8-bit rows were
+    # predicted +2.1% on average with an adapter's bytes counted for them too, +0.1% without) and a few
+    # dequantization buffers of the largest base weight, plus small-pool segments.
     # Set once for the whole grid (3 models), never per row; cli.py sets expandable_segments.
-    allocator_adapter_factor: float = 1.0
+    allocator_step_factor: float = 1.0
     allocator_weight_buffers: float = 3.0
     allocator_overhead_bytes: int = 64 * 2**20
     # counted from the chunk's backward in engine/loss.py (fp32 log-softmax output + its fp32 gradient + the fp32
@@ -422,7 +424,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         phases[phase] += gradients
     allocated = static + phases[phase]
     dequantized = compute * largest_weight if spec.quantization.mode != "none" else 0
-    overhead = int(cal.allocator_adapter_factor * adapter + cal.allocator_weight_buffers * dequantized
+    overhead = int(cal.allocator_step_factor * step_temporaries + cal.allocator_weight_buffers * dequantized
                    + cal.allocator_overhead_bytes)
     breakdown = {
         "weights": weights,
