@@ -166,13 +166,38 @@ def test_a_run_config_is_planned_as_train_plans_it(tmp_path, capsys):
 
 def test_flags_override_the_run_config_and_its_keys_are_kept(tmp_path, capsys):
     config = _run_config(tmp_path, "adapter: {r: 16, target_modules: attn}\n"
-                                   "training: {max_seq_len: 8192, micro_batch_size: 2, gradient_accumulation_steps: 4}\n")
+                                   "training: {max_seq_len: 8192, micro_batch_size: 2, gradient_accumulation_steps: 4,"
+                                   " plan: auto}\n")
     code, out = _json(capsys, "--config", str(config), "--vram", "24", "--seq-len", "1024", "--rank", "8")
     plan = out["plan"]
     assert code == 0
     assert (plan["seq_len"], plan["rank"], plan["lora_alpha"]) == (1024, 8, 16.0)  # the flags win (alpha: 2 x rank)
     assert (plan["target_modules"], plan["micro_batch_size"], plan["gradient_accumulation_steps"],
             plan["packing"]) == ("attn", 2, 4, True)  # the config's own keys are kept
+
+
+def test_a_run_config_without_plan_auto_is_estimated_as_written(tmp_path, capsys):
+    """train plans nothing for a config without training.plan: auto: plan-memory --config estimates that run as
+    written (what train's gate predicts for it), then says what training.plan: auto would run instead."""
+    from qlora_trainer.hardware import Hardware
+    from qlora_trainer.planner.memory import estimate_memory
+    from qlora_trainer.planner.shapes import load_model_config, model_shape
+    from qlora_trainer.spec.load import load_spec
+    from qlora_trainer.spec.resolve import resolve
+
+    config = _run_config(tmp_path, "adapter: {r: 8}\ntraining: {max_seq_len: 4096, micro_batch_size: 4}\n")
+    code, out = _json(capsys, "--config", str(config), "--gpu", "L4")
+    spec = load_spec(config)
+    shape = model_shape(load_model_config(spec.model.path))
+    as_written = estimate_memory(shape, resolve(spec, Hardware.planned(GPU_CATALOGUE["L4"])))
+    assert out["as_configured"] and out["predicted_peak_bytes"] == as_written.predicted_peak_bytes
+    plan = out["plan"]
+    assert (plan["rank"], plan["micro_batch_size"], plan["gradient_accumulation_steps"],
+            plan["checkpointed_layers"]) == (8, 4, 1, None)  # the config's values and RunSpec's defaults
+    assert code == (0 if out["fits"] else 1) and "with training.plan: auto: " in out["advice"]
+    code, out = _json(capsys, "--config", str(config), "--gpu", "T4", "--seq-len", "16384")  # too long as written
+    assert code == 1 and not out["fits"] and out["as_configured"]
+    assert out["plan"]["seq_len"] == 16384 and "with training.plan: auto: " in out["advice"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,10 +15,11 @@ from qlora_trainer.engine.base import settle_auto_attention
 from qlora_trainer.errors import ConfigError, UserError
 from qlora_trainer.hardware import GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
 from qlora_trainer.planner.distributed import MAX_GPUS, DistributedPlan, fewest_gpus, search_distributed_plan
+from qlora_trainer.planner.memory import estimate_memory
 from qlora_trainer.planner.search import PlanResult, search_plan
 from qlora_trainer.planner.shapes import ModelShape, load_model_config, model_shape
 from qlora_trainer.spec.load import load_spec
-from qlora_trainer.spec.resolve import ResolvedRun, resolve
+from qlora_trainer.spec.resolve import Budget, ResolvedRun, resolve
 from qlora_trainer.spec.sections import RunSpec
 
 GIB = 2**30
@@ -143,12 +144,29 @@ def _targets_error(err: ConfigError) -> UserError:
 
 
 def plan_result(args: argparse.Namespace) -> tuple[PlanResult, PlannedRun]:
-    """Run the search the command line asks for."""
+    """Run the search the command line asks for; for a run config without training.plan: auto, the run as written."""
     planned = _planned_run(args)
     try:
-        return search_plan(planned.shape, planned.run, planned.effective_batch), planned
+        searched = search_plan(planned.shape, planned.run, planned.effective_batch)
     except ConfigError as err:
         raise _targets_error(err) from None
+    if args.config is None or planned.run.spec.training.plan == "auto":
+        return searched, planned
+    return _as_configured(planned, searched), planned
+
+
+def _as_configured(planned: PlannedRun, searched: PlanResult) -> PlanResult:
+    """A run config without training.plan: auto, as `train` runs it: as written, nothing planned (training/gate.py),
+    so its own estimate, then what training.plan: auto would run instead (`train`'s advice where it does not fit)."""
+    run = planned.run
+    estimate = estimate_memory(planned.shape, run)
+    peak = estimate.predicted_peak_bytes
+    fits = run.budget.fits(peak)
+    advice = (f"as configured (training.plan: off): predicted {peak / GIB:.2f} GiB of "
+              f"{searched.usable_bytes / GIB:.2f} GiB usable; with training.plan: auto: {searched.advice}")
+    return dataclasses.replace(searched, fits=fits, run=run, estimate=estimate, longest_fitting_seq_len=None,
+                               smallest_fitting_budget_bytes=Budget.needed_for(peak), advice=advice,
+                               as_configured=True)
 
 
 def _gpu_count(text: str) -> Optional[int]:
@@ -232,6 +250,7 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
         "smallest_fitting_budget_bytes": result.smallest_fitting_budget_bytes,
         "longest_fitting_seq_len": result.longest_fitting_seq_len,
         "advice": result.advice,
+        "as_configured": result.as_configured,
     }
 
 
@@ -262,7 +281,9 @@ def _plan_lines(result: PlanResult) -> list[str]:
     targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
     checkpointed = "all" if training.gradient_checkpointing and training.checkpointed_layers is None else (
         training.checkpointed_layers if training.gradient_checkpointing else 0)
-    return ["plan:" if result.fits else "leanest plan (does not fit):",
+    heading = ("run as configured:" if result.as_configured else "plan:" if result.fits
+               else "leanest plan (does not fit):")
+    return [heading,
             f"  adapter.type / target_modules        {adapter.type} / {targets}",
             f"  adapter.r / adapter.lora_alpha       {adapter.r} / {adapter.lora_alpha:g}",
             f"  training.gradient_checkpointing      {str(training.gradient_checkpointing).lower()}",

@@ -84,6 +84,7 @@ class PlanResult:
     smallest_fitting_budget_bytes: int  # the smallest budget `run` fits
     longest_fitting_seq_len: Optional[int]  # when nothing fits: the longest sequence the leanest run fits
     advice: str  # one or two sentences for people
+    as_configured: bool = False  # `run` is a run config's own run, not a plan (planner/report.py, training.plan: off)
 
 
 def changed(run: ResolvedRun, values: dict[str, Any]) -> ResolvedRun:
