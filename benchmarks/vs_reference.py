@@ -22,7 +22,9 @@ offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs
            by `train`'s own gate for the longest length searched (training/gate.py), built once, its search starting
            at the planner's predicted longest (each length probed compiles its layers again, so few probes); the
            peers' search doubles from --seq-len, then bisects;
-  profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process).
+  profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process);
+  snapshot: the CUDA allocator's trace of one step after two warm-up ones, and what is alive at its peak by the
+           code that allocated it (memory_peak.py; ours through the engine, in process).
 
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
     python benchmarks/vs_reference.py --model llama-2-7b --mode longest --cap-gib 15 --out results.jsonl
@@ -288,6 +290,24 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
             torch.cuda.synchronize()
         table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
         return record | {"seq_len": args.seq_len, "profile": table}
+    if args.mode == "snapshot":
+        from memory_peak import peak_composition
+
+        batches = [on_gpu(random_batch(args.seq_len)) for _ in range(3)]
+        for batch in batches[:2]:
+            step(batch)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        step(batches[2])
+        torch.cuda.synchronize()
+        events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return record | {"seq_len": args.seq_len, "allocated_before_step_bytes": before,
+                         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                         "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "trace_events": len(events),
+                         **peak_composition(events)}
     if args.mode == "speed":  # peers and ours-engine*: ours itself runs as `qlora-trainer train`
         torch.cuda.reset_peak_memory_stats()
         speeds, losses = [], []
@@ -373,7 +393,7 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-2-7b", help="preset name or folder with config.json")
-    parser.add_argument("--mode", choices=("speed", "longest", "profile"), default="speed")
+    parser.add_argument("--mode", choices=("speed", "longest", "profile", "snapshot"), default="speed")
     parser.add_argument("--stacks", default=",".join(STACKS))
     parser.add_argument("--seq-len", type=int, default=2048, help="speed: the length; longest: where to start")
     parser.add_argument("--steps", type=int, default=8)
