@@ -175,25 +175,16 @@ def ours_session(config: dict, seq_len: int):
     return session.model, lambda batch: train_step(session, [batch]).loss, run
 
 
-def predicted_longest(run, cap_gib: float, limit: int) -> int:
-    """The longest multiple of SEQ_STEP up to `limit` at which the planner predicts `run` to fit the pool --cap-gib
-    leaves PyTorch (the cap less the CUDA context, no safety margin): where the search for ours starts."""
-    from qlora_trainer.planner.memory import estimate_memory
-    from qlora_trainer.planner.search import changed
+def predicted_longest(run, cap_gib: float) -> int:
+    """The longest length up to the run's own at which the planner predicts `run` to fit the pool --cap-gib leaves
+    PyTorch (the cap less the CUDA context, no safety margin): where the search for ours starts."""
+    from qlora_trainer.planner.search import longest_seq_len_within
     from qlora_trainer.planner.shapes import load_model_config, model_shape
     from qlora_trainer.spec.resolve import CUDA_CONTEXT_BYTES
 
-    shape = model_shape(load_model_config(run.spec.model.path))
     pool = cap_gib * 2**30 - CUDA_CONTEXT_BYTES
-
-    def fits(length: int) -> bool:
-        return estimate_memory(shape, changed(run, {"training.max_seq_len": length})).predicted_peak_bytes <= pool
-
-    low, high = 1, limit // SEQ_STEP
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle * SEQ_STEP) else (low, middle - 1)
-    return low * SEQ_STEP
+    shape = model_shape(load_model_config(run.spec.model.path))
+    return longest_seq_len_within(shape, run, lambda peak: peak <= pool) or SEQ_STEP
 
 
 def longest_trainable(trains: Callable[[int], bool], start: int, limit: int, first: Optional[int] = None) -> int:
@@ -338,7 +329,7 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
         finally:
             torch.cuda.empty_cache()
 
-    first = predicted_longest(run, args.cap_gib, args.max_seq_len) if run is not None and args.cap_gib else None
+    first = predicted_longest(run, args.cap_gib) if run is not None and args.cap_gib else None
     good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
     return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len,
                      **({"predicted_longest_seq_len": first} if first else {})}

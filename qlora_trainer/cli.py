@@ -132,8 +132,8 @@ def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())} "
                              "(default: --config's model.path)")
     parser.add_argument("--config", metavar="FILE",
-                        help="plan a run config (YAML, as `train` reads it): what `train` would run with "
-                             "training.plan: auto; its keys are kept, the flags below override them")
+                        help="a run config (YAML, as `train` reads it): its keys are kept, the flags below override "
+                             "them; planned where it says training.plan: auto, else estimated as written")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--gpu", help=f"a catalogue GPU: {', '.join(GPU_CATALOGUE)} (default: the GPU here)")
     budget.add_argument("--vram", type=float, metavar="GIB", help="the GPU's memory in GiB, for any card")

@@ -188,12 +188,13 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB"
 
 
-def _longest_seq_len(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration,
-                     estimator: Estimator) -> Optional[int]:
-    """The longest multiple of SEQ_LEN_STEP below training.max_seq_len at which `run` fits, or None."""
+def longest_seq_len_within(shape: ModelShape, run: ResolvedRun, fits: Callable[[int], bool],
+                           calibration: Calibration = CALIBRATION, estimator: Estimator = estimate_memory
+                           ) -> Optional[int]:
+    """The longest multiple of SEQ_LEN_STEP up to training.max_seq_len at which `run`'s predicted peak `fits` (a
+    budget's rule, or a benchmark's), or None."""
     def fits_at(seq_len: int) -> bool:
-        estimate = estimator(shape, changed(run, {"training.max_seq_len": seq_len}), calibration)
-        return budget.fits(estimate.predicted_peak_bytes)
+        return fits(estimator(shape, changed(run, {"training.max_seq_len": seq_len}), calibration).predicted_peak_bytes)
 
     low, high = 0, run.spec.training.max_seq_len // SEQ_LEN_STEP  # in steps; fits at `low` (0 = nothing)
     while low < high:
@@ -304,7 +305,7 @@ def search_plan(model: Union[ModelShape, PretrainedConfig], run: ResolvedRun, ef
     chosen = run.with_values(copy.deepcopy(values))
     seq_len = chosen.spec.training.max_seq_len
     smallest = Budget.needed_for(estimate.predicted_peak_bytes)
-    longest = _longest_seq_len(shape, candidate, budget, calibration, estimator)
+    longest = longest_seq_len_within(shape, candidate, budget.fits, calibration, estimator)
     advice = (f"nothing fits {_gib(limit)} usable ({_gib(budget.budget_bytes)} less the safety margin and CUDA "
               f"context); the leanest plan ({describe(chosen)}) needs {_gib(estimate.predicted_peak_bytes)} at "
               f"seq_len {seq_len}, so a GPU of at least {_gib(smallest)}")
