@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -79,6 +80,9 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
         capture_output=True, text=True, timeout=timeout_s,
     )
     record = {"exit_code": process.returncode, "wall_s": round(time.time() - started, 1)}
+    loaded = re.search(r"model loaded: GPU peak ([\d.]+) GiB reserved \(([\d.]+) GiB allocated\)", process.stdout)
+    if loaded:  # the peaks of loading (FSDP: a layer at a time), before training's own
+        record["load_peak_reserved_gib"], record["load_peak_allocated_gib"] = map(float, loaded.groups())
     notes = [line for line in process.stdout.splitlines() if line.startswith("note:")]
     if notes:  # e.g. compiled layers that fell back to eager: the run measured is not the one predicted
         record["notes"] = notes

@@ -10,7 +10,7 @@ from qlora_trainer.hardware import CPU, GIB, Hardware, lookup_gpu
 from qlora_trainer.planner.distributed import (BUCKETS, GATHERED, Parallelism, estimate_rank_memory,
                                                fsdp_adapter_tensors, fsdp_base_tensors, pinned_bytes)
 from qlora_trainer.planner.memory import cuda_block_bytes, estimate_memory, offloaded_input_bytes
-from qlora_trainer.planner.shapes import load_model_config, model_shape
+from qlora_trainer.planner.shapes import ModelShape, load_model_config, model_shape
 from qlora_trainer.spec import RunSpec, resolve
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 8192, 28672, 1024, 32000, 80  # Llama-2-70B
@@ -99,7 +99,9 @@ def test_cpu_offload_moves_the_sharded_state_to_host_ram(llama70b, optimizer):
     assert host["gradient shards"] >= 2 * kept.gpu.breakdown["adapter"]  # all the gradients, accumulating
     assert host["optimizer states"] >= 2 * (kept.gpu.breakdown["optimizer"] + kept.gpu.paged_optimizer_bytes
                                             - 512 * 4 * len(adapter))  # less the CUDA blocks' rounding
-    assert moved.host_ram_bytes == sum(host.values())
+    # while loading, each rank parks its whole 4-bit model and adapter in host RAM (engine/layer_load.py)
+    assert moved.load_host_bytes == kept.load_host_bytes == 2 * sum(t.full_bytes for t in base + adapter)
+    assert moved.host_ram_bytes == max(sum(host.values()), moved.load_host_bytes)
     assert moved.gpu.breakdown["activations"] == kept.gpu.breakdown["activations"]
     assert moved.gpu.predicted_peak_bytes < kept.gpu.predicted_peak_bytes
 
@@ -113,29 +115,51 @@ def _json(capsys, *args: str) -> tuple[int, dict]:
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_the_70b_fsdp_offload_plan_on_two_l4_is_printed_and_does_not_fit_while_loading(capsys):
-    """Every rank loads the whole 4-bit base on its GPU before FSDP shards it (engine/build.py): 34 GiB for 70B,
-    more than an L4 holds, whatever the sharded training would need."""
+def test_the_70b_fsdp_offload_plan_on_two_l4_is_printed_and_fits_as_it_loads_a_layer_at_a_time(capsys):
+    """Each rank loads the 4-bit base a tensor at a time and FSDP cuts it a layer at a time (engine/layer_load.py),
+    so an L4 never holds the 34 GiB 4-bit 70B whole; the host holds it for each rank meanwhile."""
     code = main(["plan-memory", "--model", "llama-2-70b", "--gpu", "L4", "--gpus", "2", "--strategy", "fsdp",
                  "--cpu-offload"])
     table = capsys.readouterr().out
-    assert code == 1
+    assert code == 0
     for text in ("llama-2-70b on 2 x L4 with FSDP and CPU offload: per GPU (22.03 GiB each)", "gathered parameters",
-                 "(at the model load)", "loading needs more: every GPU loads the whole 4-bit model", "host RAM needed",
-                 "parameter shards", "training.distributed                 fsdp",
-                 "training.fsdp_cpu_offload            true", "does not fit: "):
+                 "host RAM needed", "while loading: every rank's 4-bit model and adapter, parked",
+                 "training.distributed                 fsdp", "training.fsdp_cpu_offload            true", "fits: "):
         assert text in table
+    assert "(at the model load)" not in table
 
 
-def test_loading_is_a_rank_peak_of_its_own(llama70b):
+def _unit_bytes(shape: ModelShape, run) -> dict:
+    """Each fully_shard unit's parameters whole, in CUDA blocks: a decoder layer's, or the root's (None)."""
+    units: dict = {}
+    for tensor in fsdp_base_tensors(shape, run)[0] + fsdp_adapter_tensors(shape, run):
+        units[tensor.group] = units.get(tensor.group, 0) + cuda_block_bytes(tensor.full_bytes)
+    return units
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_loading_holds_the_quantization_states_the_shards_and_one_unit_whole(llama70b, offload):
     run = l4_run()
-    single = estimate_memory(llama70b, run)
-    rank = estimate_rank_memory(llama70b, run, Parallelism("fsdp", 2, True))
-    assert rank.load_bytes == single.breakdown["weights"] + single.breakdown["adapter"]  # the whole model, once
+    rank = estimate_rank_memory(llama70b, run, Parallelism("fsdp", 2, offload))
+    base, whole = fsdp_base_tensors(llama70b, run)
+    shards = 0 if offload else sum(cuda_block_bytes(t.shard_bytes(2)) for t in base + fsdp_adapter_tensors(
+        llama70b, run))
+    units = _unit_bytes(llama70b, run)
+    assert len(units) == 81 and max(units.values()) == units[None]  # 80 layers and the root (embeddings, lm_head)
+    assert rank.load_bytes == sum(cuda_block_bytes(b) for b in whole) + shards + units[None]
+    assert rank.load_bytes - shards < 35 * GIB / 8  # far below the whole 4-bit model
     assert rank.peak.predicted_peak_bytes == max(rank.load_bytes, rank.gpu.predicted_peak_bytes)
     assert rank.peak.phase == ("model load" if rank.load_bytes > rank.gpu.predicted_peak_bytes else rank.gpu.phase)
     ddp = estimate_rank_memory(llama70b, run, Parallelism("ddp", 2, False))
     assert ddp.load_bytes == 0 and ddp.peak == ddp.gpu  # DDP trains with the whole model anyway
+
+
+def test_a_16_bit_base_still_loads_whole_on_each_gpu(llama70b):
+    run = l4_run({"quantization.mode": "none"})
+    single = estimate_memory(llama70b, run)
+    rank = estimate_rank_memory(llama70b, run, Parallelism("fsdp", 2, True))
+    assert rank.load_bytes == single.breakdown["weights"] + single.breakdown["adapter"]
+    assert rank.load_host_bytes == 0
 
 
 def test_json_fields_of_a_per_gpu_plan(capsys):
@@ -145,7 +169,9 @@ def test_json_fields_of_a_per_gpu_plan(capsys):
     assert (out["gpus"], out["strategy"], out["cpu_offload"], out["batch_per_gpu"]) == (2, "fsdp", True, 8)
     assert (out["plan"]["distributed"], out["plan"]["fsdp_cpu_offload"]) == ("fsdp", True)
     assert out["predicted_peak_bytes"] <= out["usable_bytes"]
-    assert out["host_ram_bytes"] == sum(out["host_breakdown"].values()) > 35 * GIB  # the 4-bit base, at least
+    # the 4-bit base at least: its shards in training; each rank's whole base while loading; the larger counts
+    assert sum(out["host_breakdown"].values()) > 35 * GIB and out["load_host_bytes"] > 2 * 34 * GIB
+    assert out["host_ram_bytes"] == max(sum(out["host_breakdown"].values()), out["load_host_bytes"])
 
 
 def test_gpus_without_a_strategy_picks_ddp_when_one_card_fits(capsys):
@@ -157,10 +183,11 @@ def test_gpus_without_a_strategy_picks_ddp_when_one_card_fits(capsys):
 def test_gpus_auto_names_the_fewest_cards(capsys):
     code = main(["plan-memory", "--model", "llama-2-70b", "--gpu", "A100-40GB", "--gpus", "auto"])
     assert code == 0
-    assert capsys.readouterr().out.splitlines()[0] == "llama-2-70b at seq 2048 needs 2 x A100-40GB with FSDP"
+    assert capsys.readouterr().out.splitlines()[0].startswith("llama-2-70b at seq 2048 needs 2 x A100-40GB with FSDP, ")
     code = main(["plan-memory", "--model", "llama-2-70b", "--gpu", "L4", "--gpus", "auto"])
-    assert code == 1  # the whole 4-bit model must be loaded on each GPU first
-    assert capsys.readouterr().out.splitlines()[0].startswith("llama-2-70b at seq 2048 does not fit 8 cards")
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(
+        "llama-2-70b at seq 2048 needs 2 x L4 with FSDP and CPU offload, ")
 
 
 def test_fsdp_on_one_gpu_with_cpu_offload_keeps_only_gathered_layers_and_quantization_states_on_it(llama70b,
@@ -173,8 +200,8 @@ def test_fsdp_on_one_gpu_with_cpu_offload_keeps_only_gathered_layers_and_quantiz
     # one shard of one rank is the whole tensor, pinned in host memory
     assert rank.host_breakdown["parameter shards"] == sum(pinned_bytes(t.full_bytes) for t in base) + sum(
         pinned_bytes(t.full_bytes) for t in fsdp_adapter_tensors(llama70b, run))
-    # before fully_shard moves it to the host, the loaded model is whole on the GPU: the 70B does not fit an L4
-    assert rank.load_bytes > 35 * GIB and rank.peak.phase == "model load"
+    # loaded a tensor at a time and cut a layer at a time, the 70B is never whole on the GPU
+    assert rank.load_bytes < 3 * GIB and rank.peak.phase != "model load"
     code = main(["plan-memory", "--model", "llama-2-7b", "--gpu", "L4", "--gpus", "1", "--strategy", "fsdp",
                  "--cpu-offload"])
     assert code == 0 and capsys.readouterr().out.startswith("llama-2-7b on 1 x L4 with FSDP and CPU offload: per GPU")
@@ -219,7 +246,8 @@ def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_wher
         launch_strategy(t4, llama70b, 2)
     assert launch_strategy(resolve(l4_run({"model.path": "llama-2-7b"}).spec, Hardware.planned(lookup_gpu("T4"))),
                            seven_b, 2).strategy == "ddp"  # DDP's gradients are whole and equal on every rank
-    # the gate plans and admits the 70B run on two 40 GB cards (per GPU), and refuses it on one, and on two L4s
+    # the gate plans and admits the 70B run on two 40 GB cards (per GPU), and refuses it on one; on two L4s it
+    # needs FSDP's CPU offload
     a100 = resolve(l4_run({"training.plan": "auto"}).spec, Hardware.planned(lookup_gpu("A100-40GB")))
     run = fit_to_budget(a100, load_model_config("llama-2-70b"), force=False, world_size=2)
     assert run.spec.training.distributed == "fsdp"
@@ -227,5 +255,7 @@ def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_wher
     with pytest.raises(UserError, match="does not fit"):
         fit_to_budget(a100, load_model_config("llama-2-70b"), force=False, world_size=1)
     with pytest.raises(UserError, match="does not fit"):
-        fit_to_budget(l4_run({"training.plan": "auto", "training.fsdp_cpu_offload": True}),
-                      load_model_config("llama-2-70b"), force=False, world_size=2)
+        fit_to_budget(l4_run({"training.plan": "auto"}), load_model_config("llama-2-70b"), force=False, world_size=2)
+    offloaded = fit_to_budget(l4_run({"training.plan": "auto", "training.fsdp_cpu_offload": True}),
+                              load_model_config("llama-2-70b"), force=False, world_size=2)
+    assert offloaded.spec.training.distributed == "fsdp" and offloaded.spec.training.fsdp_cpu_offload

@@ -1,5 +1,6 @@
 """Load the frozen base model (NF4 / FP4 / 8-bit / 16-bit) in the resolved compute dtype, and its tokenizer."""
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 
+from qlora_trainer.engine.layer_load import load_for_sharding
 from qlora_trainer.spec import ModelConfig, QuantizationConfig, RunSpec
 from qlora_trainer.errors import UserError
 from qlora_trainer.hub import require_hub
@@ -158,33 +160,51 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: 
     """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
 
     `attention` is the attention implementation as resolved (default: model.attn_implementation, SDPA for auto:
-    what runs unpacked rows, as inference does). `shardable`: 4-bit weights packed for FSDP (quantization_config).
+    what runs unpacked rows, as inference does). `shardable`: 4-bit weights packed for FSDP (quantization_config),
+    loaded a tensor at a time and left in host memory for FSDP to shard a layer at a time (layer_load.py).
     Unlike peft's prepare_model_for_kbit_training, embeddings, norms and lm_head stay in the 16-bit compute
     dtype unless model.upcast_non_quantized is set: upcasting them costs ~0.5 GiB on a 7B model for no gain
     with fp32 adapters.
     """
-    load_model_config(model_cfg)
+    model_config = load_model_config(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
-    kwargs = dict(
-        dtype=compute_dtype,
-        quantization_config=quantization_config(quant, compute_dtype, shardable),
-        trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=attention or model_cfg.attn_implementation.replace("auto", "sdpa"),
-        use_safetensors=True,
-    )
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}  # this process's GPU (cuda:LOCAL_RANK with several)
-    else:
+    attention = attention or model_cfg.attn_implementation.replace("auto", "sdpa")
+    bnb_config = quantization_config(quant, compute_dtype, shardable)
+    if device.type != "cuda":
         keep_cpu_attention_within_its_kernels()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
-    except (OSError, ValueError, ImportError) as err:
-        raise UserError(f"model.path: cannot load {model_cfg.path}: {str(err).splitlines()[0][:200]}") from None
-    if device.type != "cuda" and quant.mode == "none":
-        model.to(device)
+    model = None
+    if shardable and quant.mode in ("nf4", "fp4") and Path(model_cfg.path).is_dir():
+        model, missing = load_for_sharding(model_config, Path(model_cfg.path), bnb_config, compute_dtype, device,
+                                           attention, model_cfg.trust_remote_code)
+        if missing:
+            print(f"note: every GPU loads the whole 4-bit model before FSDP shards it: {model_cfg.path} names "
+                  f"its tensors otherwise than the model does (no {missing})", file=sys.stderr)
+    if model is None:
+        model = _from_pretrained(model_cfg, bnb_config, compute_dtype, device, attention)
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
     if model_cfg.upcast_non_quantized:
         upcast_non_quantized(model)
     return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)
+
+
+def _from_pretrained(model_cfg: ModelConfig, bnb_config: Optional[BitsAndBytesConfig], compute_dtype: torch.dtype,
+                     device: torch.device, attention: str) -> nn.Module:
+    """The whole base through transformers' from_pretrained, on `device`."""
+    kwargs = dict(
+        dtype=compute_dtype,
+        quantization_config=bnb_config,
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=attention,
+        use_safetensors=True,
+    )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}  # this process's GPU (cuda:LOCAL_RANK with several)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"model.path: cannot load {model_cfg.path}: {str(err).splitlines()[0][:200]}") from None
+    if device.type != "cuda" and bnb_config is None:
+        model.to(device)
+    return model

@@ -12,8 +12,12 @@ where the stored state lives.
   fsdp with CPU offload: the sharded parameters, gradients and optimizer states live in host RAM (FSDP2's
         CPUOffloadPolicy, the optimizer step runs on the CPU); the GPU keeps the gathered parameters, the
         activations and what FSDP does not manage (bitsandbytes' quantization states, buffers).
-All ranks are assumed to share one host; host RAM counts only the training state the ranks put there (sharded
-state under offload, offloaded checkpoint inputs), not the processes' own libraries nor the model's loading.
+  fsdp loading (engine/layer_load.py): each rank reads the files a tensor at a time onto its GPU, quantizes
+        there, keeps the quantization states on the GPU and parks the rest in host RAM; `fully_shard` then brings
+        one unit at a time back to the GPU to cut its shards. A GPU holds the quantization states, the shards cut
+        so far (none under offload) and one unit whole; the host holds every rank's whole 4-bit model meanwhile.
+All ranks are assumed to share one host; host RAM counts the state the ranks put there (the parked model while
+loading; then sharded state under offload, offloaded checkpoint inputs), not the processes' own libraries.
 """
 
 import dataclasses
@@ -36,7 +40,7 @@ MAX_GPUS = 8  # the most cards of one host the fewest-cards search tries
 FSDP_GATHERED_LAYERS = 2
 # GPU breakdown keys beyond one GPU's (memory.py), in every per-rank estimate so that all read alike
 GATHERED, BUCKETS = "gathered parameters", "gradient buckets"
-LOADING = "model load"  # the phase in which each FSDP rank holds the whole model, before it is sharded
+LOADING = "model load"  # the phase in which each FSDP rank loads the model and cuts its shards
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -52,13 +56,15 @@ class RankEstimate:
     parallelism: Parallelism
     gpu: MemoryEstimate  # one rank's GPU while training: breakdown and peaks as for one GPU, with GATHERED, BUCKETS
     host_breakdown: dict[str, int]  # host RAM the training state needs, all ranks of the host together
-    # FSDP: every rank loads the whole quantized base and attaches the whole adapter on its own GPU before
-    # fully_shard shards them (engine/build.py), a peak before training begins; 0 where training holds as much
+    # FSDP: a rank's GPU while it loads and cuts its shards (module docstring), a peak before training begins; 0
+    # where training holds as much
     load_bytes: int = 0
+    load_host_bytes: int = 0  # FSDP: every rank's whole 4-bit model and adapter parked in host RAM while loading
 
     @property
     def host_ram_bytes(self) -> int:
-        return sum(self.host_breakdown.values())
+        """Host RAM at its highest: the training state, or the parked model while loading where that is more."""
+        return max(sum(self.host_breakdown.values()), self.load_host_bytes)
 
     @property
     def peak(self) -> MemoryEstimate:
@@ -179,6 +185,9 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
     for tensor in adapter:
         group_gradients[tensor.group] = group_gradients.get(tensor.group, 0) + cuda_block_bytes(tensor.full_bytes)
     layer_bytes = max(b for group, b in group_bytes.items() if group is not None)
+    load = _fsdp_loading(shape, run, single, group_bytes, whole_bytes, 0 if offload else base_shard + adapter_shard)
+    # a 4-bit base is parked whole in each rank's host RAM until its shards are cut
+    parked = sum(t.full_bytes for t in base + adapter) if load_by_layer(run) else 0
     gathered = group_bytes.get(None, 0) + FSDP_GATHERED_LAYERS * layer_bytes
     reduce_scatter = max(group_gradients.values(), default=0)
 
@@ -218,7 +227,27 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
             "optimizer states": ranks * (sum(states.pooled) + sum(states.paged) + sum(states.step_temporaries)),
             **host,
         }
-    return RankEstimate(parallelism, gpu, host, single.breakdown["weights"] + single.breakdown["adapter"])
+    return RankEstimate(parallelism, gpu, host, load, parked * ranks)
+
+
+def load_by_layer(run: ResolvedRun) -> bool:
+    """Whether FSDP loads `run`'s base a tensor at a time (engine/layer_load.py: 4-bit bases)."""
+    return run.spec.quantization.mode in ("nf4", "fp4")
+
+
+def _fsdp_loading(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, unit_bytes: dict[Optional[int], int],
+                  whole_bytes: int, shards_bytes: int) -> int:
+    """A rank's GPU at its highest while loading. A 4-bit base loads a tensor at a time (module docstring): the
+    states left whole, the shards cut so far (at most all of them), and one unit whole being cut, or one weight
+    read in 16 bits beside its packed codes. Any other base loads whole on each GPU before it is sharded."""
+    quant = run.spec.quantization
+    if not load_by_layer(run):
+        return single.breakdown["weights"] + single.breakdown["adapter"]
+    read = max(cuda_block_bytes(linear.d_in * linear.d_out * DTYPE_BYTES[run.compute_dtype])
+               + cuda_block_bytes(quantized_weight_tensor_bytes(linear.d_in, linear.d_out, quant.mode,
+                                                                 quant.double_quant)[0])
+               for linear in shape.linears)
+    return whole_bytes + shards_bytes + max(max(unit_bytes.values()), read)
 
 
 def estimate_rank_memory(shape: ModelShape, run: ResolvedRun, parallelism: Parallelism,

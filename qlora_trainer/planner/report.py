@@ -331,7 +331,8 @@ def distributed_json(plan: DistributedPlan, gpu: GpuSpec) -> dict:
     parallelism = plan.parallelism
     return {**result_json(plan.result, gpu), "gpus": parallelism.gpus, "strategy": parallelism.strategy,
             "cpu_offload": parallelism.cpu_offload, "batch_per_gpu": plan.batch_per_rank,
-            "host_ram_bytes": plan.rank.host_ram_bytes, "host_breakdown": plan.rank.host_breakdown}
+            "host_ram_bytes": plan.rank.host_ram_bytes, "host_breakdown": plan.rank.host_breakdown,
+            "load_host_bytes": plan.rank.load_host_bytes}
 
 
 def distributed_table(plan: DistributedPlan, gpu: GpuSpec, model: str, fewest: bool) -> str:
@@ -341,10 +342,16 @@ def distributed_table(plan: DistributedPlan, gpu: GpuSpec, model: str, fewest: b
               f"{plan.batch_per_rank} sequences per GPU per optimizer step", ""]
     lines += _component_lines(result)
     if plan.rank.load_bytes > plan.rank.gpu.predicted_peak_bytes:
-        lines.append(f"  (training needs {plan.rank.gpu.predicted_peak_bytes / GIB:.2f} GiB; loading needs more: every "
-                     "GPU loads the whole 4-bit model and adapter before FSDP shards them)")
+        how = ("each GPU holds the quantization states, its shards and one layer whole while FSDP cuts them"
+               if plan.rank.load_host_bytes else "every GPU loads the whole model and adapter before FSDP shards them")
+        lines.append(f"  (training needs {plan.rank.gpu.predicted_peak_bytes / GIB:.2f} GiB; loading needs more: "
+                     f"{how})")
     host = plan.rank.host_breakdown
     parts = " + ".join(f"{name} {value / GIB:.2f}" for name, value in host.items() if value)
+    if plan.rank.load_host_bytes > sum(host.values()):
+        parts = f"while loading: every rank's 4-bit model and adapter, parked {plan.rank.load_host_bytes / GIB:.2f}"
+    elif plan.rank.load_host_bytes:
+        parts += f" GiB; while loading, less: {plan.rank.load_host_bytes / GIB:.2f}"
     lines.append(f"{'host RAM needed':<34}{_gib(plan.rank.host_ram_bytes)}   "
                  f"({parts + ' GiB, ' if parts else ''}"
                  f"{f'all {parallelism.gpus} ranks on one host' if parallelism.gpus > 1 else 'one rank'}; "

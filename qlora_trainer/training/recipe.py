@@ -31,7 +31,7 @@ from qlora_trainer.engine.distributed import Processes, adapter_state, launch_fa
 from qlora_trainer.engine.step import StepResult, eval_loss, train_step
 from qlora_trainer.errors import OutOfMemoryAbort, UserError
 from qlora_trainer.export.generate import prompt_format
-from qlora_trainer.hardware import Hardware, apply_memory_cap, detect_hardware, peak_memory_bytes
+from qlora_trainer.hardware import GIB, Hardware, apply_memory_cap, detect_hardware, peak_memory_bytes
 from qlora_trainer.spec import RunSpec, resolve
 from qlora_trainer.training import checkpoints
 from qlora_trainer.training.gate import fallback_warning, fit_to_budget
@@ -310,7 +310,9 @@ def _loop(session: Session, data: TokenizedData, state: checkpoints.TrainerState
                          is_main=processes.is_main)
     speeds: list[float] = []
     bad_steps = 0
-    if session.device.type == "cuda":
+    if session.device.type == "cuda":  # what loading took (FSDP: a layer at a time), then training's own peaks
+        allocated, reserved = peak_memory_bytes("cuda")
+        print(f"model loaded: GPU peak {reserved / GIB:.2f} GiB reserved ({allocated / GIB:.2f} GiB allocated)")
         torch.cuda.reset_peak_memory_stats()
     reporter = RunReporter(training.max_steps, state.step, show_progress and processes.is_main,
                            output_dir / TENSORBOARD_DIR
