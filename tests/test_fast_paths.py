@@ -5,6 +5,7 @@ import bitsandbytes.functional as bnb_functional
 import bitsandbytes.nn as bnb_nn
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny_base
 from qlora_trainer.engine import adapters, fused_lora
@@ -253,3 +254,28 @@ def test_a_compiled_layer_that_keeps_its_activations_keeps_no_dequantized_weight
         assert _dequantized_weights_kept(model)
     finally:
         functorch_config.cse = True
+
+
+def test_a_weight_gathered_without_its_quantization_state_still_takes_the_fused_path(tiny_llama_dir):
+    """FSDP2 gathers a layer's packed weight into a plain tensor, without bitsandbytes' quant_state attribute; the
+    fused path then reads the state bitsandbytes keeps on the module, and computes the same."""
+    x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = _adapted(tiny_llama_dir, "float32", checkpointing=False, compute_dtype="float32").eval()
+    assert fused_lora.use_fused_lora(model) == 14
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    for module in model.modules():
+        if isinstance(module, fused_lora.FusedLoRALinear4bit):
+            base = module.get_base_layer()
+            base.weight = nn.Parameter(base.weight.data, requires_grad=False)  # as FSDP2's unsharded parameter
+            assert getattr(base.weight, "quant_state", None) is None and base.quant_state is not None
+    calls = []
+    original = fused_lora._LoRAOn4bitFunction.apply
+    fused_lora._LoRAOn4bitFunction.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            got = model(input_ids=x).logits
+    finally:
+        fused_lora._LoRAOn4bitFunction.apply = original
+    assert len(calls) == 14
+    assert torch.equal(got, want)

@@ -86,8 +86,7 @@ class FusedLoRALinear4bit(PeftLinear4bit):
             return None
         if getattr(self, "use_dora", {}).get(name):
             return None
-        weight = self.get_base_layer().weight
-        if getattr(weight, "quant_state", None) is None or x.shape[-1] != self.in_features:
+        if _quant_state(self.get_base_layer()) is None or x.shape[-1] != self.in_features:
             return None
         return name
 
@@ -104,8 +103,14 @@ class FusedLoRALinear4bit(PeftLinear4bit):
             base_dtype = lora_dtype
         dropout = self.lora_dropout[name]
         lora_x = None if isinstance(dropout, nn.Identity) else dropout(x)
-        return _LoRAOn4bitFunction.apply(x, lora_x, base.weight, base.weight.quant_state, base.bias, lora_a, lora_b,
+        return _LoRAOn4bitFunction.apply(x, lora_x, base.weight, _quant_state(base), base.bias, lora_a, lora_b,
                                          self.scaling[name], base_dtype, lora_dtype)
+
+
+def _quant_state(base: nn.Module):
+    """The 4-bit weight's quantization state; under FSDP the gathered weight is a plain tensor and the state is
+    bitsandbytes' copy on the module (Linear4bit.quant_state, kept there for FSDP)."""
+    return getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
 
 
 def use_fused_lora(model: nn.Module) -> int:
