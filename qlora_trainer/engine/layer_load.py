@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+
 def _file_index(folder: Path) -> dict[str, Path]:
     """Each tensor name in the folder's safetensors files -> the file that holds it."""
     index = {}
