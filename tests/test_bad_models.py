@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import DEMO_DATA_DIR
 from qlora_trainer.cli import main
@@ -21,6 +22,10 @@ def _broken(tiny_llama_dir, tmp_path, kind: str):
         weights.write_bytes(os.urandom(1000))
     elif kind == "truncated":
         os.truncate(weights, weights.stat().st_size // 2)
+    elif kind == "missing-tensor":  # a tensor under a name the model does not have
+        tensors = load_file(weights)
+        tensors["model.layers.1.mlp.up.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
+        save_file(tensors, weights, metadata={"format": "pt"})
     elif kind == "config-disagrees":
         config = json.loads((folder / "config.json").read_text())
         config["intermediate_size"] *= 2
@@ -41,12 +46,16 @@ def _config(tmp_path, model_dir) -> str:
     ("garbage", "model.safetensors is not a complete safetensors file"),
     ("truncated", "model.safetensors is not a complete safetensors file"),
     ("config-disagrees", "config.json does not describe these weights"),
+    ("missing-tensor", "holds no weights for model.layers.1.mlp.up_proj.weight (transformers would start them at "
+                       "random)"),
 ])
 def test_broken_model_folders_exit_2_before_anything_is_written(tiny_llama_dir, tmp_path, capsys, kind, culprit):
     model_dir = _broken(tiny_llama_dir, tmp_path, kind)
     out = tmp_path / "out"
     assert main(["train", "--config", _config(tmp_path, model_dir), "--output-dir", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
+    if kind == "missing-tensor":  # found by transformers' own loading, after its progress bar
+        err = err.splitlines(keepends=True)[-1]
     assert err.startswith("error: model.path: ") and culprit in err and err.count("\n") == 1
     assert not out.exists()
 

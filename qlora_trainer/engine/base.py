@@ -202,9 +202,14 @@ def _from_pretrained(model_cfg: ModelConfig, bnb_config: Optional[BitsAndBytesCo
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # this process's GPU (cuda:LOCAL_RANK with several)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+        model, report = AutoModelForCausalLM.from_pretrained(model_cfg.path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"model.path: cannot load {model_cfg.path}: {str(err).splitlines()[0][:200]}") from None
+    missing = sorted(report.get("missing_keys") or [])
+    if missing:  # transformers would go on with these weights drawn at random
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"model.path: {model_cfg.path} holds no weights for {missing[0]}{more} (transformers would "
+                        "start them at random); give the model's complete safetensors files")
     if device.type != "cuda" and bnb_config is None:
         model.to(device)
     return model
