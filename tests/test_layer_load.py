@@ -2,12 +2,10 @@
 modules, the same packed 4-bit codes and quantization states, the same buffers and ties, and no random numbers drawn
 (the adapter's initialisation after it must not move)."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from qlora_trainer.engine.base import DTYPES, load_base
 from qlora_trainer.engine.layer_load import layer_by_layer_names, skeleton
@@ -75,19 +73,26 @@ def _load_whole(folder: Path, mode: str) -> torch.nn.Module:
                                                 attn_implementation="sdpa")
 
 
-def test_files_that_name_a_tensor_otherwise_are_loaded_whole_and_said(tiny_llama_dir, tmp_path, capsys):
-    folder = tmp_path / "renamed"
-    shutil.copytree(tiny_llama_dir, folder)
-    weights_file = next(folder.glob("*.safetensors"))
-    weights = load_file(weights_file)
-    weights["model.layers.1.mlp.up.weight"] = weights.pop("model.layers.1.mlp.up_proj.weight")
-    save_file(weights, weights_file, metadata={"format": "pt"})
+def test_files_transformers_renames_on_loading_are_loaded_whole_and_said(tmp_path, capsys):
+    """A GPT-2 saved without its LM head's prefix ("h.0..." for "transformer.h.0..."), which from_pretrained maps:
+    no tensor is found under the model's own names, so the base loads the usual way, and the note says so."""
+    from transformers import AutoModel
+
+    from conftest import save_tiny_tokenizer
+    from tiny_models import CONFIGS
+
+    folder = tmp_path / "gpt2-base"
+    torch.manual_seed(0)
+    AutoModel.from_config(CONFIGS["gpt2"]).to(torch.bfloat16).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
     config = quantization_config(QuantizationConfig(), torch.bfloat16, shardable=True)
     model, _ = skeleton(load_model_config(ModelConfig(path=str(folder))), config, torch.bfloat16, "sdpa", False)
-    assert layer_by_layer_names(model, folder) == "model.layers.1.mlp.up_proj.weight"
-    assert layer_by_layer_names(model, tiny_llama_dir) is None
-    _load(folder, shardable=True, mode="nf4")
-    assert ("every GPU loads the whole 4-bit model before FSDP shards it: " in capsys.readouterr().err)
+    assert layer_by_layer_names(model, folder) == "transformer.wte.weight"
+    loaded = _load(folder, shardable=True, mode="nf4")
+    assert "every GPU loads the whole 4-bit model before FSDP shards it: " in capsys.readouterr().err
+    expected = _load_whole(folder, "nf4")
+    for name, param in expected.named_parameters():
+        assert torch.equal(_as_bytes(dict(loaded.named_parameters())[name]), _as_bytes(param)), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
