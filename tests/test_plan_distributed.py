@@ -181,13 +181,17 @@ def test_gpus_without_a_strategy_picks_ddp_when_one_card_fits(capsys):
 
 
 def test_gpus_auto_names_the_fewest_cards(capsys):
+    """One card where FSDP's CPU offload holds the run there; without offload, the 70B needs two 40 GB cards."""
     code = main(["plan-memory", "--model", "llama-2-70b", "--gpu", "A100-40GB", "--gpus", "auto"])
     assert code == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("llama-2-70b at seq 2048 needs 2 x A100-40GB with FSDP, ")
-    code = main(["plan-memory", "--model", "llama-2-70b", "--gpu", "L4", "--gpus", "auto"])
-    assert code == 0
     assert capsys.readouterr().out.splitlines()[0].startswith(
-        "llama-2-70b at seq 2048 needs 2 x L4 with FSDP and CPU offload, ")
+        "llama-2-70b at seq 2048 needs 1 x A100-40GB with FSDP and CPU offload, ")
+    code = main(["plan-memory", "--model", "llama-2-70b", "--gpu", "A100-40GB", "--gpus", "auto", "--strategy",
+                 "fsdp"])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("llama-2-70b at seq 2048 needs 2 x A100-40GB with FSDP, ")
+    code = main(["plan-memory", "--model", "llama-2-7b", "--gpu", "L4", "--gpus", "auto"])
+    assert code == 0 and capsys.readouterr().out.splitlines()[0] == "llama-2-7b at seq 2048 needs 1 x L4"
 
 
 def test_fsdp_on_one_gpu_with_cpu_offload_keeps_only_gathered_layers_and_quantization_states_on_it(llama70b,

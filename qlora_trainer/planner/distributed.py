@@ -290,15 +290,15 @@ def plan_for(shape: ModelShape, run: ResolvedRun, parallelism: Parallelism, effe
 
 def strategies_to_try(run: ResolvedRun, gpus: int, strategy: Optional[str], cpu_offload: bool) -> list[Parallelism]:
     """The parallelisms to search, in order: the one asked for, or ddp (the fastest: no gathering) when it fits,
-    then fsdp, then fsdp with its state in host RAM. One GPU is one plain process unless fsdp is asked for."""
+    then fsdp, then fsdp with its state in host RAM. One GPU is one plain process, else FSDP's CPU offload in a
+    group of one (sharding over one rank alone saves nothing)."""
     if strategy is not None:
         return [Parallelism(strategy, gpus, cpu_offload)]
-    if gpus == 1:
-        return [Parallelism("ddp", 1, False)]
     order = [Parallelism("ddp", gpus, False)]
     # int8 weights cannot be sharded; fp16's loss scaling is refused under fsdp (training/gate.py)
     if run.spec.quantization.mode != "int8" and not run.loss_scaling:
-        order += [Parallelism("fsdp", gpus, False), Parallelism("fsdp", gpus, True)]
+        order += [Parallelism("fsdp", gpus, True)] if gpus == 1 else [Parallelism("fsdp", gpus, False),
+                                                                        Parallelism("fsdp", gpus, True)]
     return order
 
 
@@ -316,9 +316,9 @@ def search_distributed_plan(shape: ModelShape, run: ResolvedRun, gpus: int, stra
 
 def fewest_gpus(shape: ModelShape, run: ResolvedRun, strategy: Optional[str], cpu_offload: bool,
                 effective_batch: int, calibration: Calibration = CALIBRATION) -> DistributedPlan:
-    """The plan on the fewest cards of the run's kind, 1 to MAX_GPUS, that fits (fsdp from 2: on one card it runs
-    only when asked, --gpus 1); when none does, the last plan tried."""
-    first = 2 if strategy == "fsdp" else 1
+    """The plan on the fewest cards of the run's kind, 1 to MAX_GPUS, that fits (fsdp without CPU offload from 2:
+    on one card it saves nothing); when none does, the last plan tried."""
+    first = 2 if strategy == "fsdp" and not cpu_offload else 1
     plan = None
     for gpus in range(first, MAX_GPUS + 1):
         plan = search_distributed_plan(shape, run, gpus, strategy, cpu_offload, effective_batch, calibration)
