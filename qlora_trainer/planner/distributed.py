@@ -185,7 +185,12 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
     for tensor in adapter:
         group_gradients[tensor.group] = group_gradients.get(tensor.group, 0) + cuda_block_bytes(tensor.full_bytes)
     layer_bytes = max(b for group, b in group_bytes.items() if group is not None)
-    load = _fsdp_loading(shape, run, single, group_bytes, whole_bytes, 0 if offload else base_shard + adapter_shard)
+    # under offload FSDP cuts each shard on the GPU before it moves it to the host: one shard more at a time
+    cut_first: dict[Optional[int], int] = {}
+    for tensor in base + adapter:
+        cut_first[tensor.group] = max(cut_first.get(tensor.group, 0), cuda_block_bytes(tensor.shard_bytes(ranks)))
+    unit_load = {group: b + (cut_first[group] if offload else 0) for group, b in group_bytes.items()}
+    load = _fsdp_loading(shape, run, single, unit_load, whole_bytes, 0 if offload else base_shard + adapter_shard)
     # a 4-bit base is parked whole in each rank's host RAM until its shards are cut
     parked = sum(t.full_bytes for t in base + adapter) if load_by_layer(run) else 0
     gathered = group_bytes.get(None, 0) + FSDP_GATHERED_LAYERS * layer_bytes
@@ -238,8 +243,9 @@ def load_by_layer(run: ResolvedRun) -> bool:
 def _fsdp_loading(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, unit_bytes: dict[Optional[int], int],
                   whole_bytes: int, shards_bytes: int) -> int:
     """A rank's GPU at its highest while loading. A 4-bit base loads a tensor at a time (module docstring): the
-    states left whole, the shards cut so far (at most all of them), and one unit whole being cut, or one weight
-    read in 16 bits beside its packed codes. Any other base loads whole on each GPU before it is sharded."""
+    states left whole, the shards cut so far (at most all of them), and one unit whole being cut (`unit_bytes`,
+    with the shard on its way to the host under offload), or one weight read in 16 bits beside its packed codes.
+    Any other base loads whole on each GPU before it is sharded."""
     quant = run.spec.quantization
     if not load_by_layer(run):
         return single.breakdown["weights"] + single.breakdown["adapter"]
