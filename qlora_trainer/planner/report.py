@@ -332,7 +332,7 @@ def distributed_json(plan: DistributedPlan, gpu: GpuSpec) -> dict:
     return {**result_json(plan.result, gpu), "gpus": parallelism.gpus, "strategy": parallelism.strategy,
             "cpu_offload": parallelism.cpu_offload, "batch_per_gpu": plan.batch_per_rank,
             "host_ram_bytes": plan.rank.host_ram_bytes, "host_breakdown": plan.rank.host_breakdown,
-            "load_host_bytes": plan.rank.load_host_bytes}
+            "load_peak_bytes": plan.rank.load_bytes, "load_host_bytes": plan.rank.load_host_bytes}
 
 
 def distributed_table(plan: DistributedPlan, gpu: GpuSpec, model: str, fewest: bool) -> str:
