@@ -279,3 +279,21 @@ def test_a_weight_gathered_without_its_quantization_state_still_takes_the_fused_
         fused_lora._LoRAOn4bitFunction.apply = original
     assert len(calls) == 14
     assert torch.equal(got, want)
+
+
+def test_a_base_forward_in_eval_mode_leaves_the_4bit_weights_as_the_fused_path_reads_them(tiny_llama_dir):
+    """bitsandbytes rewrites a 4-bit weight in place for its CPU kernel when its own forward runs in eval mode on an
+    input needing no gradient (CPUs with AVX512-BF16); the fused path then read garbage after a base-only pass, as
+    `generate --with-base` makes. The base is loaded with that repacking off, so the adapted outputs stay put."""
+    model = _adapted(tiny_llama_dir, "float32", checkpointing=False, targets="attn").eval()
+    assert all(not module.support_avx512bf16_for_cpu for module in model.modules()
+               if isinstance(module, bnb_nn.Linear4bit))
+    fused_lora.use_fused_lora(model)
+    x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        with model.disable_adapter():
+            base = model(input_ids=x).logits
+        again = model(input_ids=x).logits
+    assert (adapted - base).abs().max() > 1e-2  # the adapter changes the outputs, so equal below means unchanged
+    assert torch.equal(again, adapted)

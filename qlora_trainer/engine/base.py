@@ -155,6 +155,17 @@ def keep_cpu_attention_within_its_kernels() -> None:
         torch.backends.cuda.enable_flash_sdp(False)  # the flag CPU and CUDA share; only reached on the CPU
 
 
+def keep_4bit_weights_as_packed(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking: on a CPU with AVX512-BF16, a 4-bit linear's forward in eval mode on an
+    input that needs no gradient rewrites its weight in place into another layout for its own kernel (bitsandbytes
+    0.50, Linear4bit.forward), and everything else that reads the weight as NF4 codes (the fused LoRA path, DoRA's
+    weight norm, merging) then reads garbage: `generate --with-base` printed wrong adapter outputs after the base's.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: torch.dtype,
               device: torch.device, attention: Optional[str] = None, shardable: bool = False) -> LoadedBase:
     """Load the frozen base as configured, ready for adapters, its matmuls in `compute_dtype` (as resolved).
@@ -184,6 +195,7 @@ def load_base(model_cfg: ModelConfig, quant: QuantizationConfig, compute_dtype: 
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_4bit_weights_as_packed(model)
     if model_cfg.upcast_non_quantized:
         upcast_non_quantized(model)
     return LoadedBase(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, device=device)
