@@ -68,3 +68,24 @@ def test_nothing_is_offloaded_on_the_cpu(llama2):
     on_cpu = resolve(RunSpec().with_values({"training.max_seq_len": SEQ_LEN}), Hardware(None, "cpu"))
     assert not on_cpu.prefetch_checkpoints
     assert offload_within_host_memory(on_cpu, llama2) is on_cpu
+
+
+def test_fsdp_is_refused_in_one_line_where_this_machines_processes_cannot_park_their_models(llama2, monkeypatch):
+    """Each FSDP process parks its whole 4-bit model in host memory while loading: as many processes on this
+    machine as overflow its available memory are refused before anything loads; the same number spread over
+    machines (LOCAL_WORLD_SIZE 1) is admitted."""
+    from qlora_trainer.hardware import lookup_gpu
+    from qlora_trainer.planner.distributed import Parallelism, estimate_rank_memory
+
+    spec = RunSpec().with_values({"model.path": "llama-2-7b", "training.distributed": "fsdp",
+                                  "training.fsdp_cpu_offload": True})
+    run = resolve(spec, Hardware.planned(lookup_gpu("A100-80GB")))
+    parked = estimate_rank_memory(llama2, run, Parallelism("fsdp", 1, True)).load_host_bytes  # one process's model
+    processes = math.ceil(psutil.virtual_memory().available / parked) + 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    with pytest.raises(UserError, match=rf"^training.distributed: fsdp needs .* GiB of host memory for this machine's "
+                                        rf"{processes} processes .*; run fewer processes per machine or free memory$"):
+        fit_to_budget(run, load_model_config("llama-2-7b"), force=False, world_size=processes)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert fit_to_budget(run, load_model_config("llama-2-7b"), force=False,
+                         world_size=processes).spec.training.distributed == "fsdp"

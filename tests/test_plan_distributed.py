@@ -230,11 +230,18 @@ def test_bad_parallel_flags_exit_2_with_one_line(capsys, args, message):
     assert captured.err.startswith(message) and captured.err.count("\n") == 1 and not captured.out
 
 
-def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_where_not(llama70b, capsys):
+def test_trains_gate_shares_a_run_by_ddp_where_one_gpu_holds_it_and_by_fsdp_where_not(llama70b, capsys,
+                                                                                    monkeypatch):
     """training.distributed auto: what `train` launched on several processes uses (training/gate.py), judged by the
-    same per-GPU prediction that plan-memory prints."""
+    same per-GPU prediction that plan-memory prints (on a host with room for the processes' parked 70B models:
+    tests/test_gate.py holds the host-memory refusal)."""
+    import types
+
     from qlora_trainer.errors import UserError
+    from qlora_trainer.training import gate
     from qlora_trainer.training.gate import fit_to_budget, launch_strategy
+
+    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1024 * GIB))
 
     seven_b = model_shape(load_model_config("llama-2-7b"))
     assert launch_strategy(l4_run({"model.path": "llama-2-7b"}), seven_b, 2).strategy == "ddp"

@@ -2,7 +2,8 @@
 checkpoints are held to the host memory they may pin, and a run predicted not to fit its budget is refused, unless
 forced. The same prediction and fits rule as `plan-memory`."""
 
-from typing import Optional
+import os
+from typing import Mapping, Optional
 
 import psutil
 from transformers import PretrainedConfig
@@ -53,9 +54,30 @@ def training_estimate(run: ResolvedRun, shape: ModelShape, world_size: int = 1) 
     return estimate_rank_memory(shape, run, parallelism).gpu
 
 
+def processes_on_this_host(world_size: int, environ: Mapping[str, str] = os.environ) -> int:
+    """How many of the run's processes share this machine's memory: LOCAL_WORLD_SIZE, as torchrun and accelerate
+    launch set it; all of them where it is not set."""
+    return int(environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def fsdp_within_host_memory(run: ResolvedRun, shape: ModelShape, parallelism: Parallelism, world_size: int) -> None:
+    """A UserError where this machine's processes of an FSDP run would need more host memory than is available:
+    each parks its whole 4-bit model there while loading (engine/layer_load.py), and under CPU offload keeps its
+    shards, gradients and optimizer states there (planner/distributed.py)."""
+    rank = estimate_rank_memory(shape, run, parallelism)
+    here = processes_on_this_host(world_size)
+    needed = rank.host_ram_bytes * here // parallelism.gpus
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise UserError(f"training.distributed: fsdp needs {needed / GIB:.1f} GiB of host memory for this machine's "
+                        f"{here} process{'es' if here > 1 else ''} (each parks its 4-bit model while loading"
+                        f"{', then holds its offloaded shards' if parallelism.cpu_offload else ''}), more than the "
+                        f"{available / GIB:.1f} GiB available; run fewer processes per machine or free memory")
+
+
 def offload_within_host_memory(run: ResolvedRun, shape: ModelShape, processes: int = 1) -> ResolvedRun:
     """`run`, its checkpointed inputs offloaded only where the host can pin them (HOST_SHARE of its available
-    memory, shared by `processes` ranks, counted as if all on this host). Where it cannot: a UserError when the user
+    memory, shared by `processes` ranks on this host). Where it cannot: a UserError when the user
     asked for offloading, else offloading turned off, said in one line (the GPU then keeps the inputs, and the
     budget check that follows judges that)."""
     needed = processes * offloaded_input_bytes(shape, run)
@@ -87,7 +109,9 @@ def fit_to_budget(run: ResolvedRun, model_config: PretrainedConfig, force: bool,
     estimator = estimate_memory if parallelism is None else rank_estimator(parallelism)
     if run.spec.training.plan == "auto":
         run = search_plan(shape, run, estimator=estimator).run
-    run = offload_within_host_memory(run, shape, world_size)
+    run = offload_within_host_memory(run, shape, processes_on_this_host(world_size))
+    if parallelism is not None and parallelism.strategy == "fsdp" and not force:
+        fsdp_within_host_memory(run, shape, parallelism, world_size)
     estimate = estimator(shape, run, CALIBRATION)
     peak, pinned = estimate.predicted_peak_bytes, estimate.pinned_host_bytes
     budget = run.budget
