@@ -62,6 +62,7 @@ def test_a_tensor_at_a_time_gives_the_model_from_pretrained_gives(model_dir, mod
     tied = expected.get_output_embeddings().weight is expected.get_input_embeddings().weight
     assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
     assert loaded.is_loaded_in_4bit and loaded.config.quantization_config.bnb_4bit_quant_storage == torch.bfloat16
+    assert not loaded.training and not expected.training
 
 
 def _load_whole(folder: Path, mode: str) -> torch.nn.Module:

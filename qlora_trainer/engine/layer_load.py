@@ -113,6 +113,7 @@ def load_layer_by_layer(model: nn.Module, quantizer, folder: Path, compute_dtype
     model.tie_weights()
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
+    model.eval()  # as from_pretrained returns it
 
 
 def load_for_sharding(model_config: PretrainedConfig, folder: Path, bnb_config: BitsAndBytesConfig,
