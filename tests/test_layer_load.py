@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora_trainer.engine.base import DTYPES, load_base
-from qlora_trainer.engine.layer_load import layer_by_layer_names, skeleton
+from qlora_trainer.engine.layer_load import layer_by_layer_names, skeleton, tensor_files
 from qlora_trainer.engine.base import load_model_config, quantization_config
 from qlora_trainer.spec import ModelConfig, QuantizationConfig
 from tiny_models import save_tiny_model
@@ -88,7 +88,7 @@ def test_files_transformers_renames_on_loading_are_loaded_whole_and_said(tmp_pat
     save_tiny_tokenizer(folder)
     config = quantization_config(QuantizationConfig(), torch.bfloat16, shardable=True)
     model, _ = skeleton(load_model_config(ModelConfig(path=str(folder))), config, torch.bfloat16, "sdpa", False)
-    assert layer_by_layer_names(model, folder) == "transformer.wte.weight"
+    assert layer_by_layer_names(model, tensor_files(folder)) == "transformer.wte.weight"
     loaded = _load(folder, shardable=True, mode="nf4")
     assert "every GPU loads the whole 4-bit model before FSDP shards it: " in capsys.readouterr().err
     expected = _load_whole(folder, "nf4")

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedCon
 from transformers.pytorch_utils import Conv1D
 
 
-def _file_index(folder: Path) -> dict[str, Path]:
+def tensor_files(folder: Path) -> dict[str, Path]:
     """Each tensor name in the folder's safetensors files -> the file that holds it."""
     index = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -57,11 +57,10 @@ def _tensor_names(model: nn.Module) -> list[str]:
     return names + [name for name, _ in model.named_buffers() if not _is_non_persistent(model, name)]
 
 
-def layer_by_layer_names(model: nn.Module, folder: Path) -> Optional[str]:
-    """None where every parameter and persistent buffer of `model` is in the folder's files under its own name;
-    else the first name missing, which only transformers' renaming while loading would find."""
-    index = _file_index(folder)
-    return next((name for name in _tensor_names(model) if name not in index), None)
+def layer_by_layer_names(model: nn.Module, files: dict[str, Path]) -> Optional[str]:
+    """None where every parameter and persistent buffer of `model` is in the files (`tensor_files`) under its own
+    name; else the first name missing, which only transformers' renaming while loading would find."""
+    return next((name for name in _tensor_names(model) if name not in files), None)
 
 
 def _is_non_persistent(model: nn.Module, name: str) -> bool:
@@ -69,20 +68,19 @@ def _is_non_persistent(model: nn.Module, name: str) -> bool:
     return leaf in model.get_submodule(owner)._non_persistent_buffers_set
 
 
-def load_layer_by_layer(model: nn.Module, quantizer, folder: Path, compute_dtype: torch.dtype,
+def load_layer_by_layer(model: nn.Module, quantizer, files: dict[str, Path], compute_dtype: torch.dtype,
                         device: torch.device, park: torch.device) -> None:
-    """Every tensor of `model` (a `skeleton`) read from `folder` onto `device`, the 4-bit linears' weights quantized
-    there, and all parameters then moved to `park` (their quantization states stay on `device`); ties restored and
-    the quantizer's finishing touches applied, as from_pretrained leaves the model."""
+    """Every tensor of `model` (a `skeleton`) read from its file (`tensor_files`) onto `device`, the 4-bit linears'
+    weights quantized there, and all parameters then moved to `park` (their quantization states stay on `device`);
+    ties restored and the quantizer's finishing touches applied, as from_pretrained leaves the model."""
     import bitsandbytes as bnb
 
-    index = _file_index(folder)
     kept = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
         getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     keep_fp32 = re.compile(rf"((^|\.)({'|'.join(map(re.escape, kept))})($|\.))") if kept else None
     by_file: dict[Path, list[str]] = {}
     for name in _tensor_names(model):
-        by_file.setdefault(index[name], []).append(name)
+        by_file.setdefault(files[name], []).append(name)
     for path, keys in by_file.items():
         with safe_open(str(path), "pt", device=str(device)) as weights:
             for name in keys:
@@ -122,9 +120,10 @@ def load_for_sharding(model_config: PretrainedConfig, folder: Path, bnb_config: 
     """The 4-bit base loaded tensor by tensor, parked in host memory for `fully_shard` (the module docstring); or
     (None, the name the files lack) where transformers would have to rename the files' tensors."""
     model, quantizer = skeleton(model_config, bnb_config, compute_dtype, attention, trust_remote_code)
-    missing = layer_by_layer_names(model, folder)
+    files = tensor_files(folder)
+    missing = layer_by_layer_names(model, files)
     if missing:
         return None, missing
-    load_layer_by_layer(model, quantizer, folder, compute_dtype, device, park=torch.device("cpu"))
+    load_layer_by_layer(model, quantizer, files, compute_dtype, device, park=torch.device("cpu"))
     return model, None
 

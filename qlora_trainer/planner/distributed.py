@@ -180,16 +180,16 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
     # in full; in backward one layer's unsharded adapter gradients wait for their reduce-scatter
     group_bytes: dict[Optional[int], int] = {}
     group_gradients: dict[Optional[int], int] = {}
+    largest_shard: dict[Optional[int], int] = {}
     for tensor in base + adapter:
         group_bytes[tensor.group] = group_bytes.get(tensor.group, 0) + cuda_block_bytes(tensor.full_bytes)
+        largest_shard[tensor.group] = max(largest_shard.get(tensor.group, 0),
+                                          cuda_block_bytes(tensor.shard_bytes(ranks)))
     for tensor in adapter:
         group_gradients[tensor.group] = group_gradients.get(tensor.group, 0) + cuda_block_bytes(tensor.full_bytes)
     layer_bytes = max(b for group, b in group_bytes.items() if group is not None)
     # under offload FSDP cuts each shard on the GPU before it moves it to the host: one shard more at a time
-    cut_first: dict[Optional[int], int] = {}
-    for tensor in base + adapter:
-        cut_first[tensor.group] = max(cut_first.get(tensor.group, 0), cuda_block_bytes(tensor.shard_bytes(ranks)))
-    unit_load = {group: b + (cut_first[group] if offload else 0) for group, b in group_bytes.items()}
+    unit_load = {group: b + (largest_shard[group] if offload else 0) for group, b in group_bytes.items()}
     load = _fsdp_loading(shape, run, single, unit_load, whole_bytes, 0 if offload else base_shard + adapter_shard)
     # a 4-bit base is parked whole in each rank's host RAM until its shards are cut
     parked = sum(t.full_bytes for t in base + adapter) if load_by_layer(run) else 0
