@@ -69,9 +69,11 @@ def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Op
 
 
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """torch AdamW, or bitsandbytes 8-bit AdamW (optionally in paged unified memory)."""
+    """torch AdamW, or bitsandbytes 8-bit AdamW (optionally in paged unified memory). AdamW is torch's fused kernel
+    where the parameters are on a GPU (one launch for all of them and no temporaries: the foreach step allocates one
+    tensor per parameter); elsewhere (the CPU, FSDP's CPU offload) torch's default."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].is_cuda or None)
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
