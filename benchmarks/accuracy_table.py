@@ -10,6 +10,7 @@ the grid ran on and estimated on the preset's shapes.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -55,6 +56,8 @@ def record_spec(case: dict, record: dict) -> RunSpec:
 def predicted(case: dict, record: dict) -> dict:
     """The planner's prediction for a record's run on the preset's architecture (the record's model)."""
     run = resolve(record_spec(case, record), MEASURED_ON)
+    if not record.get("fused_optimizer"):  # records from before the fused AdamW ran torch's foreach AdamW
+        run = dataclasses.replace(run, fused_optimizer=False)
     estimate = training_estimate(run, model_shape(load_model_config(case["model"])))
     return {"predicted_peak_bytes": estimate.predicted_peak_bytes, "predicted_phase": estimate.phase}
 

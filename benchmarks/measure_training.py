@@ -167,7 +167,8 @@ def predicted(config: dict, model: Optional[str] = None) -> dict:
     estimate = training_estimate(run, model_shape(load_model_config(model or run.spec.model.path)))
     return {"predicted_peak_bytes": estimate.predicted_peak_bytes,
             "predicted_peak_allocated_bytes": estimate.predicted_peak_allocated_bytes,
-            "predicted_breakdown": estimate.breakdown, "predicted_phase": estimate.phase}
+            "predicted_breakdown": estimate.breakdown, "predicted_phase": estimate.phase,
+            "fused_optimizer": run.fused_optimizer}
 
 
 def gpu_need_gib(case: dict) -> float:

@@ -345,7 +345,8 @@ def run_ours_command(stack: str, config: dict, args: argparse.Namespace) -> dict
         return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
     record.pop("ran_config", None)
     return {"stack": stack, "mode": "speed", "seq_len": args.seq_len, "via": "qlora-trainer train"} | record | {
-        k: v for k, v in predicted(config).items() if k in ("predicted_peak_bytes", "predicted_peak_allocated_bytes")}
+        k: v for k, v in predicted(config).items()
+        if k in ("predicted_peak_bytes", "predicted_peak_allocated_bytes", "fused_optimizer")}
 
 
 def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: Path) -> dict:

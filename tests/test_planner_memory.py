@@ -158,10 +158,27 @@ def test_optimizer_states_equal_what_the_optimizer_allocates(optimizer):
     opt.step()
     storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
                 for state in opt.state.values() for key, v in state.items()
-                if torch.is_tensor(v) and key != "step"}  # torch keeps `step` on the CPU unless capturable
-    states = optimizer_state_tensors(optimizer, numels, param_bytes=4)
+                if torch.is_tensor(v) and key != "step"}  # torch keeps `step` on the CPU unless capturable or fused
+    states = optimizer_state_tensors(optimizer, numels, param_bytes=4, fused=False)
     assert sum(states.pooled) + sum(states.paged) == sum(storages.values())  # the CPU never pages
     assert states.paged == ((300_000, 300_000) if optimizer == "paged_adamw8bit" else ())
+
+
+def test_fused_adamw_states_equal_what_it_allocates():
+    """engine/build.py's AdamW on a GPU is torch's fused one: its `step` lives beside the parameter and the step
+    allocates no temporaries (the CPU has the same fused kernel, so its states are counted here)."""
+    from qlora_trainer.engine.build import build_optimizer
+
+    numels = [1000, 5000, 300_000]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in numels]
+    opt = build_optimizer("adamw", params, lr=1e-3, weight_decay=0.0, fused=True)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    opt.step()
+    found = sorted(v.untyped_storage().nbytes() for state in opt.state.values() for v in state.values())
+    states = optimizer_state_tensors("adamw", numels, param_bytes=4, fused=True)
+    assert sorted(states.pooled) == found
+    assert states.step_temporaries == ()
 
 
 def _saved_storages(root) -> dict[int, tuple[int, str]]:

@@ -89,7 +89,7 @@ def build_full(method: str, run: ResolvedRun) -> Session:
     enable_activation_checkpointing(model)
     trainable = list(model.parameters())
     optimizer = build_optimizer("adamw" if method == "full" else "adamw8bit", trainable, spec.training.learning_rate,
-                                0.0)
+                                0.0, fused=device.type == "cuda")
     scheduler = get_scheduler("constant", optimizer)
     trainable_count, total = adapters.count_params(model)
     summary = adapters.AdapterSummary([], 0, trainable_count, trainable_count, total)

@@ -68,10 +68,12 @@ def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Op
                                    spec.model.trust_remote_code, meta=meta)
 
 
-def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """torch AdamW, or bitsandbytes 8-bit AdamW (optionally in paged unified memory)."""
+def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """torch AdamW (`fused`: its fused kernel, for parameters on a GPU; else torch's default), or bitsandbytes 8-bit
+    AdamW (optionally in paged unified memory)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
@@ -105,7 +107,8 @@ def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
     loss_sum = wrap(LossModule(model.get_base_model(), training.loss_chunk_tokens, run.fused_loss), processes,
                     training.fsdp_cpu_offload)  # 7
     trainable = [p for p in model.parameters() if p.requires_grad]  # 8
-    optimizer = build_optimizer(training.optimizer, trainable, training.learning_rate, training.weight_decay)
+    optimizer = build_optimizer(training.optimizer, trainable, training.learning_rate, training.weight_decay,
+                                run.fused_optimizer)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=training.max_steps)
     scaler = torch.amp.GradScaler(device.type) if run.loss_scaling else None

@@ -172,7 +172,7 @@ def _fsdp(shape: ModelShape, run: ResolvedRun, single: MemoryEstimate, paralleli
     adapter_shard = sum(cuda_block_bytes(t.shard_bytes(ranks)) for t in adapter)
     # the optimizer keeps state per sharded tensor, sized like the shard (memory.py's rules, on the shards)
     states = optimizer_state_tensors(run.spec.training.optimizer, [t.shard_numel(ranks) for t in adapter],
-                                     DTYPE_BYTES[run.spec.adapter.dtype])
+                                     DTYPE_BYTES[run.spec.adapter.dtype], run.fused_optimizer and not offload)
     optimizer_shard = sum(cuda_block_bytes(b) for b in states.pooled)
     step_shard = sum(cuda_block_bytes(b) for b in states.step_temporaries)
     # gathered: the root's parameters stay unsharded from its forward to the end of backward (FSDP2 sets the root's

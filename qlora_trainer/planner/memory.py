@@ -182,12 +182,16 @@ class OptimizerStates:
     step_temporaries: tuple[int, ...]  # bytes of each tensor the step itself allocates and frees
 
 
-def optimizer_state_tensors(optimizer: str, numels: list[int], param_bytes: int) -> OptimizerStates:
-    """The optimizer's state tensors for trainable tensors of `numels` elements, as the optimizer allocates them."""
+def optimizer_state_tensors(optimizer: str, numels: list[int], param_bytes: int, fused: bool) -> OptimizerStates:
+    """The optimizer's state tensors for trainable tensors of `numels` elements, as the optimizer allocates them
+    (`fused`: torch's fused AdamW, ResolvedRun.fused_optimizer)."""
     if optimizer == "adamw":
-        # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype (`step` stays on the CPU unless capturable);
+        # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype. Fused: `step` is a float32
+        # scalar on the parameter's device and the step allocates nothing; elsewhere `step` stays on the CPU and
         # the foreach step makes one temporary per parameter (the sqrt of exp_avg_sq)
         per_param = tuple(n * param_bytes for n in numels)
+        if fused:
+            return OptimizerStates(per_param * 2 + (4,) * len(numels), (), ())
         return OptimizerStates(per_param * 2, (), per_param)
     pooled, paged = [256 * 4, 256 * 4], []  # the signed and unsigned quantile maps, once per optimizer
     for n in numels:
@@ -337,7 +341,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     trainable = sum(numels)
     adapter = sum(cuda_block_bytes(n * adapter_bytes) for n in numels)
     gradients = adapter  # kept from the first backward to the optimizer step, across accumulation
-    states = optimizer_state_tensors(training.optimizer, numels, adapter_bytes)
+    states = optimizer_state_tensors(training.optimizer, numels, adapter_bytes, run.fused_optimizer)
     optimizer = sum(cuda_block_bytes(b) for b in states.pooled)
     step_temporaries = sum(cuda_block_bytes(b) for b in states.step_temporaries)
     static = weights + adapter + optimizer

@@ -53,6 +53,7 @@ class ResolvedRun:
     compile_layers: bool  # torch.compile each decoder layer (training.compile_layers, auto = on capable GPUs)
     fused_lora: bool  # fused LoRA-on-4-bit forward (training.fused_lora, for LoRA over a 4-bit base)
     fused_loss: bool  # Liger's fused lm_head + cross-entropy (training.loss_kernel), else the chunked loss
+    fused_optimizer: bool  # torch's fused AdamW: training.optimizer adamw with its parameters on a GPU
     attention: str  # the attn_implementation the model loads with (model.attn_implementation, or packed varlen)
     budget: Optional[Budget]  # None on the CPU
 
@@ -157,6 +158,10 @@ def resolve(spec: RunSpec, hardware: Hardware) -> ResolvedRun:
         fused_lora=(spec.training.fused_lora and spec.adapter.type == "lora"
                     and spec.quantization.mode in ("nf4", "fp4")),
         fused_loss=_fused_loss(spec, hardware),
+        # one launch for every parameter and no temporaries (the foreach step allocates one tensor per parameter);
+        # not under FSDP's CPU offload, whose step runs on the CPU
+        fused_optimizer=(spec.training.optimizer == "adamw" and hardware.device_type == "cuda"
+                         and not (spec.training.distributed == "fsdp" and spec.training.fsdp_cpu_offload)),
         attention=_attention(spec, hardware),
         budget=_budget(spec, hardware),
     )
