@@ -261,3 +261,24 @@ def test_plain_peft_fails_where_usability_note_says_so(tiny_llama_dir, gpt2_dir,
     with pytest.raises(TypeError, match="Conv1D'> not supported"):
         PeftModel.from_pretrained(tiny_base(gpt2_dir, quantization=QuantizationConfig(mode="none")).model,
                                   str(gpt2_lokr))
+
+
+def test_the_first_checkpointed_layer_trains_without_a_gradient_for_the_frozen_embeddings(tiny_llama_dir):
+    """The checkpoint's output requires grad through its own anchor, not through the embeddings' output: that output
+    is not kept for backward and gets no gradient, and the first layer's adapter still gets its gradients (equal to
+    those of no checkpointing: test_checkpointed_layers_give_the_gradients_of_no_checkpointing)."""
+    meta = adapters.meta_model(load_model_config(ModelConfig(path=str(tiny_llama_dir))))
+    keys, layers = adapters.resolve_targets(meta, "attn")
+    base = tiny_base(tiny_llama_dir, checkpointing=True).model
+    peft_model, _ = adapters.attach_adapter(base, AdapterConfig(r=4, lora_dropout=0.0), keys, layers)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
+    peft_model.train()
+    embedded = []
+    base.get_input_embeddings().register_forward_hook(lambda _m, _i, out: embedded.append(out))
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=x).logits.float().square().mean().backward()
+    assert not embedded[0].requires_grad and embedded[0].grad is None
+    first = base.model.layers[0].self_attn.q_proj
+    assert first.lora_A["default"].weight.grad.abs().sum() > 0 and first.lora_B["default"].weight.grad.abs().sum() > 0

@@ -87,10 +87,18 @@ class _HostCopies:
 
 _HOST_COPIES = _HostCopies()
 
+# An empty leaf that requires grad, passed to every checkpoint so that its output requires grad even where the
+# layer's input does not (the first layer's, from frozen embeddings) and its backward still gives the layer's
+# adapter its gradients. The usual way, making the embeddings' output require grad (enable_input_require_grads),
+# keeps that output alive on the GPU through the whole backward (autograd's accumulator of a leaf holds it; an
+# offloaded checkpoint's input is otherwise only in host memory) and stores a gradient for it that nothing reads.
+_NEEDS_GRAD = torch.empty(0, requires_grad=True)
+
 
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run_function: Callable, offload: bool, prefetch: bool, hidden_states: torch.Tensor):
+    def forward(ctx, run_function: Callable, offload: bool, prefetch: bool, hidden_states: torch.Tensor,
+                needs_grad: torch.Tensor):
         ctx.run_function = run_function
         ctx.device = hidden_states.device
         ctx.autocast = (torch.is_autocast_enabled(ctx.device.type), torch.get_autocast_dtype(ctx.device.type))
@@ -101,12 +109,15 @@ class _LayerCheckpoint(torch.autograd.Function):
             _HOST_COPIES.copy_out(ctx, hidden_states)
         else:
             ctx.stored = hidden_states.detach()
-        with torch.no_grad():
-            return run_function(hidden_states)
+        with torch.no_grad():  # detached: every layer's no-grad forward sees the same kind of input (one graph)
+            return run_function(hidden_states.detach())
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         stored = _HOST_COPIES.take_back(ctx, ctx.prefetch) if ctx.offloaded else ctx.stored
+        # the recomputed input requires grad whatever the forward's did, so a compiled layer sees one kind of input
+        # (one graph); its gradient is returned only where the input needs one
+        input_needs_grad = ctx.needs_input_grad[3]
         hidden_states = stored.detach().requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -121,14 +132,14 @@ class _LayerCheckpoint(torch.autograd.Function):
                  if torch.is_tensor(o) and o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.stored = None
-        return None, None, None, hidden_states.grad
+        return None, None, None, hidden_states.grad if input_needs_grad else None, None
 
 
 def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False,
                      prefetch: bool = False) -> torch.Tensor:
     """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload` (and, with
     `prefetch`, the input before it copied back while this layer's backward runs)."""
-    return _LayerCheckpoint.apply(function, offload, prefetch, hidden_states)
+    return _LayerCheckpoint.apply(function, offload, prefetch, hidden_states, _NEEDS_GRAD)
 
 
 class _CheckpointedLayer:
@@ -167,7 +178,6 @@ def enable_activation_checkpointing(model: nn.Module, checkpointed_layers: Optio
         if checkpointed_layers is None or index < checkpointed_layers:
             layer.__class__ = mixed_class(_CheckpointedLayer, type(layer))
             layer.offload_checkpoint, layer.prefetch_checkpoint = offload, prefetch
-    model.enable_input_require_grads()  # a reentrant checkpoint runs its backward only when its input requires grad
 
 
 def is_checkpointed(layer: nn.Module) -> bool:
