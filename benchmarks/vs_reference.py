@@ -318,16 +318,22 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
                          "step_speeds": [round(speed) for speed in speeds]}
 
     def trains(seq_len: int) -> bool:
+        started = time.perf_counter()
         try:
             step(on_gpu(random_batch(seq_len)))
             torch.cuda.synchronize()
-            return True
+            fits = True
         except torch.cuda.OutOfMemoryError:
             for param in model.parameters():
                 param.grad = None
-            return False
-        finally:
-            torch.cuda.empty_cache()
+            fits = False
+        peak = torch.cuda.max_memory_reserved()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        # each probe as it ends, so a search cut short by its timeout still says how far it got
+        print(json.dumps({"stack": stack, "probe": seq_len, "trains": fits, "peak_reserved_bytes": peak,
+                          "seconds": round(time.perf_counter() - started, 1)}), file=sys.stderr, flush=True)
+        return fits
 
     first = predicted_longest(run, args.cap_gib) if run is not None and args.cap_gib else None
     good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
@@ -368,18 +374,24 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
+        stderr_path = Path(tmp) / "stderr.txt"
         try:
-            process = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, env=env)
+            with open(stderr_path, "w") as stderr:
+                process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                         timeout=args.timeout_s, env=env)
         except subprocess.TimeoutExpired:
-            return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
+            probes = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.startswith('{"stack"')]
+            return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s",
+                    **({"probes": probes} if probes else {})}
+        stderr_text = stderr_path.read_text()
         if process.returncode == 0 and out.exists():
             return json.loads(out.read_text())
-        if "ModuleNotFoundError" in process.stderr and stack == "unsloth":
+        if "ModuleNotFoundError" in stderr_text and stack == "unsloth":
             return {"stack": stack, "mode": args.mode, "skipped": "unsloth is not importable"}
-        errors = [line for line in process.stderr.splitlines() if "Error" in line]  # the exception, not the hint
-        sys.stderr.write(f"{stack} failed; the end of its stderr:\n{process.stderr[-3000:]}\n")
+        errors = [line for line in stderr_text.splitlines() if "Error" in line]  # the exception, not the hint
+        sys.stderr.write(f"{stack} failed; the end of its stderr:\n{stderr_text[-3000:]}\n")
         return {"stack": stack, "mode": args.mode,
-                "error": (errors or process.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                "error": (errors or stderr_text.strip().splitlines() or ["?"])[-1][:300]}
 
 
 def main() -> None:
