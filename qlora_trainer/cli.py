@@ -127,6 +127,19 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
+LONGEST_SEQ_LEN = "longest"  # --seq-len longest: plan-memory finds the longest sequence that fits (planner/report.py)
+
+
+def seq_len_argument(text: str):
+    """plan-memory's --seq-len: a number of tokens, or `longest`."""
+    if text == LONGEST_SEQ_LEN:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of tokens or {LONGEST_SEQ_LEN}") from None
+
+
 def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model",
                         help=f"model folder (config.json is enough) or preset: {', '.join(preset_names())} "
@@ -137,7 +150,9 @@ def add_plan_memory_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--gpu", help=f"a catalogue GPU: {', '.join(GPU_CATALOGUE)} (default: the GPU here)")
     budget.add_argument("--vram", type=float, metavar="GIB", help="the GPU's memory in GiB, for any card")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, or the config's)")
+    parser.add_argument("--seq-len", type=seq_len_argument,
+                        help="tokens per sequence (default 2048, or the config's), or `longest`: the longest "
+                             "sequence that fits, in steps of 1,024, up to the model's max_position_embeddings")
     parser.add_argument("--batch-size", type=int,
                         help="effective batch: sequences per optimizer step, kept through accumulation (default 16, "
                              "or the config's micro-batch x accumulation)")

@@ -106,6 +106,8 @@ def test_the_detected_gpu_is_the_default_budget(monkeypatch, capsys):
     (["--model", "llama-2-7b", "--vram", "-1"], "error: --vram -1: not allowed"),
     (["--model", "llama-2-7b", "--vram", "16", "--seq-len", "0"], "error: --seq-len 0: not allowed"),
     (["--model", "llama-2-7b", "--vram", "16", "--targets", "qq_proj"], "error: --targets: 'qq_proj' matches no"),
+    (["--model", "llama-2-7b", "--gpu", "T4", "--seq-len", "longest", "--gpus", "2"],
+     "error: --seq-len longest: plans one GPU; leave out --gpus"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, args, message):
     assert main(["plan-memory", *args]) == 2
@@ -214,3 +216,31 @@ def test_a_config_whose_model_has_no_config_json_names_model_path(tmp_path, caps
     (tmp_path / "run.yaml").write_text(f"model: {{path: {tmp_path}}}\ndata: {{path: train.jsonl, format: text}}\n")
     assert main(["plan-memory", "--config", str(tmp_path / "run.yaml"), "--gpu", "T4"]) == 2
     assert capsys.readouterr().err.startswith(f"error: model.path {tmp_path}: the folder has no config.json")
+
+
+def test_the_longest_sequence_is_the_last_that_fits(capsys):
+    """--seq-len longest against plan-memory itself: a plan at the length it gives, none 1,024 tokens longer."""
+    code, out = _json(capsys, "--model", "qwen2.5-7b", "--gpu", "T4", "--seq-len", "longest")
+    longest = out["longest_seq_len"]
+    assert code == 0 and out["fits"] and out["plan"]["seq_len"] == longest and longest % 1024 == 0
+    assert 8192 < longest < 131072  # neither a short answer nor the model's positions
+    assert _json(capsys, "--model", "qwen2.5-7b", "--gpu", "T4", "--seq-len", str(longest))[0] == 0
+    code, out = _json(capsys, "--model", "qwen2.5-7b", "--gpu", "T4", "--seq-len", str(longest + 1024))
+    assert code == 1 and not out["fits"]
+
+
+def test_the_longest_sequence_stops_at_the_models_positions(capsys):
+    assert main(["plan-memory", "--model", "llama-2-7b", "--gpu", "A100-80GB", "--seq-len", "longest"]) == 0
+    assert "longest sequence that fits: 4,096 tokens (the model's max_position_embeddings)" in capsys.readouterr().out
+
+
+def test_the_longest_sequence_where_none_fits_exits_1(capsys):
+    code, out = _json(capsys, "--model", "llama-2-7b", "--vram", "3", "--seq-len", "longest")
+    assert code == 1 and not out["fits"] and out["plan"]["seq_len"] == 1024 and "longest_seq_len" not in out
+
+
+def test_seq_len_is_a_number_or_longest(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan-memory", "--model", "llama-2-7b", "--seq-len", "long"])
+    assert exit_info.value.code == 2
+    assert "argument --seq-len: 'long': give a number of tokens or longest" in capsys.readouterr().err

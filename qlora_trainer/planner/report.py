@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from qlora_trainer.cli import LONGEST_SEQ_LEN
 from qlora_trainer.engine.adapters import SHORTHANDS
 from qlora_trainer.engine.base import settle_auto_attention
 from qlora_trainer.errors import ConfigError, UserError
@@ -42,6 +43,7 @@ FLAG_KEYS = {
 # Without --config, the values of the flags left out that are not the planner's to choose (set, so explicit)
 WITHOUT_CONFIG = {"seq_len": 2048, "quant": "nf4", "adapter": "lora", "adapter_dtype": "float32"}
 DEFAULT_BATCH = 16  # --batch-size without --config
+LONGEST_STEP = 1024  # --seq-len longest answers in multiples of this many tokens
 
 
 def _gpu(args: argparse.Namespace) -> GpuSpec:
@@ -117,6 +119,7 @@ class PlannedRun:
     shape: ModelShape
     run: ResolvedRun
     effective_batch: int
+    max_positions: Optional[int]  # the model's max_position_embeddings, where its config gives one
 
 
 def _planned_run(args: argparse.Namespace) -> PlannedRun:
@@ -135,7 +138,8 @@ def _planned_run(args: argparse.Namespace) -> PlannedRun:
     except UserError as err:  # worded for --model; name the config's key when the path is the config's
         raise err if args.model is not None else UserError(str(err).replace("--model", "model.path", 1)) from None
     run = resolve(settle_auto_attention(spec, model_config), Hardware.planned(gpu))
-    return PlannedRun(gpu, args.model or spec.model.path, model_shape(model_config), run, effective_batch(args, base))
+    return PlannedRun(gpu, args.model or spec.model.path, model_shape(model_config), run, effective_batch(args, base),
+                      getattr(model_config, "max_position_embeddings", None))
 
 
 def _targets_error(err: ConfigError) -> UserError:
@@ -144,7 +148,10 @@ def _targets_error(err: ConfigError) -> UserError:
 
 
 def plan_result(args: argparse.Namespace) -> tuple[PlanResult, PlannedRun]:
-    """Run the search the command line asks for; for a run config without training.plan: auto, the run as written."""
+    """Run the search the command line asks for; for a run config without training.plan: auto, the run as written.
+    With --seq-len longest: that at the longest sequence that fits (longest_result)."""
+    if args.seq_len == LONGEST_SEQ_LEN:
+        return longest_result(args)
     planned = _planned_run(args)
     try:
         searched = search_plan(planned.shape, planned.run, planned.effective_batch)
@@ -153,6 +160,37 @@ def plan_result(args: argparse.Namespace) -> tuple[PlanResult, PlannedRun]:
     if args.config is None or planned.run.spec.training.plan == "auto":
         return searched, planned
     return _as_configured(planned, searched), planned
+
+
+def longest_result(args: argparse.Namespace) -> tuple[PlanResult, PlannedRun]:
+    """--seq-len longest: the plan at the longest multiple of LONGEST_STEP tokens, up to the model's
+    max_position_embeddings, at which plan-memory finds a run that fits (the search is monotone in the length: what
+    fits a sequence fits a shorter one); the plan at LONGEST_STEP tokens where nothing fits."""
+
+    def at(seq_len: int) -> tuple[PlanResult, PlannedRun]:
+        return plan_result(argparse.Namespace(**{**vars(args), "seq_len": seq_len}))
+
+    result, planned = at(LONGEST_STEP)
+    if not result.fits:
+        return result, planned
+    limit = (planned.max_positions or 0) // LONGEST_STEP * LONGEST_STEP
+    if limit <= LONGEST_STEP:
+        raise UserError("--seq-len longest: the model's config gives no max_position_embeddings above "
+                        f"{LONGEST_STEP}; give --seq-len N")
+    good, high = LONGEST_STEP, limit + LONGEST_STEP
+    best = (result, planned)
+    while high - good > LONGEST_STEP:
+        middle = (good + high) // 2 // LONGEST_STEP * LONGEST_STEP
+        candidate = at(middle)
+        if candidate[0].fits:
+            good, best = middle, candidate
+        else:
+            high = middle
+    result, planned = best
+    reached = " (the model's max_position_embeddings)" if good == limit else ""
+    note = (f"longest sequence that fits: {good:,} tokens{reached}, in steps of {LONGEST_STEP:,}, the planner's "
+            f"estimate; at it, {result.advice}")
+    return dataclasses.replace(result, advice=note, longest_seq_len=good), planned
 
 
 def _as_configured(planned: PlannedRun, searched: PlanResult) -> PlanResult:
@@ -249,6 +287,7 @@ def result_json(result: PlanResult, gpu: GpuSpec) -> dict:
         "total_params": estimate.total_params,
         "smallest_fitting_budget_bytes": result.smallest_fitting_budget_bytes,
         "longest_fitting_seq_len": result.longest_fitting_seq_len,
+        **({"longest_seq_len": result.longest_seq_len} if result.longest_seq_len else {}),
         "advice": result.advice,
         "as_configured": result.as_configured,
     }
@@ -373,6 +412,8 @@ def run_plan_memory(args: argparse.Namespace) -> int:
         print(json.dumps(result_json(result, planned.gpu), indent=1) if args.json
               else result_table(result, planned.gpu, planned.model))
         return 0 if result.fits else 1
+    if args.seq_len == LONGEST_SEQ_LEN:
+        raise UserError(f"--seq-len {LONGEST_SEQ_LEN}: plans one GPU; leave out --gpus, or give --seq-len N")
     plan, planned = distributed_plan(args)
     print(json.dumps(distributed_json(plan, planned.gpu), indent=1) if args.json
           else distributed_table(plan, planned.gpu, planned.model, fewest=_gpu_count(args.gpus) is None))

@@ -85,6 +85,7 @@ class PlanResult:
     longest_fitting_seq_len: Optional[int]  # when nothing fits: the longest sequence the leanest run fits
     advice: str  # one or two sentences for people
     as_configured: bool = False  # `run` is a run config's own run, not a plan (planner/report.py, training.plan: off)
+    longest_seq_len: Optional[int] = None  # plan-memory --seq-len longest: the longest sequence that fits
 
 
 def changed(run: ResolvedRun, values: dict[str, Any]) -> ResolvedRun:
