@@ -6,12 +6,13 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from qlora_trainer import __version__
 from qlora_trainer.bench.methods import METHODS
 from qlora_trainer.errors import UserError
 from qlora_trainer.hardware import GPU_CATALOGUE, configure_allocator
+from qlora_trainer.planner import LONGEST_SEQ_LEN
 from qlora_trainer.presets import preset_names
 from qlora_trainer.quiet import quiet_third_party
 
@@ -127,10 +128,7 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
-LONGEST_SEQ_LEN = "longest"  # --seq-len longest: plan-memory finds the longest sequence that fits (planner/report.py)
-
-
-def seq_len_argument(text: str):
+def seq_len_argument(text: str) -> Union[int, str]:
     """plan-memory's --seq-len: a number of tokens, or `longest`."""
     if text == LONGEST_SEQ_LEN:
         return text

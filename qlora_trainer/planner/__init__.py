@@ -7,3 +7,7 @@
 
 The planner has no run type of its own: it reads and returns `ResolvedRun`s (spec/resolve.py).
 """
+
+# plan-memory's --seq-len value that asks for the longest sequence that fits (report.py); here, where the command line
+# (cli.py) can read it without importing the planner's modules
+LONGEST_SEQ_LEN = "longest"

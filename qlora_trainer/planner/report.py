@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from qlora_trainer.cli import LONGEST_SEQ_LEN
 from qlora_trainer.engine.adapters import SHORTHANDS
 from qlora_trainer.engine.base import settle_auto_attention
 from qlora_trainer.errors import ConfigError, UserError
 from qlora_trainer.hardware import GpuSpec, Hardware, budget_gpu, detect_gpu, lookup_gpu
+from qlora_trainer.planner import LONGEST_SEQ_LEN
 from qlora_trainer.planner.distributed import MAX_GPUS, DistributedPlan, fewest_gpus, search_distributed_plan
 from qlora_trainer.planner.memory import estimate_memory
 from qlora_trainer.planner.search import PlanResult, search_plan
