@@ -240,6 +240,8 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
     model_dir = config["model"]["path"]
     run = None
+    if ours and args.mode != "speed":  # these modes step on random unpacked rows: plan for those (attention included)
+        config = {**config, "data": {**config["data"], "packing": False}}
     if ours:
         model, step, run = ours_session(config, length)
         if stack == "ours-engine-with-data":

@@ -375,7 +375,11 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     kept = [(0 if offloaded else layer_input) if index < checkpointed else full + own_input
             for index, full in enumerate(layer_bytes)]
     saved = sum(kept) + head
-    widest = max(shape.q_dim + 2 * shape.kv_dim, hidden) * tokens
+    # attention's gradients: queries, keys and values, the keys' and values' at the queries' width even with grouped
+    # heads (the flash kernel's backward expands them to every query head before summing, as repeat_kv's and
+    # engine/packed_attention.py's repeats do; measured: Llama-3-8B at 59,392 tokens under a 15 GiB cap ran out of
+    # memory where query + 2 x key width predicted 8% less, benchmarks/results/defaults-h100/README.md)
+    widest = max(3 * shape.q_dim, hidden) * tokens
     mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if run.mlp_chunked else tokens
     widest = max(widest, shape.mlp_width * mlp_tokens)
     backward = int(cal.backward_gradient_widths * compute * widest)

@@ -1,0 +1,60 @@
+"""The planner in this checkout against the GPU measurements committed under benchmarks/results/: every measured peak
+of the accuracy grid predicted within 5%, and no length that ran out of memory under a cap admitted by `train`'s
+rule. A change to the planner that breaks a measured promise fails here, on the CPU."""
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from accuracy_table import predicted  # noqa: E402
+from qlora_trainer.hardware import GPU_CATALOGUE, Hardware  # noqa: E402
+from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
+from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
+from qlora_trainer.spec import resolve, spec_from_dict  # noqa: E402
+from qlora_trainer.training import gate  # noqa: E402
+from vs_reference import OURS, SEQ_STEP, ours_config  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+GRID = [json.loads(line) for line in (RESULTS / "planner-accuracy-h100.jsonl").read_text().splitlines()
+        if line.strip()]
+CASES = {case["name"]: case for path in (REPO / "benchmarks" / "cases").glob("*.yaml")
+         for case in yaml.safe_load(path.read_text())}
+LATEST = {record["name"]: record for record in GRID if record.get("peak_reserved_bytes")}  # the table's rows
+
+
+@pytest.mark.parametrize("name", sorted(LATEST))
+def test_every_measured_peak_is_predicted_within_5_percent(name):
+    record = LATEST[name]
+    error = predicted(CASES[name], record)["predicted_peak_bytes"] / record["peak_reserved_bytes"] - 1
+    assert abs(error) <= 0.05, f"{name}: {error:+.1%}"
+
+
+LONGEST = [json.loads(line) for line in
+           (RESULTS / "defaults-h100" / "longest-cap15-2026-12-06-one-call.jsonl").read_text().splitlines()]
+SETTINGS = {"llama-2-7b": {"rank": 16, "targets": "qkvo"}, "llama-3-8b": {"rank": 32, "targets": "all-linear"}}
+
+
+@pytest.mark.parametrize("record", [r for r in LONGEST if r["stack"] == "ours-auto"], ids=lambda r: r["model"])
+def test_a_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
+    """The longest-sequence search planned `ours-auto` for its longest length under the 15 GiB cap on the GPU
+    machine (128 GB of host memory: offloading allowed) and probed shorter lengths with that plan, one unpacked row
+    of random tokens each; one step longer than the longest that trained ran out of memory. `train`'s rule (the
+    budget less its margin) must refuse that length, so that what it starts fits."""
+    host = collections.namedtuple("host", "available total")
+    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
+    model = RESULTS.parents[1] / "qlora_trainer" / "presets" / f"{record['model']}.json"
+    config = ours_config(model, Path("x.jsonl"), record["searched_up_to"], 3, OURS["ours-auto"], Path("out"),
+                         cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
+    config["data"]["packing"] = False  # the probes' rows: no position ids, one sequence each
+    model_config = load_model_config(str(model))
+    run = gate.fit_to_budget(resolve(spec_from_dict(config), Hardware.planned(GPU_CATALOGUE["H100-80GB"])),
+                             model_config, force=True)
+    too_long = run.with_values({"training.max_seq_len": record["longest_seq_len"] + SEQ_STEP})
+    assert not too_long.budget.fits(estimate_memory(model_config, too_long).predicted_peak_bytes)
