@@ -53,6 +53,17 @@ def record_spec(case: dict, record: dict) -> RunSpec:
     return spec.with_values(values)
 
 
+def load_cases(paths: list[Path]) -> dict[str, dict]:
+    """Every case of the YAML case files, by name."""
+    return {case["name"]: case for path in paths for case in yaml.safe_load(path.read_text())}
+
+
+def measured_records(results: Path) -> list[dict]:
+    """The records of a results JSONL that measured a peak (not the timed-out or skipped ones), in their order."""
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("peak_reserved_bytes")]
+
+
 def predicted(case: dict, record: dict) -> dict:
     """The planner's prediction for a record's run on the preset's architecture (the record's model)."""
     run = resolve(record_spec(case, record), MEASURED_ON)
@@ -97,9 +108,7 @@ def main() -> None:
     parser.add_argument("--cases", required=True, type=Path, nargs="+", help="the case files the results came from")
     parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
     args = parser.parse_args()
-    cases = {case["name"]: case for path in args.cases for case in yaml.safe_load(path.read_text())}
-    records = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    text = table([r for r in records if r.get("peak_reserved_bytes")], cases)
+    text = table(measured_records(args.results), load_cases(args.cases))
     if args.out:
         args.out.write_text(args.out.read_text().split("<!-- table -->")[0] + "<!-- table -->\n" + text
                             if args.out.exists() else text)

@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy_table import predicted  # noqa: E402
-from qlora_trainer.hardware import GPU_CATALOGUE, Hardware  # noqa: E402
+from accuracy_table import MEASURED_ON, load_cases, measured_records, predicted  # noqa: E402
 from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
 from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
 from qlora_trainer.spec import resolve, spec_from_dict  # noqa: E402
@@ -22,11 +20,9 @@ from qlora_trainer.training import gate  # noqa: E402
 from vs_reference import OURS, SEQ_STEP, ours_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-GRID = [json.loads(line) for line in (RESULTS / "planner-accuracy-h100.jsonl").read_text().splitlines()
-        if line.strip()]
-CASES = {case["name"]: case for path in (REPO / "benchmarks" / "cases").glob("*.yaml")
-         for case in yaml.safe_load(path.read_text())}
-LATEST = {record["name"]: record for record in GRID if record.get("peak_reserved_bytes")}  # the table's rows
+CASES = load_cases(sorted((REPO / "benchmarks" / "cases").glob("*.yaml")))
+# the table's rows: the last measured record of each case
+LATEST = {record["name"]: record for record in measured_records(RESULTS / "planner-accuracy-h100.jsonl")}
 
 
 @pytest.mark.parametrize("name", sorted(LATEST))
@@ -49,12 +45,11 @@ def test_a_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
     budget less its margin) must refuse that length, so that what it starts fits."""
     host = collections.namedtuple("host", "available total")
     monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
-    model = RESULTS.parents[1] / "qlora_trainer" / "presets" / f"{record['model']}.json"
+    model = REPO / "qlora_trainer" / "presets" / f"{record['model']}.json"
     config = ours_config(model, Path("x.jsonl"), record["searched_up_to"], 3, OURS["ours-auto"], Path("out"),
                          cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
     config["data"]["packing"] = False  # the probes' rows: no position ids, one sequence each
     model_config = load_model_config(str(model))
-    run = gate.fit_to_budget(resolve(spec_from_dict(config), Hardware.planned(GPU_CATALOGUE["H100-80GB"])),
-                             model_config, force=True)
+    run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
     too_long = run.with_values({"training.max_seq_len": record["longest_seq_len"] + SEQ_STEP})
     assert not too_long.budget.fits(estimate_memory(model_config, too_long).predicted_peak_bytes)

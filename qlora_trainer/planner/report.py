@@ -17,7 +17,7 @@ from qlora_trainer.hardware import GpuSpec, Hardware, budget_gpu, detect_gpu, lo
 from qlora_trainer.planner import LONGEST_SEQ_LEN
 from qlora_trainer.planner.distributed import MAX_GPUS, DistributedPlan, fewest_gpus, search_distributed_plan
 from qlora_trainer.planner.memory import estimate_memory
-from qlora_trainer.planner.search import PlanResult, search_plan
+from qlora_trainer.planner.search import PlanResult, longest_multiple, search_plan
 from qlora_trainer.planner.shapes import ModelShape, load_model_config, model_shape
 from qlora_trainer.spec.load import load_spec
 from qlora_trainer.spec.resolve import Budget, ResolvedRun, resolve
@@ -166,27 +166,21 @@ def longest_result(args: argparse.Namespace) -> tuple[PlanResult, PlannedRun]:
     """--seq-len longest: the plan at the longest multiple of LONGEST_STEP tokens, up to the model's
     max_position_embeddings, at which plan-memory finds a run that fits (the search is monotone in the length: what
     fits a sequence fits a shorter one); the plan at LONGEST_STEP tokens where nothing fits."""
+    results: dict[int, tuple[PlanResult, PlannedRun]] = {}
 
-    def at(seq_len: int) -> tuple[PlanResult, PlannedRun]:
-        return plan_result(argparse.Namespace(**{**vars(args), "seq_len": seq_len}))
+    def fits_at(seq_len: int) -> bool:
+        if seq_len not in results:
+            results[seq_len] = plan_result(argparse.Namespace(**{**vars(args), "seq_len": seq_len}))
+        return results[seq_len][0].fits
 
-    result, planned = at(LONGEST_STEP)
-    if not result.fits:
-        return result, planned
-    limit = (planned.max_positions or 0) // LONGEST_STEP * LONGEST_STEP
+    if not fits_at(LONGEST_STEP):
+        return results[LONGEST_STEP]
+    limit = (results[LONGEST_STEP][1].max_positions or 0) // LONGEST_STEP * LONGEST_STEP
     if limit <= LONGEST_STEP:
         raise UserError("--seq-len longest: the model's config gives no max_position_embeddings above "
                         f"{LONGEST_STEP}; give --seq-len N")
-    good, high = LONGEST_STEP, limit + LONGEST_STEP
-    best = (result, planned)
-    while high - good > LONGEST_STEP:
-        middle = (good + high) // 2 // LONGEST_STEP * LONGEST_STEP
-        candidate = at(middle)
-        if candidate[0].fits:
-            good, best = middle, candidate
-        else:
-            high = middle
-    result, planned = best
+    good = longest_multiple(fits_at, LONGEST_STEP, limit)
+    result, planned = results[good]
     reached = " (the model's max_position_embeddings)" if good == limit else ""
     note = (f"longest sequence that fits: {good:,} tokens{reached}, in steps of {LONGEST_STEP:,}, the planner's "
             f"estimate; at it, {result.advice}")

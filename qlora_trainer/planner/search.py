@@ -197,14 +197,19 @@ def longest_seq_len_within(shape: ModelShape, run: ResolvedRun, fits: Callable[[
     def fits_at(seq_len: int) -> bool:
         return fits(estimator(shape, changed(run, {"training.max_seq_len": seq_len}), calibration).predicted_peak_bytes)
 
-    low, high = 0, run.spec.training.max_seq_len // SEQ_LEN_STEP  # in steps; fits at `low` (0 = nothing)
+    return longest_multiple(fits_at, SEQ_LEN_STEP, run.spec.training.max_seq_len) or None
+
+
+def longest_multiple(holds: Callable[[int], bool], step: int, limit: int) -> int:
+    """The longest multiple of `step` up to `limit` at which `holds` (true up to some length, false beyond), or 0."""
+    low, high = 0, limit // step  # in steps; holds at `low` (0 = nowhere)
     while low < high:
         middle = (low + high + 1) // 2
-        if fits_at(middle * SEQ_LEN_STEP):
+        if holds(middle * step):
             low = middle
         else:
             high = middle - 1
-    return low * SEQ_LEN_STEP or None
+    return low * step
 
 
 def fewest_checkpointed_layers(shape: ModelShape, run: ResolvedRun, budget: Budget, calibration: Calibration,
