@@ -3,12 +3,15 @@
 import os
 from pathlib import Path
 
-# Triton kernels (Liger-Kernel's fused loss, tests/test_fused_loss.py) run in Triton's interpreter on this CPU; it
-# must be chosen before anything imports triton. Nothing else here runs Triton kernels (inductor emits C++ on the CPU).
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (Liger-Kernel's fused loss, tests/test_fused_loss.py) run in Triton's interpreter; it
+# must be chosen before anything imports triton. Nothing else here runs Triton kernels on the CPU (inductor emits C++
+# there). With a GPU the kernels are compiled: the interpreter would run the GPU-only tests' kernels with its own
+# rounding (and for minutes).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

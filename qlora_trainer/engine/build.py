@@ -6,7 +6,8 @@
     3. checkpointing of the decoder layers, their inputs offloaded to CPU memory if asked (checkpointing.py)
     4. the fused LoRA-on-4-bit forward, where it applies (fused_lora.py)
     5. MLPs a chunk of tokens at a time, if asked (chunked_mlp.py)
-    6. compiled decoder layers, where they apply (compiled_layers.py); so the graphs trace steps 3-5's forwards
+    6. compiled decoder layers, where they apply (compiled_layers.py); so the graphs trace steps 3-5's forwards,
+       with the 4-bit weights dequantized by the graphs' own kernels (nf4_in_graph.py)
     7. with several processes, the step's forward wrapped for DDP or sharded with FSDP2 (distributed.py)
     8. the optimizer (over the wrapped parameters), the learning-rate schedule and, for fp16, the gradient scaler
 
@@ -29,6 +30,7 @@ from qlora_trainer.engine.compiled_layers import compile_decoder_layers
 from qlora_trainer.engine.distributed import SINGLE, Processes, wrap
 from qlora_trainer.engine.loss import LossModule
 from qlora_trainer.engine.fused_lora import use_fused_lora
+from qlora_trainer.engine.nf4_in_graph import use_in_graph_dequantization
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.spec import ResolvedRun
 
@@ -103,6 +105,7 @@ def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
     if training.mlp_chunk_tokens:  # 5
         chunk_mlps(model, training.mlp_chunk_tokens)
     if run.compile_layers:  # 6
+        use_in_graph_dequantization(model)
         compile_decoder_layers(model)
     loss_sum = wrap(LossModule(model.get_base_model(), training.loss_chunk_tokens, run.fused_loss), processes,
                     training.fsdp_cpu_offload)  # 7

@@ -7,8 +7,8 @@ compiled is the resolved run's `compile_layers` (spec/resolve.py).
 
 What a compiled layer keeps for backward is what AOTAutograd's partitioner chooses, not what each autograd
 function saves. Its common-subexpression pass merges the fused LoRA's two dequantizations of a frozen weight
-(fused_lora.py: one in forward, one in backward) into one, and since the dequantization is an opaque bitsandbytes
-op it cannot recompute, the 16-bit weight is kept: for a layer that keeps its activations, every adapted weight
+(fused_lora.py: one in forward, one in backward, in the graph's own ops: nf4_in_graph.py) into one, and since the
+partitioner does not recompute a gather (nor, before, bitsandbytes' opaque op), the 16-bit weight is kept: for a layer that keeps its activations, every adapted weight
 of the model in 16 bits (measured on an H100: Mistral-7B, all linear layers, no checkpointing, 12.9 GiB more than
 counted; benchmarks/results/planner-accuracy-h100.md). The pass is therefore off when any layer keeps its
 activations; with every layer checkpointed the merged weight lives only through one layer's recomputation and

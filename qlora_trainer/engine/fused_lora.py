@@ -4,7 +4,7 @@ peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`, the base through
 fp32 adapters under autocast that is a dozen kernels and as many Python dispatches per layer and direction, and at
 micro-batch 1 a 7B model's GPU waits on them (benchmarks/results/vs-reference-h100-profile.txt). Here the forward is
 dequantize, x W^T (+ bias), then `+= scaling (x A^T) B^T` in one addmm; the backward dequantizes again (as
-bitsandbytes does) rather than keeping the 16-bit weight, and saves only x and x A^T, the tensors peft saves too.
+bitsandbytes does; inside a compiled layer the dequantization is the graph's own, nf4_in_graph.py) rather than keeping the 16-bit weight, and saves only x and x A^T, the tensors peft saves too.
 
 With dropout, the adapter's input is peft's own dropout module's output (same masks, same RNG order), passed in
 beside x. It applies to plain LoRA (no DoRA) on one active, unmerged adapter; anything else (several adapters,
@@ -13,10 +13,11 @@ disabled or merged adapters, mixed-batch inference) goes through peft's own forw
 
 from typing import Optional
 
-import bitsandbytes.functional as bnb_functional
 import torch
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 from torch import nn
+
+from qlora_trainer.engine.nf4_in_graph import dequantize, quant_state_of
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,7 +36,7 @@ class _LoRAOn4bitFunction(torch.autograd.Function):
                 base_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         base_in = flat.to(base_dtype)
-        weight = bnb_functional.dequantize_4bit(packed, quant_state).to(base_dtype)
+        weight = dequantize(packed, quant_state, base_dtype)
         out = torch.addmm(bias.to(base_dtype), base_in, weight.t()) if bias is not None else base_in @ weight.t()
         lora_in = (flat if lora_x is None else lora_x.reshape(-1, x.shape[-1])).to(lora_dtype)
         a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
@@ -59,7 +60,7 @@ class _LoRAOn4bitFunction(torch.autograd.Function):
         grad_xa = (grad_lora @ b).mul_(ctx.scaling)  # tokens x r
         grad_x = grad_lora_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            weight = bnb_functional.dequantize_4bit(ctx.packed, ctx.quant_state).to(base_dtype)
+            weight = dequantize(ctx.packed, ctx.quant_state, base_dtype)
             grad_x = grad.to(base_dtype) @ weight
             if not ctx.separate_lora_x and lora_in.dtype == base_dtype:
                 grad_x.addmm_(grad_xa, a)
@@ -86,7 +87,7 @@ class FusedLoRALinear4bit(PeftLinear4bit):
             return None
         if getattr(self, "use_dora", {}).get(name):
             return None
-        if _quant_state(self.get_base_layer()) is None or x.shape[-1] != self.in_features:
+        if quant_state_of(self.get_base_layer()) is None or x.shape[-1] != self.in_features:
             return None
         return name
 
@@ -103,14 +104,8 @@ class FusedLoRALinear4bit(PeftLinear4bit):
             base_dtype = lora_dtype
         dropout = self.lora_dropout[name]
         lora_x = None if isinstance(dropout, nn.Identity) else dropout(x)
-        return _LoRAOn4bitFunction.apply(x, lora_x, base.weight, _quant_state(base), base.bias, lora_a, lora_b,
+        return _LoRAOn4bitFunction.apply(x, lora_x, base.weight, quant_state_of(base), base.bias, lora_a, lora_b,
                                          self.scaling[name], base_dtype, lora_dtype)
-
-
-def _quant_state(base: nn.Module):
-    """The 4-bit weight's quantization state; under FSDP the gathered weight is a plain tensor and the state is
-    bitsandbytes' copy on the module (Linear4bit.quant_state, kept there for FSDP)."""
-    return getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
 
 
 def use_fused_lora(model: nn.Module) -> int:
