@@ -13,7 +13,8 @@ tokens/s and peaks from its metrics.jsonl); ours-offload sets `training.offload_
 MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
 torch.compile off, ours-compiled turns it on, ours-peft-lora also uses peft's LoRA forward; ours-engine (and
 ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
-command line around it costs; ours-auto leaves to the planner what `training.plan: auto` leaves it (checkpointing,
+command line around it costs (ours-engine-bnb-dequant: its compiled layers call bitsandbytes' dequantization, as
+before engine/nf4_in_graph.py); ours-auto leaves to the planner what `training.plan: auto` leaves it (checkpointing,
 offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
 `training.memory_cap_gib`. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
@@ -22,7 +23,8 @@ offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs
            by `train`'s own gate for the longest length searched (training/gate.py), built once, its search starting
            at the planner's predicted longest (each length probed compiles its layers again, so few probes); the
            peers' search doubles from --seq-len, then bisects;
-  profile: torch.profiler over two steps after three warm-up ones (ours through the engine, in process);
+  profile: torch.profiler over two steps after three warm-up ones and three timed without it (their time is
+           recorded: the profiler's own host time inflates the profiled steps); ours through the engine, in process;
   snapshot: the CUDA allocator's trace of one step after two warm-up ones, and what is alive at its peak by the
            code that allocated it (memory_peak.py; ours through the engine, in process).
 
@@ -61,7 +63,8 @@ OURS = {"ours": {}, "ours-auto": {"training.plan": "auto"}, "ours-offload": {"tr
 # the same run specifications through the engine in this script's own loop, the loop the peers get (no CLI around it)
 ENGINE = {"ours-engine": OURS["ours"], "ours-engine-compiled": OURS["ours-compiled"],
           "ours-engine-with-data": OURS["ours"],  # also holds the tokenized dataset, as the command line does
-          "ours-engine-contaminated": OURS["ours"]}  # packed rows without position ids: attention across examples
+          "ours-engine-contaminated": OURS["ours"],  # packed rows without position ids: attention across examples
+          "ours-engine-bnb-dequant": OURS["ours"]}  # compiled layers calling bitsandbytes' dequantization ops
 STACKS = ("plain", "unsloth", *OURS, *ENGINE)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTED = {"qkvo": TARGETS, "all-linear": TARGETS + ["gate_proj", "up_proj", "down_proj"]}  # --targets
@@ -240,6 +243,10 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
     model_dir = config["model"]["path"]
     run = None
+    if stack == "ours-engine-bnb-dequant":  # as before 2026-12-06's nf4_in_graph.py, for its speed only
+        from qlora_trainer.engine import nf4_in_graph
+
+        nf4_in_graph._in_graph = lambda packed, quant_state: False
     if ours and args.mode != "speed":  # these modes step on random unpacked rows: plan for those (attention included)
         config = {**config, "data": {**config["data"], "packing": False}}
     if ours:
@@ -273,16 +280,24 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     if args.mode == "profile":
         from torch.profiler import ProfilerActivity, profile
 
-        batches = [on_gpu(random_batch(args.seq_len)) for _ in range(5)]
+        batches = [on_gpu(random_batch(args.seq_len)) for _ in range(8)]
         for batch in batches[:3]:
             step(batch)
         torch.cuda.synchronize()
+        started = time.perf_counter()  # the steps' own time, without the profiler's overhead
+        for batch in batches[3:6]:
+            step(batch)
+        torch.cuda.synchronize()
+        step_s = (time.perf_counter() - started) / 3
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-            for batch in batches[3:]:
+            for batch in batches[6:]:
                 step(batch)
             torch.cuda.synchronize()
-        table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
-        return record | {"seq_len": args.seq_len, "profile": table}
+        averages = profiler.key_averages()
+        table = (averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60) + "\n"
+                 + averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
+        return record | {"seq_len": args.seq_len, "step_s_unprofiled": step_s,
+                         "tokens_per_second_unprofiled": args.seq_len / step_s, "profile": table}
     if args.mode == "snapshot":
         from memory_peak import peak_composition
 
