@@ -28,6 +28,18 @@ def test_the_ops_give_bitsandbytes_values_bit_for_bit(dtype, nested):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_packed_bytes_stored_as_floats_read_the_same(storage):
+    """FSDP shards 4-bit weights stored in a float dtype (bitsandbytes' quant_storage): the same bytes, read as
+    codes."""
+    weight = (torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True,
+                                                 quant_storage=storage)
+    assert packed.dtype == storage
+    assert torch.equal(nf4_in_graph.dequantize_ops(packed, state, torch.bfloat16),
+                       bnb_functional.dequantize_4bit(packed, state))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("nested", [False, True])
 def test_compiled_ops_on_the_gpu_give_the_cuda_kernels_values(nested):
