@@ -5,14 +5,14 @@ Layers share one compiled graph (their parameters are graph inputs), so the cost
 first step. Gradient checkpointing (checkpointing.py) wraps the compiled call; it is not traced. Whether layers are
 compiled is the resolved run's `compile_layers` (spec/resolve.py).
 
-What a compiled layer keeps for backward is what AOTAutograd's partitioner chooses, not what each autograd
-function saves. Its common-subexpression pass merges the fused LoRA's two dequantizations of a frozen weight
-(fused_lora.py: one in forward, one in backward, in the graph's own ops: nf4_in_graph.py) into one, and since the
-partitioner does not recompute a gather (nor, before, bitsandbytes' opaque op), the 16-bit weight is kept: for a layer that keeps its activations, every adapted weight
-of the model in 16 bits (measured on an H100: Mistral-7B, all linear layers, no checkpointing, 12.9 GiB more than
-counted; benchmarks/results/planner-accuracy-h100.md). The pass is therefore off when any layer keeps its
-activations; with every layer checkpointed the merged weight lives only through one layer's recomputation and
-backward, and saves a dequantization there.
+What a compiled layer keeps for backward is what AOTAutograd's partitioner chooses, not what each autograd function
+saves. Its common-subexpression pass merges the fused LoRA's two dequantizations of a frozen weight (fused_lora.py:
+one in forward, one in backward, in the graph's own ops: nf4_in_graph.py) into one, and since the partitioner does
+not recompute a gather (nor, before, bitsandbytes' opaque op), the 16-bit weight is kept: for a layer that keeps its
+activations, every adapted weight of the model in 16 bits (measured on an H100: Mistral-7B, all linear layers, no
+checkpointing, 12.9 GiB more than counted; benchmarks/results/planner-accuracy-h100.md). The pass is therefore off
+when any layer keeps its activations; with every layer checkpointed the merged weight lives only through one layer's
+recomputation and backward, and saves a dequantization there.
 
 The compiler itself can fail on a layer's graph (seen on an H100 with torch 2.11: inductor's min-cut partitioner
 raised "Node add_687 was invalid, but is output" for Llama-3-8B at micro-batch 2, fp16, seq 8192, once in 12 card

@@ -4,7 +4,8 @@ peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`, the base through
 fp32 adapters under autocast that is a dozen kernels and as many Python dispatches per layer and direction, and at
 micro-batch 1 a 7B model's GPU waits on them (benchmarks/results/vs-reference-h100-profile.txt). Here the forward is
 dequantize, x W^T (+ bias), then `+= scaling (x A^T) B^T` in one addmm; the backward dequantizes again (as
-bitsandbytes does; inside a compiled layer the dequantization is the graph's own, nf4_in_graph.py) rather than keeping the 16-bit weight, and saves only x and x A^T, the tensors peft saves too.
+bitsandbytes does) rather than keeping the 16-bit weight, and saves only x and x A^T, the tensors peft saves too.
+Inside a compiled layer the dequantization is the graph's own (nf4_in_graph.py).
 
 With dropout, the adapter's input is peft's own dropout module's output (same masks, same RNG order), passed in
 beside x. It applies to plain LoRA (no DoRA) on one active, unmerged adapter; anything else (several adapters,
