@@ -68,8 +68,9 @@ def run_config(model_dir: Path, data_path: Path, case: dict, output_dir: Path) -
     return config
 
 
-def run_train_command(config: dict, timeout_s: int) -> dict:
-    """`qlora-trainer train` on `config` in a process of its own: exit code, the steps' metrics, the speed (median
+def run_train_command(config: dict, timeout_s: int, tree: Optional[Path] = None) -> dict:
+    """`qlora-trainer train` on `config` in a process of its own (run in the checkout `tree`, another branch's
+    files, where given: its own package is the one imported): exit code, the steps' metrics, the speed (median
     after two warm-up steps), the peaks, and the run config as the trainer ran it (after training.plan: auto)."""
     output_dir = Path(config["output"]["dir"])
     config_path = output_dir.with_suffix(".yaml")
@@ -77,7 +78,7 @@ def run_train_command(config: dict, timeout_s: int) -> dict:
     started = time.time()
     process = subprocess.run(
         [sys.executable, "-m", "qlora_trainer", "train", "--config", str(config_path), "--no-progress"],
-        capture_output=True, text=True, timeout=timeout_s,
+        capture_output=True, text=True, timeout=timeout_s, cwd=tree,
     )
     record = {"exit_code": process.returncode, "wall_s": round(time.time() - started, 1)}
     loaded = re.search(r"model loaded: GPU peak ([\d.]+) GiB reserved \(([\d.]+) GiB allocated\)", process.stdout)

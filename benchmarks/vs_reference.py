@@ -31,6 +31,10 @@ offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
     python benchmarks/vs_reference.py --model llama-2-7b --mode longest --cap-gib 15 --out results.jsonl
 
+A branch beside this checkout, in the same call: unpack its files into a folder the GPU machine receives (e.g.
+`git archive BRANCH | tar -x -C .trees/BRANCH`, not ignored by git) and name its stacks `STACK@.trees/BRANCH`: that
+stack's `qlora-trainer train`, or its own copy of this script as the worker, runs from there.
+
 Unsloth runs when it is importable (it is optional: a stack that cannot be imported is reported as skipped);
 UNSLOTH_SITE=DIR puts a folder of Unsloth's own packages on the path of its process alone.
 """
@@ -358,12 +362,12 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
                      **({"predicted_longest_seq_len": first} if first else {})}
 
 
-def run_ours_command(stack: str, config: dict, args: argparse.Namespace) -> dict:
+def run_ours_command(stack: str, config: dict, args: argparse.Namespace, tree: Optional[Path] = None) -> dict:
     """`qlora-trainer train` for one of our stacks, with its speed, peaks and losses from metrics.jsonl."""
     from measure_training import predicted, run_train_command
 
     try:
-        record = run_train_command(config, args.timeout_s)
+        record = run_train_command(config, args.timeout_s, tree)
     except subprocess.TimeoutExpired:
         return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
     record.pop("ran_config", None)
@@ -372,16 +376,20 @@ def run_ours_command(stack: str, config: dict, args: argparse.Namespace) -> dict
         if k in ("predicted_peak_bytes", "predicted_peak_allocated_bytes", "fused_optimizer")}
 
 
-def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: Path) -> dict:
+def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: Path,
+              tree: Optional[Path] = None) -> dict:
+    """One stack in its own process; with `tree` (another checkout, e.g. a branch's files), that checkout's
+    `qlora-trainer train` or its own copy of this script as the worker, so its code is what runs."""
     if stack in OURS and args.mode == "speed":
-        return run_ours_command(stack, config, args)
+        return run_ours_command(stack, config, args, tree)
     from qlora_trainer.hardware import ALLOCATOR_SETTINGS
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config))
-        command = [sys.executable, __file__, "--worker", stack, "--worker-config", str(config_path),
+        script = tree / "benchmarks" / Path(__file__).name if tree else __file__
+        command = [sys.executable, str(script), "--worker", stack, "--worker-config", str(config_path),
                    "--batches", str(batches_path), "--mode", args.mode, "--seq-len", str(args.seq_len),
                    "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--max-seq-len", str(args.max_seq_len),
                    "--rank", str(args.rank), "--targets", args.targets,
@@ -415,7 +423,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-2-7b", help="preset name or folder with config.json")
     parser.add_argument("--mode", choices=("speed", "longest", "profile", "snapshot"), default="speed")
-    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--stacks", default=",".join(STACKS),
+                        help="comma-separated; STACK@DIR runs that stack from the checkout in DIR (e.g. a branch's "
+                             "files from `git archive`), beside this checkout's stacks in the same call")
     parser.add_argument("--seq-len", type=int, default=2048, help="speed: the length; longest: where to start")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cap-gib", type=float, default=0.0)
@@ -445,10 +455,13 @@ def main() -> None:
     torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK, **settings),
                              args.steps),
                batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
-    for stack in args.stacks.split(","):
+    for entry in args.stacks.split(","):
+        stack, _, tree_dir = entry.partition("@")  # STACK@DIR: that stack run from the checkout in DIR
+        tree = Path(tree_dir).resolve() if tree_dir else None
         config = ours_config(model_dir, data_path, args.seq_len, args.steps, {**OURS, **ENGINE}.get(stack, {}),
-                             WORK / f"vs-reference-{stack}", **settings)
-        record = run_stack(stack, args, config, batches_path) | {"model": args.model}
+                             WORK / f"vs-reference-{stack}{'-' + tree.name if tree else ''}", **settings)
+        record = run_stack(stack, args, config, batches_path, tree) | {"model": args.model,
+                                                                       **({"tree": tree_dir} if tree else {})}
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

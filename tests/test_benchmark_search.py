@@ -40,3 +40,28 @@ def test_a_close_prediction_costs_few_probes(error_steps):
     assert found == longest
     assert len(probed) <= 2 + 2 * max(abs(error_steps), 1).bit_length()
     assert len(_search(longest, None)[1]) > len(probed)
+
+
+def test_a_stack_from_another_checkout_runs_that_checkouts_trainer(tmp_path):
+    """`--stacks ours@DIR` (another branch's files beside this checkout's, in one GPU call): `qlora-trainer train`
+    runs from DIR, so DIR's package is the one imported. Here DIR is a copy of this package whose import prints a
+    note, and the demo model trains 2 steps on the CPU."""
+    import shutil
+
+    import yaml
+    from measure_training import run_train_command
+
+    repo = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    shutil.copytree(repo / "qlora_trainer", tree / "qlora_trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tree / "qlora_trainer" / "__init__.py", "a") as init:
+        init.write('\nprint("note: imported from the other checkout")\n')
+    config = yaml.safe_load((repo / "configs" / "demo-tiny.yaml").read_text())
+    config["model"]["path"] = str(repo / config["model"]["path"])
+    config["data"]["path"] = str(repo / config["data"]["path"])
+    config["training"] |= {"max_steps": 2, "save_steps": 0, "eval_steps": 0, "logging_steps": 1}
+    config["output"] = {"dir": str(tmp_path / "run")}
+    for source, noted in ((tree, True), (None, False)):
+        record = run_train_command(config | {"output": {"dir": str(tmp_path / f"run-{noted}")}}, 300, source)
+        assert record["exit_code"] == 0, record.get("stderr_tail")
+        assert ("note: imported from the other checkout" in record.get("notes", [])) == noted
