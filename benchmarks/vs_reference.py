@@ -443,6 +443,12 @@ def main() -> None:
         result = worker(args.worker, args, json.loads(args.worker_config.read_text()), args.batches)
         args.out.write_text(json.dumps(result))
         return
+    for entry in args.stacks.split(","):
+        stack, _, tree_dir = entry.partition("@")
+        if stack not in STACKS:
+            parser.error(f"--stacks: unknown stack {stack}; choose from {', '.join(STACKS)}")
+        if tree_dir and not (Path(tree_dir) / "qlora_trainer").is_dir():
+            parser.error(f"--stacks {entry}: {tree_dir} holds no checkout (no qlora_trainer folder)")
     import torch
 
     from measure_training import WORK, synthetic_data
