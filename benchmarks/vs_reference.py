@@ -443,12 +443,14 @@ def main() -> None:
         result = worker(args.worker, args, json.loads(args.worker_config.read_text()), args.batches)
         args.out.write_text(json.dumps(result))
         return
+    stacks = []  # (stack, the checkout it runs from: None for this one); STACK@DIR: from the checkout in DIR
     for entry in args.stacks.split(","):
         stack, _, tree_dir = entry.partition("@")
         if stack not in STACKS:
             parser.error(f"--stacks: unknown stack {stack}; choose from {', '.join(STACKS)}")
         if tree_dir and not (Path(tree_dir) / "qlora_trainer").is_dir():
             parser.error(f"--stacks {entry}: {tree_dir} holds no checkout (no qlora_trainer folder)")
+        stacks.append((stack, Path(tree_dir).resolve() if tree_dir else None))
     import torch
 
     from measure_training import WORK, synthetic_data
@@ -461,13 +463,11 @@ def main() -> None:
     torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK, **settings),
                              args.steps),
                batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
-    for entry in args.stacks.split(","):
-        stack, _, tree_dir = entry.partition("@")  # STACK@DIR: that stack run from the checkout in DIR
-        tree = Path(tree_dir).resolve() if tree_dir else None
+    for stack, tree in stacks:
         config = ours_config(model_dir, data_path, args.seq_len, args.steps, {**OURS, **ENGINE}.get(stack, {}),
                              WORK / f"vs-reference-{stack}{'-' + tree.name if tree else ''}", **settings)
         record = run_stack(stack, args, config, batches_path, tree) | {"model": args.model,
-                                                                       **({"tree": tree_dir} if tree else {})}
+                                                                       **({"tree": str(tree)} if tree else {})}
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

@@ -227,12 +227,18 @@ def _dequantized_weights_kept(model) -> list[tuple]:
                      if isinstance(m, fused_lora.FusedLoRALinear4bit)}
     assert weight_shapes
     torch._dynamo.reset()
+    return [tuple(t.shape) for t in _kept_tensors(model)
+            if t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes]
+
+
+def _kept_tensors(model) -> list[torch.Tensor]:
+    """What one forward and backward of `model` (bf16 autocast, one 24-token row) keeps for backward."""
     kept = []
     x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=x).logits.float().square().mean().backward()
-    return [tuple(t.shape) for t in kept if t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes]
+    return kept
 
 
 def test_a_compiled_layer_that_keeps_its_activations_keeps_no_dequantized_weight(tiny_llama_dir):

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from qlora_trainer.engine import fused_lora, nf4_in_graph
-from test_fast_paths import _adapted, _grads
+from test_fast_paths import _adapted, _grads, _kept_tensors
 
 
 def _quantized(rows: int, cols: int, dtype: torch.dtype, quant_type: str, nested: bool, device: str = "cpu"):
@@ -136,12 +136,7 @@ def _kept_for_backward(model) -> list[tuple]:
 
     torch._dynamo.reset()
     compile_decoder_layers(model, backend="aot_eager_decomp_partition")
-    kept = []
-    x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=x).logits.float().square().mean().backward()
-    return sorted((tuple(t.shape), t.numel(), str(t.dtype)) for t in kept)
+    return sorted((tuple(t.shape), t.numel(), str(t.dtype)) for t in _kept_tensors(model))
 
 
 def test_in_graph_dequantization_keeps_what_bitsandbytes_ops_kept(tiny_llama_dir):
