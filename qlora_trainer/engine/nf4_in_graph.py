@@ -11,11 +11,11 @@ bitsandbytes ops, and a frozen weight's backward still dequantizes with bitsandb
 
 The values are bitsandbytes' own: each weight is `code[q] * absmax` in fp32, rounded once to the weight's dtype, and
 a double-quantized absmax is `code2[q2] * absmax2 + offset` in fp32 (bitsandbytes' kDequantizeBlockwise and
-dequantize_4bit). Measured once on an H100 against bitsandbytes' CUDA kernel, a 4096 x 4096 bf16 weight: the same
+dequantize_4bit). Measured on an H100 against bitsandbytes' CUDA kernel, a 4096 x 4096 bf16 weight: the same
 bits for the ops run eagerly (with and without double quantization) and compiled (without). Compiled, the nested
 absmax's multiply-add may be fused into one rounding, which can move a weight by one unit in its last place; the
-GPU-only tests (tests/test_nf4_in_graph.py `-k on_the_gpu`) allow that much, and have yet to run with compiled
-Triton kernels (their first run went through Triton's interpreter, tests/conftest.py). Only NF4 with whole blocks
+GPU-only tests (tests/test_nf4_in_graph.py `-k on_the_gpu`, compiled Triton kernels, with and without double
+quantization) allow that much, and passed on an H100 on 2026-12-06. Only NF4 with whole blocks
 takes this path (FP4, which bitsandbytes' CUDA kernel decodes by a decision tree, was not compared on a GPU);
 anything else, and every call outside a compiled graph, is bitsandbytes' kernel (in eager mode these ops would
 allocate indices the size of the weight). It is used where the resolved run compiles its layers (engine/build.py).
