@@ -376,6 +376,14 @@ def run_ours_command(stack: str, config: dict, args: argparse.Namespace, tree: O
         if k in ("predicted_peak_bytes", "predicted_peak_allocated_bytes", "fused_optimizer")}
 
 
+def worker_log(args: argparse.Namespace, stack: str, tree: Optional[Path] = None) -> Optional[Path]:
+    """Where a stack's worker writes its stderr (its longest-sequence probes as they end, its errors): beside --out,
+    so that what a call ended by its own time limit had measured is still there; None without --out."""
+    if args.out is None:
+        return None
+    return args.out.with_name(f"{args.out.stem}.{stack}{'@' + tree.name if tree else ''}.log")
+
+
 def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: Path,
               tree: Optional[Path] = None) -> dict:
     """One stack in its own process; with `tree` (another checkout, e.g. a branch's files), that checkout's
@@ -399,7 +407,7 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
-        stderr_path = Path(tmp) / "stderr.txt"
+        stderr_path = worker_log(args, stack, tree) or Path(tmp) / "stderr.txt"
         try:
             with open(stderr_path, "w") as stderr:
                 process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
@@ -407,7 +415,7 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
         except subprocess.TimeoutExpired:
             probes = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.startswith('{"stack"')]
             return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s",
-                    **({"probes": probes} if probes else {})}
+                    **({"probes": probes} if probes else {}), "log": str(stderr_path)}
         stderr_text = stderr_path.read_text()
         if process.returncode == 0 and out.exists():
             return json.loads(out.read_text())
@@ -434,7 +442,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=49152, help="longest: search no further")
     parser.add_argument("--timeout-s", type=int, default=300, help="per stack")
     parser.add_argument("--doc-words", help="MIN,MAX: synthetic documents of MIN to MAX words (default 400 each)")
-    parser.add_argument("--out", type=Path, help="JSONL the results are appended to")
+    parser.add_argument("--out", type=Path, help="JSONL the results are appended to; each worker's stderr is kept "
+                        "beside it (OUT.STACK.log)")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)

@@ -65,3 +65,22 @@ def test_a_stack_from_another_checkout_runs_that_checkouts_trainer(tmp_path):
         record = run_train_command(config | {"output": {"dir": str(tmp_path / f"run-{noted}")}}, 300, source)
         assert record["exit_code"] == 0, record.get("stderr_tail")
         assert ("note: imported from the other checkout" in record.get("notes", [])) == noted
+
+
+def test_a_worker_ended_by_its_time_limit_leaves_its_log_beside_the_results(tmp_path):
+    """A stack's worker writes its probes to stderr as each ends; when the call's own time limit ends it, what it
+    wrote must outlive the call, beside --out, and the row names the log."""
+    import argparse
+
+    from vs_reference import run_stack, worker_log
+
+    out = tmp_path / "results.jsonl"
+    args = argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, rank=16,
+                              targets="qkvo", out=out, timeout_s=0.001)
+    log = worker_log(args, "ours-auto")
+    assert log == tmp_path / "results.ours-auto.log"
+    assert worker_log(args, "ours-auto", tmp_path / "branch") == tmp_path / "results.ours-auto@branch.log"
+    record = run_stack("ours-auto", args, {}, tmp_path / "batches.pt")
+    assert record["error"] == "timed out after 0.001 s" and record["log"] == str(log)
+    assert log.exists()
+    assert worker_log(argparse.Namespace(out=None), "ours-auto") is None
