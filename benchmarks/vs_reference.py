@@ -219,11 +219,9 @@ def longest_trainable(trains: Callable[[int], bool], start: int, limit: int, fir
             while not good and bad > SEQ_STEP:
                 length = max(bad - step, SEQ_STEP)
                 good, bad, step = (length, bad, step) if trains(length) else (0, length, 2 * step)
-    high = bad or limit + SEQ_STEP
-    while high - good > SEQ_STEP:
-        middle = (good + high) // 2 // SEQ_STEP * SEQ_STEP
-        good, high = (middle, high) if trains(middle) else (good, middle)
-    return good
+    from qlora_trainer.planner.search import longest_multiple
+
+    return longest_multiple(trains, SEQ_STEP, bad - SEQ_STEP if bad else limit, good)  # bisection in between
 
 
 def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Path) -> dict:

@@ -200,9 +200,10 @@ def longest_seq_len_within(shape: ModelShape, run: ResolvedRun, fits: Callable[[
     return longest_multiple(fits_at, SEQ_LEN_STEP, run.spec.training.max_seq_len) or None
 
 
-def longest_multiple(holds: Callable[[int], bool], step: int, limit: int) -> int:
-    """The longest multiple of `step` up to `limit` at which `holds` (true up to some length, false beyond), or 0."""
-    low, high = 0, limit // step  # in steps; holds at `low` (0 = nowhere)
+def longest_multiple(holds: Callable[[int], bool], step: int, limit: int, known: int = 0) -> int:
+    """The longest multiple of `step` up to `limit` at which `holds` (true up to some length, false beyond), or 0;
+    `known`: a multiple at which it is already known to hold, so that only longer ones are tried."""
+    low, high = known // step, limit // step  # in steps; holds at `low` (0 = nowhere)
     while low < high:
         middle = (low + high + 1) // 2
         if holds(middle * step):
