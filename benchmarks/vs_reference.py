@@ -42,6 +42,7 @@ UNSLOTH_SITE=DIR puts a folder of Unsloth's own packages on the path of its proc
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -360,14 +361,36 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
                      **({"predicted_longest_seq_len": first} if first else {})}
 
 
+class CallEnded(Exception):
+    """The caller ended this script (SIGTERM, as `timeout` sends) while a stack ran: its row still gets written."""
+
+
+def end_stacks_on_sigterm() -> None:
+    """SIGTERM raises CallEnded, so that the running stack's worker is stopped and its row (with the probes its log
+    holds) written, as when the stack's own --timeout-s ends it, rather than the call ending with no row."""
+    def ended(signum, frame):
+        raise CallEnded()
+
+    signal.signal(signal.SIGTERM, ended)
+
+
+def stopped_row(stack: str, args: argparse.Namespace, stop: Exception, seconds: float) -> dict:
+    """The row of a stack whose process was stopped: by its own --timeout-s, or by the call's end (CallEnded)."""
+    if isinstance(stop, CallEnded):
+        return {"stack": stack, "mode": args.mode, "error": f"the call was ended (SIGTERM) after {seconds:.0f} s",
+                "ended": True}
+    return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
+
+
 def run_ours_command(stack: str, config: dict, args: argparse.Namespace, tree: Optional[Path] = None) -> dict:
     """`qlora-trainer train` for one of our stacks, with its speed, peaks and losses from metrics.jsonl."""
     from measure_training import predicted, run_train_command
 
+    started = time.perf_counter()
     try:
         record = run_train_command(config, args.timeout_s, tree)
-    except subprocess.TimeoutExpired:
-        return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s"}
+    except (subprocess.TimeoutExpired, CallEnded) as stop:  # either kills `train` (subprocess.run does)
+        return stopped_row(stack, args, stop, time.perf_counter() - started)
     record.pop("ran_config", None)
     return {"stack": stack, "mode": "speed", "seq_len": args.seq_len, "via": "qlora-trainer train"} | record | {
         k: v for k, v in predicted(config).items()
@@ -406,14 +429,15 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
         stderr_path = worker_log(args, stack, tree) or Path(tmp) / "stderr.txt"
+        started = time.perf_counter()
         try:
-            with open(stderr_path, "w") as stderr:
+            with open(stderr_path, "w") as stderr:  # either exception kills the worker (subprocess.run does)
                 process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                                          timeout=args.timeout_s, env=env)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, CallEnded) as stop:
             probes = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.startswith('{"stack"')]
-            return {"stack": stack, "mode": args.mode, "error": f"timed out after {args.timeout_s} s",
-                    **({"probes": probes} if probes else {}), "log": str(stderr_path)}
+            return stopped_row(stack, args, stop, time.perf_counter() - started) | {
+                **({"probes": probes} if probes else {}), "log": str(stderr_path)}
         stderr_text = stderr_path.read_text()
         if process.returncode == 0 and out.exists():
             return json.loads(out.read_text())
@@ -438,7 +462,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every stack (alpha = 2 x rank)")
     parser.add_argument("--targets", choices=tuple(ADAPTED), default="qkvo", help="the linear layers adapted")
     parser.add_argument("--max-seq-len", type=int, default=49152, help="longest: search no further")
-    parser.add_argument("--timeout-s", type=int, default=300, help="per stack")
+    parser.add_argument("--timeout-s", type=int, default=300,
+                        help="per stack; a stack stopped by it, or by SIGTERM to this script (e.g. from `timeout`; "
+                        "the script then exits 124), still gets its row")
     parser.add_argument("--doc-words", help="MIN,MAX: synthetic documents of MIN to MAX words (default 400 each)")
     parser.add_argument("--out", type=Path, help="JSONL the results are appended to; each worker's stderr is kept "
                         "beside it (OUT.STACK.log)")
@@ -470,6 +496,7 @@ def main() -> None:
     torch.save(token_batches(ours_config(model_dir, data_path, args.seq_len, args.steps, {}, WORK, **settings),
                              args.steps),
                batches_path)  # what `train` feeds ours, for the peers (on the CPU: this process holds no GPU)
+    end_stacks_on_sigterm()
     for stack, tree in stacks:
         config = ours_config(model_dir, data_path, args.seq_len, args.steps, {**OURS, **ENGINE}.get(stack, {}),
                              WORK / f"vs-reference-{stack}{'-' + tree.name if tree else ''}", **settings)
@@ -480,6 +507,8 @@ def main() -> None:
                 handle.write(json.dumps(record) + "\n")
         print(record.pop("profile", ""))
         print(json.dumps({k: v for k, v in record.items() if k not in ("losses", "step_speeds")}), flush=True)
+        if record.get("ended"):
+            sys.exit(124)  # as `timeout` reports it; the stacks after this one never ran
 
 
 if __name__ == "__main__":

@@ -84,3 +84,30 @@ def test_a_worker_ended_by_its_time_limit_leaves_its_log_beside_the_results(tmp_
     assert record["error"] == "timed out after 0.001 s" and record["log"] == str(log)
     assert log.exists()
     assert worker_log(argparse.Namespace(out=None), "ours-auto") is None
+
+
+def test_a_call_ended_by_sigterm_still_writes_the_running_stacks_row(tmp_path):
+    """`timeout` ends the call with SIGTERM, here while a stack's worker still starts: the worker is stopped and the
+    stack's row says so and names its log (twice a call's outer time limit came before the stack's own, and the
+    stack's row was lost)."""
+    import argparse
+    import os
+    import signal
+    import threading
+
+    from vs_reference import end_stacks_on_sigterm, run_stack
+
+    out = tmp_path / "results.jsonl"
+    args = argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, rank=16,
+                              targets="qkvo", out=out, timeout_s=120)
+    previous = signal.getsignal(signal.SIGTERM)
+    end_stacks_on_sigterm()
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        record = run_stack("ours-auto", args, {}, tmp_path / "batches.pt")
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert record["ended"] and record["error"].startswith("the call was ended (SIGTERM)")
+    assert record["log"] == str(tmp_path / "results.ours-auto.log")
