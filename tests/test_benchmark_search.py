@@ -67,6 +67,14 @@ def test_a_stack_from_another_checkout_runs_that_checkouts_trainer(tmp_path):
         assert ("note: imported from the other checkout" in record.get("notes", [])) == noted
 
 
+def _longest_args(out, timeout_s: float):
+    """vs_reference's arguments for a longest-sequence search of one stack, results appended to `out`."""
+    import argparse
+
+    return argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, rank=16,
+                              targets="qkvo", out=out, timeout_s=timeout_s)
+
+
 def test_a_worker_ended_by_its_time_limit_leaves_its_log_beside_the_results(tmp_path):
     """A stack's worker writes its probes to stderr as each ends; when the call's own time limit ends it, what it
     wrote must outlive the call, beside --out, and the row names the log."""
@@ -74,9 +82,7 @@ def test_a_worker_ended_by_its_time_limit_leaves_its_log_beside_the_results(tmp_
 
     from vs_reference import run_stack, worker_log
 
-    out = tmp_path / "results.jsonl"
-    args = argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, rank=16,
-                              targets="qkvo", out=out, timeout_s=0.001)
+    args = _longest_args(tmp_path / "results.jsonl", timeout_s=0.001)
     log = worker_log(args, "ours-auto")
     assert log == tmp_path / "results.ours-auto.log"
     assert worker_log(args, "ours-auto", tmp_path / "branch") == tmp_path / "results.ours-auto@branch.log"
@@ -90,16 +96,13 @@ def test_a_call_ended_by_sigterm_still_writes_the_running_stacks_row(tmp_path):
     """`timeout` ends the call with SIGTERM, here while a stack's worker still starts: the worker is stopped and the
     stack's row says so and names its log (twice a call's outer time limit came before the stack's own, and the
     stack's row was lost)."""
-    import argparse
     import os
     import signal
     import threading
 
     from vs_reference import end_stacks_on_sigterm, run_stack
 
-    out = tmp_path / "results.jsonl"
-    args = argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, rank=16,
-                              targets="qkvo", out=out, timeout_s=120)
+    args = _longest_args(tmp_path / "results.jsonl", timeout_s=120)
     previous = signal.getsignal(signal.SIGTERM)
     end_stacks_on_sigterm()
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
