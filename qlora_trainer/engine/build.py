@@ -25,6 +25,7 @@ from transformers import PretrainedConfig, get_scheduler
 from qlora_trainer.engine import adapters, packed_attention
 from qlora_trainer.engine.base import DTYPES, check_weights_match, device_for, load_base
 from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
+from qlora_trainer.engine.chunked_attention import check_attention_chunking, chunk_attention
 from qlora_trainer.engine.chunked_mlp import chunk_mlps
 from qlora_trainer.engine.compiled_layers import compile_decoder_layers
 from qlora_trainer.engine.distributed import SINGLE, Processes, wrap
@@ -62,6 +63,8 @@ def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Op
     check_weights_match(spec.model.path, {name: tuple(t.shape) for name, t in meta.state_dict().items()})
     _, layers = adapters.resolve_targets(meta, spec.adapter.target_modules)
     adapters.check_rank(spec.adapter, layers)
+    if spec.training.attention_chunk_tokens:
+        check_attention_chunking(meta)
     count, limit = spec.training.checkpointed_layers or 0, model_config.num_hidden_layers
     if count > limit:
         raise ConfigError(f"training.checkpointed_layers: {count} is more than the model's {limit} decoder "
@@ -104,6 +107,8 @@ def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
         use_fused_lora(model)
     if training.mlp_chunk_tokens:  # 5
         chunk_mlps(model, training.mlp_chunk_tokens)
+    if training.attention_chunk_tokens:
+        chunk_attention(model, training.attention_chunk_tokens)
     if run.compile_layers:  # 6
         use_in_graph_dequantization(model)
         compile_decoder_layers(model)

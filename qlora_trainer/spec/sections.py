@@ -136,6 +136,9 @@ class TrainingConfig:
     fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (engine/fused_lora.py)
     compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto: CUDA GPUs, Triton
     mlp_chunk_tokens: int = 0  # > 0: MLPs run this many tokens at a time, each chunk recomputed (long sequences)
+    # > 0: attention runs this many queries at a time against whole keys and values, each chunk recomputed in
+    # backward (very long sequences; Llama, Mistral and Qwen2 attention without a sliding window)
+    attention_chunk_tokens: int = 0
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
     resume: Literal["off", "auto"] = "off"  # auto = continue from the newest complete checkpoint
@@ -215,6 +218,7 @@ class RunSpec:
             "training.memory_cap_gib": self.training.memory_cap_gib,
             "training.checkpointed_layers": self.training.checkpointed_layers or 0,
             "training.mlp_chunk_tokens": self.training.mlp_chunk_tokens,
+            "training.attention_chunk_tokens": self.training.attention_chunk_tokens,
             "training.num_epochs": self.training.num_epochs,
         }
         for key, value in non_negative.items():

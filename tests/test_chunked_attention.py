@@ -1,0 +1,207 @@
+"""Chunked attention (engine/chunked_attention.py) against the model's own attention, on the real NF4 CPU kernels:
+the same outputs and gradients for plain, padded-free causal rows, packed rows (transformers' 4D mask, and the
+examples' cumulative lengths the GPU's variable-length kernel takes), grouped-query heads and biased projections;
+dropout masks drawn again identically in backward; models it does not repeat refused."""
+
+import pytest
+import torch
+
+from conftest import save_tiny_tokenizer  # noqa: F401  (fixtures)
+from qlora_trainer.engine import adapters, fused_lora
+from qlora_trainer.engine.chunked_attention import check_attention_chunking, chunk_attention, plan_chunks
+from qlora_trainer.errors import ConfigError
+from test_fast_paths import _adapted
+
+# fp32 throughout: chunked and whole attention differ only in the order of their sums (keys' and values' gradients
+# summed over chunks, softmax over fewer keys per call), a few fp32 roundings of values of order 1
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _packed_positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def _run(model, x: torch.Tensor, position_ids=None):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=x, position_ids=position_ids).logits
+    logits.float().square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(got, want):
+    got_logits, got_grads = got
+    want_logits, want_grads = want
+    torch.testing.assert_close(got_logits, want_logits, rtol=RTOL, atol=ATOL)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def _query_lengths(model) -> list[int]:
+    seen = []
+    for layer in model.get_base_model().model.layers:
+        layer.self_attn.q_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-2]))
+    return seen
+
+
+def test_chunks_of_packed_rows_see_their_own_examples_keys():
+    # three examples of 5, 7 and 8 tokens, 8-token chunks
+    chunks = plan_chunks(20, 8, [0, 5, 12, 20])
+    assert [(c.start, c.end, c.key_start) for c in chunks] == [(0, 8, 0), (8, 16, 5), (16, 20, 12)]
+    assert [c.cu_q.tolist() for c in chunks] == [[0, 5, 8], [0, 4, 8], [0, 4]]
+    assert [c.cu_k.tolist() for c in chunks] == [[0, 5, 8], [0, 7, 11], [0, 8]]
+    assert [(c.max_q, c.max_k) for c in chunks] == [(5, 5), (4, 7), (4, 8)]
+    assert [(c.start, c.end, c.key_start, c.cu_q) for c in plan_chunks(10, 4)] == [
+        (0, 4, 0, None), (4, 8, 0, None), (8, 10, 0, None)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_attention_gives_the_models_outputs_and_gradients(tiny_llama_dir, packed):
+    """8-token chunks of 24-token rows (two rows, or one row of three packed examples through transformers'
+    block-diagonal mask), our layer checkpoint and fused LoRA on every linear layer, as the engine builds it."""
+    x = torch.randint(0, 300, (1, 24) if packed else (2, 24), generator=torch.Generator().manual_seed(0))
+    positions = _packed_positions([10, 6, 8]) if packed else None
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    want = _run(model, x, positions)
+    assert chunk_attention(model, chunk_tokens=8) == 2
+    seen = _query_lengths(model)
+    got = _run(model, x, positions)
+    assert set(seen) == {8} and len(seen) >= 2 * 3 * 2  # 3 chunks x 2 layers, in forward and again in backward
+    _assert_same(got, want)
+
+
+def test_packed_lengths_path_gives_the_block_diagonal_attention(tiny_llama_dir):
+    """The path the GPU's variable-length kernel takes (examples' cumulative lengths, no mask), run example by
+    example on the CPU, against the module's own attention with the block-diagonal mask."""
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    base = model.get_base_model().model
+    module = base.layers[0].self_attn
+    lengths = [9, 3, 12]
+    hidden = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(2))
+    positions = _packed_positions(lengths)
+    cos, sin = base.rotary_emb(hidden, positions)
+    document = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    allowed = (document[:, None] == document[None, :]) & torch.ones(24, 24, dtype=torch.bool).tril()
+
+    def outputs_and_grads(**kwargs):
+        model.zero_grad(set_to_none=True)
+        leaf = hidden.clone().requires_grad_(True)
+        out = module(leaf, position_embeddings=(cos, sin), **kwargs)[0]
+        out.square().mean().backward()
+        return out.detach(), {"input": leaf.grad, **{n: p.grad.clone() for n, p in module.named_parameters()
+                                                    if p.requires_grad}}
+
+    want = outputs_and_grads(attention_mask=allowed[None, None])
+    chunk_attention(model, chunk_tokens=7)
+    cu = torch.tensor([0, 9, 12, 24], dtype=torch.int32)
+    got = outputs_and_grads(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
+                            max_length_k=12)
+    _assert_same(got, want)
+
+
+def test_a_recomputed_chunk_draws_the_dropout_masks_of_its_forward(tiny_llama_dir):
+    """With LoRA dropout, each chunk's recomputation in backward must compute what its forward computed."""
+    x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = _adapted(tiny_llama_dir, "float32", dropout=0.5, compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    chunk_attention(model, chunk_tokens=8)
+    outputs = []
+    model.get_base_model().model.layers[1].self_attn.o_proj.register_forward_hook(
+        lambda module, args, out: outputs.append(out.detach().clone()))
+    _run(model, x)
+    # the layer's first pass (no grad), its recomputation's forward, then the chunks again in backward (last first)
+    forward, recomputed, backward = outputs[:3], outputs[3:6], outputs[6:]
+    assert len(backward) == 3
+    for first, second, third in zip(forward, recomputed, reversed(backward)):
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        torch.testing.assert_close(third, first, rtol=0, atol=0)
+    assert not torch.equal(forward[0], forward[1][:, :8])  # the masks differ from chunk to chunk
+
+
+def test_biased_projections(tmp_path):
+    from tiny_models import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "qwen2", "qwen2")
+    x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = _adapted(folder, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    want = _run(model, x)
+    chunk_attention(model, chunk_tokens=6)
+    _assert_same(_run(model, x), want)
+
+
+def test_attention_it_does_not_repeat_is_refused():
+    from transformers import MistralConfig
+
+    from tiny_models import CONFIGS
+
+    mistral = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=384, sliding_window=16)
+    for config, words in [(mistral, "16-token sliding window"), (CONFIGS["gpt2"], "no self_attn")]:
+        with pytest.raises(ConfigError, match=words):
+            check_attention_chunking(adapters.meta_model(config))
+    mistral.sliding_window = None
+    check_attention_chunking(adapters.meta_model(mistral))  # no window: taken
+
+
+def test_in_compiled_layers(tiny_llama_dir):
+    """Compiled decoder layers (aot_eager, as tests/test_fast_paths.py) call the chunked attention as it is: the
+    compiler stops at it (a graph break on each side) and the results are eager's."""
+    import torch._dynamo
+
+    from qlora_trainer.engine.compiled_layers import compile_decoder_layers
+
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    want = _run(model, x)
+    chunk_attention(model, chunk_tokens=8)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend="aot_eager")
+    seen = _query_lengths(model)
+    _assert_same(_run(model, x), want)
+    assert set(seen) == {8}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_on_the_gpu_flash_and_variable_length_kernels_give_the_models_attention(tiny_llama_dir, packed):
+    """On a GPU in bf16: plain rows through SDPA's bottom-right causal flash kernel, packed rows through torch's
+    variable-length kernel with fewer queries than keys, against the module's own attention (SDPA, and the
+    block-diagonal mask for packed rows). bf16 rounds to 2^-8 relative; the two paths round differently, so
+    outputs and gradients agree to a few roundings, not bit for bit."""
+    model = _adapted(tiny_llama_dir, "bfloat16").to("cuda")
+    fused_lora.use_fused_lora(model)
+    base = model.get_base_model().model
+    module = base.layers[0].self_attn
+    lengths = [300, 212, 512] if packed else [1024]
+    tokens = sum(lengths)
+    hidden = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    positions = _packed_positions(lengths).to("cuda")
+    cos, sin = base.rotary_emb(hidden, positions)
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to("cuda")
+    allowed = (document[:, None] == document[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool,
+                                                                     device="cuda").tril()
+
+    def outputs_and_grads(**kwargs):
+        model.zero_grad(set_to_none=True)
+        leaf = hidden.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(leaf, position_embeddings=(cos, sin), **kwargs)[0]
+        out.float().square().mean().backward()
+        return out.detach().float(), {"input": leaf.grad.float(),
+                                      **{n: p.grad.float() for n, p in module.named_parameters() if p.requires_grad}}
+
+    want = outputs_and_grads(attention_mask=allowed[None, None])
+    chunk_attention(model, chunk_tokens=256)
+    if packed:
+        cu = torch.tensor([0, 300, 512, 1024], dtype=torch.int32, device="cuda")
+        got = outputs_and_grads(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=512,
+                                max_length_k=512)
+    else:
+        got = outputs_and_grads(attention_mask=None)
+    for (name, g), w in zip([("output", got[0]), *got[1].items()], [want[0], *want[1].values()]):
+        error = ((g - w).norm() / w.norm()).item()
+        assert error < 4 * 2**-8, (name, error)
