@@ -190,8 +190,9 @@ def _saved_storages(root) -> dict[int, tuple[int, str]]:
             continue
         seen.add(node)
         for attr in dir(node):
-            if not attr.startswith("_saved_"):
-                continue
+            chunked_attention = type(node).__name__ == "_ChunkedAttentionFunctionBackward" and attr == "saved_tensors"
+            if not attr.startswith("_saved_") and not chunked_attention:
+                continue  # autograd's own nodes name each saved tensor; engine/chunked_attention.py's holds a list
             value = getattr(node, attr)
             for tensor in value if isinstance(value, tuple) else (value,):
                 if torch.is_tensor(tensor) and not (tensor.dtype == torch.float64 and tensor.dim() == 0):
@@ -261,6 +262,53 @@ def test_layer_activations_equal_what_autograd_keeps(tiny_llama_dir, adapter_typ
         # an H100); the CPU kernel keeps the shared bool mask itself.
         predicted -= 2 * batch * seq_len * seq_len
     assert predicted == sum(nbytes for nbytes, _ in kept.values())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_attention_keeps_its_input_alone(tiny_llama_dir, packed):
+    """engine/chunked_attention.py: the last decoder layer, LoRA on every linear layer, keeps its norms', its
+    attention's input and its MLP's tensors, as the planner counts; nothing of q/k/v or the attention output."""
+    from qlora_trainer.engine.chunked_attention import chunk_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_bnb_config("nf4", True),
+                                                 dtype=torch.bfloat16, attn_implementation="sdpa")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    keys, layers = adapters.resolve_targets(model, "all-linear")
+    adapter = AdapterConfig(r=8, lora_dropout=0.0, target_modules=keys, dtype="bfloat16")
+    peft_model, _ = adapters.attach_adapter(model, adapter, keys, layers)
+    peft_model.train()
+    chunk_attention(peft_model, chunk_tokens=16)
+    decoder = peft_model.get_base_model().model
+    seen = {}
+    last = decoder.layers[-1]
+    hooks = [
+        last.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(input=kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True),
+        last.register_forward_hook(lambda m, args, output: seen.update(output=output)),
+        decoder.rotary_emb.register_forward_hook(lambda m, args, output: seen.update(rotary=output)),
+    ]
+    seq_len = 40
+    positions = torch.cat([torch.arange(25), torch.arange(15)])[None] if packed else None
+    decoder(input_ids=torch.randint(0, 384, (1, seq_len)), position_ids=positions, use_cache=False)  # as training
+    for hook in hooks:
+        hook.remove()
+    output = seen["output"][0] if isinstance(seen["output"], tuple) else seen["output"]
+    shared = set(_saved_storages(seen["input"].grad_fn)) | {seen["input"].untyped_storage().data_ptr()}
+    shared |= {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    shared |= {t.untyped_storage().data_ptr() for t in seen["rotary"]}
+    kept = {ptr: found for ptr, found in _saved_storages(output.grad_fn).items()
+            if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
+    assert any(name.endswith("saved_tensors") for _, name in kept.values())  # the chunked function's input
+    shape = model_shape(AutoConfig.from_pretrained(tiny_llama_dir))
+    planned = run({"adapter.r": 8, "adapter.target_modules": "all-linear", "training.max_seq_len": seq_len,
+                   "adapter.dtype": "bfloat16", "adapter.lora_dropout": 0.0, "model.attn_implementation": "sdpa",
+                   "training.compile_layers": "off", "training.attention_chunk_tokens": 16})
+    index = shape.num_layers - 1
+    layer_targets = [t for t in shape.targets("all-linear") if t.layer_index == index]
+    assert layer_activation_bytes(shape, planned, index, layer_targets, seq_len) == sum(
+        nbytes for nbytes, _ in kept.values())
 
 
 @pytest.fixture(scope="module")

@@ -256,9 +256,10 @@ def _attention_bytes_per_token(shape: ModelShape, attn_implementation: str, seq_
     return compute * (2 * q + 2 * kv) + 4 * heads
 
 
-def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int, targets: list[LinearShape],
-                           tokens: int) -> int:
-    """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
+def _layer_parts(shape: ModelShape, run: ResolvedRun, layer_index: int, targets: list[LinearShape]
+                 ) -> tuple[int, int, int, int]:
+    """Per token: what decoder layer `layer_index` keeps for its backward in its norms, its attention block and its
+    MLP; and its bytes that do not grow with the tokens."""
     spec = run.spec
     adapter_type, rank, attn = spec.adapter.type, spec.adapter.r, run.attention
     compute, adapter = DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[spec.adapter.dtype]
@@ -266,15 +267,15 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
     if run.compile_layers:
         # compiled, a norm keeps its fp32 rsqrt and recomputes the rest from its 16-bit input: the layer's own
         # input for the first (kept by the checkpoint anyway), the attention residual sum for the second
-        per_token = 2 * 4 + compute * hidden
+        norms = 2 * 4 + compute * hidden
     else:
-        per_token = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
-    per_token += _attention_bytes_per_token(shape, attn, spec.training.max_seq_len, compute,
-                                            sdpa_gets_mask(shape, run, layer_index))
+        norms = 2 * (4 * hidden + 4)  # two RMSNorms: the fp32 copy of their input and the fp32 rsqrt
+    attention = _attention_bytes_per_token(shape, attn, spec.training.max_seq_len, compute,
+                                           sdpa_gets_mask(shape, run, layer_index))
     if attn != "eager" and shape.fused_qkv:
         # the values kept for the kernel's backward are a view of the fused projection's output, which stays
         # whole: its query and key parts too (measured: Phi-3-mini without checkpointing, planner-accuracy-h100.md)
-        per_token += compute * (shape.q_dim + shape.kv_dim)
+        attention += compute * (shape.q_dim + shape.kv_dim)
     # act input [act output, up] for act(gate) * up; a compiled layer recomputes the elementwise act(gate) in
     # backward rather than keep it (AOTAutograd's min-cut partitioner keeps matmul outputs, redoes pointwise ops)
     gated_kept = 2 if run.compile_layers else 3
@@ -307,17 +308,39 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
         if target.kind == "mlp":
             mlp_per_token += own
         else:
-            per_token += own
+            attention += own
     if attn != "eager":
         # SDPA / flash return their output in (batch, seq, heads, dim) memory: o_proj's input is that same tensor
         kept_inputs.pop(("attn", False), None)
-    per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind != "mlp")
+    attention += compute * sum(width for (kind, _), width in kept_inputs.items() if kind != "mlp")
     mlp_per_token += compute * sum(width for (kind, _), width in kept_inputs.items() if kind == "mlp")
+    return norms, attention, mlp_per_token, constant
+
+
+def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int, targets: list[LinearShape],
+                           tokens: int) -> int:
+    """Bytes autograd keeps for decoder layer `layer_index`'s backward (its recomputation, under checkpointing)."""
+    norms, attention, mlp_per_token, constant = _layer_parts(shape, run, layer_index, targets)
+    compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
+    if run.attention_chunked:  # engine/chunked_attention.py keeps the attention's input alone
+        attention = compute * shape.hidden_size
     if not run.mlp_chunked:
-        return tokens * (per_token + mlp_per_token) + constant
+        return tokens * (norms + attention + mlp_per_token) + constant
     # engine/chunked_mlp.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
-    chunk = spec.training.micro_batch_size * spec.training.mlp_chunk_tokens
-    return tokens * (per_token + compute * hidden) + chunk * mlp_per_token + constant
+    chunk = training.micro_batch_size * training.mlp_chunk_tokens
+    return tokens * (norms + attention + compute * shape.hidden_size) + chunk * mlp_per_token + constant
+
+
+def chunked_attention_backward_bytes(shape: ModelShape, run: ResolvedRun, targets: list[LinearShape],
+                                     tokens: int) -> int:
+    """What engine/chunked_attention.py's backward adds while it runs: the keys and values recomputed whole, their
+    fp32 gradients, the input's gradient, one chunk's attention recomputed with its activations, and the gradients
+    of the keys and values that chunk saw (up to all of them, for the last chunk)."""
+    compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
+    kv = 2 * shape.kv_dim
+    chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
+    _, attention, _, _ = _layer_parts(shape, run, 0, [t for t in targets if t.layer_index == 0])
+    return tokens * ((2 * compute + 4) * kv + compute * shape.hidden_size) + chunk * attention
 
 
 def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], run: ResolvedRun,
@@ -378,11 +401,16 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     # attention's gradients: queries, keys and values, the keys' and values' at the queries' width even with grouped
     # heads (the flash kernel's backward expands them to every query head before summing, as repeat_kv's and
     # engine/packed_attention.py's repeats do; measured: Llama-3-8B at 59,392 tokens under a 15 GiB cap ran out of
-    # memory where query + 2 x key width predicted 8% less, benchmarks/results/defaults-h100/README.md)
-    widest = max(3 * shape.q_dim, hidden) * tokens
+    # memory where query + 2 x key width predicted 8% less, benchmarks/results/defaults-h100/README.md). Chunked
+    # attention's work on a chunk of tokens (its whole-sequence buffers are counted below).
+    attention_tokens = (min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
+                        if run.attention_chunked else tokens)
+    widest = max(3 * shape.q_dim * attention_tokens, hidden * tokens)
     mlp_tokens = training.micro_batch_size * training.mlp_chunk_tokens if run.mlp_chunked else tokens
     widest = max(widest, shape.mlp_width * mlp_tokens)
     backward = int(cal.backward_gradient_widths * compute * widest)
+    if run.attention_chunked:
+        backward += chunked_attention_backward_bytes(shape, run, targets, tokens)
     if attn == "eager":
         backward += tokens * shape.num_heads * seq_len * (4 + compute)  # gradient of the probabilities
     # one weight-sized buffer at a time: the dequantized base weight in each matmul, the LoHa/LoKr delta and its

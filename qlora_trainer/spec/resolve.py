@@ -68,6 +68,11 @@ class ResolvedRun:
         return 0 < self.spec.training.mlp_chunk_tokens < self.spec.training.max_seq_len
 
     @property
+    def attention_chunked(self) -> bool:
+        """Whether engine/chunked_attention.py splits this run's sequences (only those longer than the chunk)."""
+        return 0 < self.spec.training.attention_chunk_tokens < self.spec.training.max_seq_len
+
+    @property
     def prefetch_checkpoints(self) -> bool:
         """Whether offloaded checkpoint inputs are copied back one layer ahead of backward (engine/checkpointing.py;
         one more input on the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the
