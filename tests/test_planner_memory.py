@@ -202,6 +202,30 @@ def _saved_storages(root) -> dict[int, tuple[int, str]]:
     return found
 
 
+def _kept_by_last_layer(peft_model, **inputs) -> dict[int, tuple[int, str]]:
+    """What the last decoder layer saved for its backward when the decoder ran `inputs`: not earlier layers'
+    tensors, the weights, nor the cos/sin and mask all layers share."""
+    decoder = peft_model.get_base_model().model
+    seen = {}
+    last = decoder.layers[-1]
+    hooks = [
+        last.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.update(input=kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True),
+        last.register_forward_hook(lambda m, args, output: seen.update(output=output)),
+        decoder.rotary_emb.register_forward_hook(lambda m, args, output: seen.update(rotary=output)),
+    ]
+    decoder(**inputs)
+    for hook in hooks:
+        hook.remove()
+    output = seen["output"][0] if isinstance(seen["output"], tuple) else seen["output"]
+    shared = set(_saved_storages(seen["input"].grad_fn)) | {seen["input"].untyped_storage().data_ptr()}
+    shared |= {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    shared |= {t.untyped_storage().data_ptr() for t in seen["rotary"]}
+    return {ptr: found for ptr, found in _saved_storages(output.grad_fn).items()
+            if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
+
+
 # these tests count what SDPA's flash kernel keeps; where it cannot run on this CPU the math kernel keeps other tensors
 NO_CPU_FLASH = pytest.mark.skipif(cpu_flash_attention_fails(), reason="torch's CPU flash attention cannot run with "
                                   "ATen's kernels held below this CPU's AVX512-BF16 (ATEN_CPU_CAPABILITY)")
@@ -226,29 +250,10 @@ def test_layer_activations_equal_what_autograd_keeps(tiny_llama_dir, adapter_typ
     adapter = AdapterConfig(type=adapter_type, r=8, lora_dropout=0.0, target_modules=keys, dtype="bfloat16")
     peft_model, _ = adapters.attach_adapter(model, adapter, keys, layers)
     peft_model.train()
-    decoder = peft_model.get_base_model().model
-    seen = {}
-    last = decoder.layers[-1]
-    hooks = [
-        last.register_forward_pre_hook(
-            lambda m, args, kwargs: seen.update(input=kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True),
-        last.register_forward_hook(lambda m, args, output: seen.update(output=output)),
-        decoder.rotary_emb.register_forward_hook(lambda m, args, output: seen.update(rotary=output)),
-    ]
     seq_len = 40
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     mask[-1, :5] = 0 if padded else 1
-    decoder(input_ids=torch.randint(0, 384, (batch, seq_len)), attention_mask=mask)
-    for hook in hooks:
-        hook.remove()
-    output = seen["output"][0] if isinstance(seen["output"], tuple) else seen["output"]
-    # Not this layer's: what earlier layers saved, the weights, and cos/sin and the mask that all layers share.
-    shared = set(_saved_storages(seen["input"].grad_fn)) | {seen["input"].untyped_storage().data_ptr()}
-    shared |= {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
-    shared |= {t.untyped_storage().data_ptr() for t in seen["rotary"]}
-    kept = {ptr: found for ptr, found in _saved_storages(output.grad_fn).items()
-            if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
+    kept = _kept_by_last_layer(peft_model, input_ids=torch.randint(0, 384, (batch, seq_len)), attention_mask=mask)
     shape = model_shape(AutoConfig.from_pretrained(tiny_llama_dir))
     planned = run({"adapter.r": 8, "adapter.type": adapter_type, "adapter.target_modules": targets,
                    "training.micro_batch_size": batch, "training.max_seq_len": seq_len, "adapter.dtype": "bfloat16",
@@ -279,27 +284,10 @@ def test_chunked_attention_keeps_its_input_alone(tiny_llama_dir, packed):
     peft_model, _ = adapters.attach_adapter(model, adapter, keys, layers)
     peft_model.train()
     chunk_attention(peft_model, chunk_tokens=16)
-    decoder = peft_model.get_base_model().model
-    seen = {}
-    last = decoder.layers[-1]
-    hooks = [
-        last.register_forward_pre_hook(
-            lambda m, args, kwargs: seen.update(input=kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True),
-        last.register_forward_hook(lambda m, args, output: seen.update(output=output)),
-        decoder.rotary_emb.register_forward_hook(lambda m, args, output: seen.update(rotary=output)),
-    ]
     seq_len = 40
     positions = torch.cat([torch.arange(25), torch.arange(15)])[None] if packed else None
-    decoder(input_ids=torch.randint(0, 384, (1, seq_len)), position_ids=positions, use_cache=False)  # as training
-    for hook in hooks:
-        hook.remove()
-    output = seen["output"][0] if isinstance(seen["output"], tuple) else seen["output"]
-    shared = set(_saved_storages(seen["input"].grad_fn)) | {seen["input"].untyped_storage().data_ptr()}
-    shared |= {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
-    shared |= {t.untyped_storage().data_ptr() for t in seen["rotary"]}
-    kept = {ptr: found for ptr, found in _saved_storages(output.grad_fn).items()
-            if ptr not in shared and not found[1].endswith("_saved_attn_mask")}
+    kept = _kept_by_last_layer(peft_model, input_ids=torch.randint(0, 384, (1, seq_len)), position_ids=positions,
+                               use_cache=False)  # as training runs it
     assert any(name.endswith("saved_tensors") for _, name in kept.values())  # the chunked function's input
     shape = model_shape(AutoConfig.from_pretrained(tiny_llama_dir))
     planned = run({"adapter.r": 8, "adapter.target_modules": "all-linear", "training.max_seq_len": seq_len,
