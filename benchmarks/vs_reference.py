@@ -11,7 +11,8 @@ bf16, gradient checkpointing, torch AdamW at a constant 1e-4, gradients clipped 
 tokens/s and peaks from its metrics.jsonl); ours-offload sets `training.offload_checkpoints` (the default since
 2026-12-06), ours-on-gpu turns it off, ours-long offloads,
 MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
-torch.compile off, ours-compiled turns it on, ours-peft-lora also uses peft's LoRA forward; ours-engine (and
+torch.compile off, ours-compiled turns it on, ours-auto-attention-chunks is ours-auto with attention 4,096 queries at
+a time (engine/chunked_attention.py), ours-peft-lora also uses peft's LoRA forward; ours-engine (and
 ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
 command line around it costs (ours-engine-bnb-dequant: its compiled layers call bitsandbytes' dequantization, as
 before engine/nf4_in_graph.py); ours-auto leaves to the planner what `training.plan: auto` leaves it (checkpointing,
@@ -61,6 +62,7 @@ OURS = {"ours": {}, "ours-auto": {"training.plan": "auto"}, "ours-offload": {"tr
                       "training.loss_chunk_tokens": 512},
         "ours-long-4k": {"training.offload_checkpoints": True, "training.mlp_chunk_tokens": 4096,
                          "training.loss_chunk_tokens": 512},
+        "ours-auto-attention-chunks": {"training.plan": "auto", "training.attention_chunk_tokens": 4096},
         "ours-eager": {"training.compile_layers": "off"},
         "ours-compiled": {"training.compile_layers": "on"},
         "ours-peft-lora": {"training.compile_layers": "off", "training.fused_lora": False},
