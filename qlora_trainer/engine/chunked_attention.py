@@ -19,6 +19,7 @@ attention, output projection, nothing else); another class, a sliding window or 
 than computed differently. Generation and evaluation (no gradient) go through the module's own forward.
 """
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -114,15 +115,22 @@ def _packed_attention(module: nn.Module, chunk: _Chunk, query: torch.Tensor, key
     variable-length flash kernel on a GPU (bottom-right causal: an example's last query sees its last key), the same
     example by example with SDPA elsewhere."""
     heads, kv_heads = query.shape[1], keys.shape[1]
-    if kv_heads != heads:  # as engine/packed_attention.py: the kernel is given as many key/value heads as queries
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-        values = values.repeat_interleave(heads // kv_heads, dim=1)
     if query.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
+        grouped = {}
+        if kv_heads != heads:
+            if "enable_gqa" in inspect.signature(varlen_attn).parameters:  # torch >= 2.13: grouped heads as they are
+                grouped = {"enable_gqa": True}
+            else:  # as engine/packed_attention.py: as many key/value heads as queries
+                keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+                values = values.repeat_interleave(heads // kv_heads, dim=1)
         device = query.device
         return varlen_attn(query, keys, values, chunk.cu_q.to(device), chunk.cu_k.to(device), chunk.max_q,
-                           chunk.max_k, scale=module.scaling, window_size=(-1, 0))
+                           chunk.max_k, scale=module.scaling, window_size=(-1, 0), **grouped)
+    if kv_heads != heads:
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+        values = values.repeat_interleave(heads // kv_heads, dim=1)
     pieces = []
     for index in range(len(chunk.cu_q) - 1):
         q = query[chunk.cu_q[index]:chunk.cu_q[index + 1]].transpose(0, 1)

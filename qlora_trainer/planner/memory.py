@@ -335,12 +335,17 @@ def chunked_attention_backward_bytes(shape: ModelShape, run: ResolvedRun, target
                                      tokens: int) -> int:
     """What engine/chunked_attention.py's backward adds while it runs: the keys and values recomputed whole, their
     fp32 gradients, the input's gradient, one chunk's attention recomputed with its activations, and the gradients
-    of the keys and values that chunk saw (up to all of them, for the last chunk)."""
+    of the keys and values that chunk saw (up to all of them, for the last chunk). For packed rows with grouped
+    heads the chunk's keys and values are repeated to every query head first (as engine/packed_attention.py does
+    for torch's variable-length kernel before torch 2.13), and so are their gradients. An estimate: not yet
+    measured on a GPU."""
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     kv = 2 * shape.kv_dim
+    seen = 2 * compute * 2 * shape.q_dim if run.attention == PACKED_VARLEN and shape.kv_dim != shape.q_dim else (
+        compute * kv)
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     _, attention, _, _ = _layer_parts(shape, run, 0, [t for t in targets if t.layer_index == 0])
-    return tokens * ((2 * compute + 4) * kv + compute * shape.hidden_size) + chunk * attention
+    return tokens * ((compute + 4) * kv + seen + compute * shape.hidden_size) + chunk * attention
 
 
 def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], run: ResolvedRun,
