@@ -141,9 +141,12 @@ def test_attention_it_does_not_repeat_is_refused():
                             num_key_value_heads=2, vocab_size=384, sliding_window=16)
     for config, words in [(mistral, "16-token sliding window"), (CONFIGS["gpt2"], "no self_attn")]:
         with pytest.raises(ConfigError, match=words):
-            check_attention_chunking(adapters.meta_model(config))
+            check_attention_chunking(adapters.meta_model(config), "sdpa")
     mistral.sliding_window = None
-    check_attention_chunking(adapters.meta_model(mistral))  # no window: taken
+    check_attention_chunking(adapters.meta_model(mistral), "sdpa")  # no window: taken
+    # flash-attention-2 finds packed examples from the position ids itself: chunks would let them see each other
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        check_attention_chunking(adapters.meta_model(mistral), "flash_attention_2")
 
 
 def test_in_compiled_layers(tiny_llama_dir):
@@ -205,3 +208,33 @@ def test_on_the_gpu_flash_and_variable_length_kernels_give_the_models_attention(
     for (name, g), w in zip([("output", got[0]), *got[1].items()], [want[0], *want[1].values()]):
         error = ((g - w).norm() / w.norm()).item()
         assert error < 4 * 2**-8, (name, error)
+
+
+def test_train_with_attention_chunks_follows_the_same_losses(tiny_llama_dir, tmp_path):
+    """`train` itself, packed rows (three examples of about 82 tokens each), LoRA on every linear layer, fp32:
+    chunked attention (64 queries at a time, across the examples' boundaries) follows
+    the run without it step for step. No dropout: chunks draw their masks in another order than whole projections,
+    another sample of the same dropout (a chunk drawing its own masks again is checked above)."""
+    import json
+
+    from qlora_trainer.spec import spec_from_dict
+    from qlora_trainer.training.recipe import train
+    from test_train import ROWS
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+
+    def losses(name: str, chunk: int) -> list[float]:
+        spec = spec_from_dict({
+            "model": {"path": str(tiny_llama_dir)}, "data": {"path": str(data), "format": "alpaca", "packing": True},  # 3 examples a row
+            "quantization": {"compute_dtype": "float32"},
+            "adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+            "training": {"max_steps": 4, "learning_rate": 5e-3, "micro_batch_size": 2, "max_seq_len": 256,
+                         "save_steps": 0, "attention_chunk_tokens": chunk},
+            "output": {"dir": str(tmp_path / name)}})
+        train(spec, show_progress=False)
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    whole, chunked = losses("whole", 0), losses("chunked", 64)
+    assert len(whole) == 4
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)

@@ -90,6 +90,12 @@ BAD_INPUTS = {
     "fused-lora-string": (lambda raw, tmp, m: _set(raw, "training", "fused_lora", "maybe"), "training.fused_lora"),
     "mlp-chunk-negative": (lambda raw, tmp, m: _set(raw, "training", "mlp_chunk_tokens", -1),
                            "training.mlp_chunk_tokens"),
+    "attention-chunk-negative": (lambda raw, tmp, m: _set(raw, "training", "attention_chunk_tokens", -1),
+                                 "training.attention_chunk_tokens"),
+    "attention-chunks-with-flash-attention": (
+        lambda raw, tmp, m: _set(_set(raw, "training", "attention_chunk_tokens", 64), "model", "attn_implementation",
+                                 "flash_attention_2"),
+        "training.attention_chunk_tokens: not with model.attn_implementation flash_attention_2"),
     "bad-quant": (lambda raw, tmp, m: _set(raw, "quantization", "mode", "int4"), "quantization.mode"),
     "trust-remote-code-string": (lambda raw, tmp, m: _set(raw, "model", "trust_remote_code", "yes"),
                                  "model.trust_remote_code"),

@@ -64,7 +64,7 @@ def check_before_loading(run: ResolvedRun, model_config: PretrainedConfig) -> Op
     _, layers = adapters.resolve_targets(meta, spec.adapter.target_modules)
     adapters.check_rank(spec.adapter, layers)
     if spec.training.attention_chunk_tokens:
-        check_attention_chunking(meta)
+        check_attention_chunking(meta, run.attention)
     count, limit = spec.training.checkpointed_layers or 0, model_config.num_hidden_layers
     if count > limit:
         raise ConfigError(f"training.checkpointed_layers: {count} is more than the model's {limit} decoder "

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from qlora_trainer.engine.class_mixing import mixed_class
+from qlora_trainer.spec.resolve import PACKED_VARLEN
 from qlora_trainer.errors import ConfigError
 
 # transformers' attention classes whose forward is exactly q/k/v projections, rotary embedding, attention, o_proj
@@ -280,9 +281,14 @@ def _decoder_attention(model: nn.Module) -> list[nn.Module]:
     return [getattr(m, "self_attn", None) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def check_attention_chunking(model: nn.Module) -> None:
-    """A ConfigError where a decoder layer's attention is not one whose forward chunked attention repeats, or uses
-    a sliding window or attention dropout (which it does not apply): refused rather than computed differently."""
+def check_attention_chunking(model: nn.Module, attention: str) -> None:
+    """A ConfigError where the attention implementation is not one chunked attention reproduces (SDPA, eager,
+    the packed variable-length kernel: flash-attention-2 finds packed examples by itself, which chunks would not
+    see), or a decoder layer's attention is not one whose forward it repeats, or uses a sliding window or attention
+    dropout (which it does not apply): refused rather than computed differently."""
+    if attention not in ("sdpa", "eager", PACKED_VARLEN):
+        raise ConfigError(f"training.attention_chunk_tokens: not with model.attn_implementation {attention}; use "
+                          "sdpa, eager or auto, or training.attention_chunk_tokens: 0")
     for module in _decoder_attention(model):
         name = type(module).__name__ if module is not None else "this model's decoder layers have no self_attn: their"
         if name not in ATTENTION_CLASSES:
@@ -301,7 +307,7 @@ def check_attention_chunking(model: nn.Module) -> None:
 def chunk_attention(model: nn.Module, chunk_tokens: int) -> int:
     """Give every decoder layer's `self_attn` the chunked forward (after check_attention_chunking); returns how
     many got it."""
-    check_attention_chunking(model)
+    check_attention_chunking(model, model.config._attn_implementation)
     modules = _decoder_attention(model)
     for module in modules:
         module.__class__ = mixed_class(_ChunkedAttention, type(module))
