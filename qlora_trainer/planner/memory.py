@@ -341,8 +341,11 @@ def chunked_attention_backward_bytes(shape: ModelShape, run: ResolvedRun, target
     measured on a GPU."""
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     kv = 2 * shape.kv_dim
+    # the gradients of the keys and values the chunk saw: as wide as the queries first (the flash kernel's backward
+    # expands grouped heads, as estimate_memory's `widest` says), then summed; packed rows repeat the keys and values
+    # themselves too
     seen = 2 * compute * 2 * shape.q_dim if run.attention == PACKED_VARLEN and shape.kv_dim != shape.q_dim else (
-        compute * kv)
+        compute * (2 * shape.q_dim + kv))
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     _, attention, _, _ = _layer_parts(shape, run, 0, [t for t in targets if t.layer_index == 0])
     return tokens * ((compute + 4) * kv + seen + compute * shape.hidden_size) + chunk * attention
