@@ -226,7 +226,8 @@ def test_train_with_attention_chunks_follows_the_same_losses(tiny_llama_dir, tmp
 
     def losses(name: str, chunk: int) -> list[float]:
         spec = spec_from_dict({
-            "model": {"path": str(tiny_llama_dir)}, "data": {"path": str(data), "format": "alpaca", "packing": True},  # 3 examples a row
+            "model": {"path": str(tiny_llama_dir)},
+            "data": {"path": str(data), "format": "alpaca", "packing": True},  # 3 examples a row
             "quantization": {"compute_dtype": "float32"},
             "adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
             "training": {"max_steps": 4, "learning_rate": 5e-3, "micro_batch_size": 2, "max_seq_len": 256,
