@@ -106,7 +106,7 @@ def test_a_recomputed_chunk_draws_the_dropout_masks_of_its_forward(tiny_llama_di
     x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     model = _adapted(tiny_llama_dir, "float32", dropout=0.5, compute_dtype="float32")
     fused_lora.use_fused_lora(model)
-    chunk_attention(model, chunk_tokens=8)
+    chunk_attention(model, chunk_tokens=8, whole_layers=False)  # as the run's rule has it with dropout
     outputs = []
     model.get_base_model().model.layers[1].self_attn.o_proj.register_forward_hook(
         lambda module, args, out: outputs.append(out.detach().clone()))
@@ -139,7 +139,7 @@ def test_attention_it_does_not_repeat_is_refused():
 
     mistral = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=384, sliding_window=16)
-    for config, words in [(mistral, "16-token sliding window"), (CONFIGS["gpt2"], "no self_attn")]:
+    for config, words in [(mistral, "16-token sliding window"), (CONFIGS["gpt2"], "GPT2Block layers are not supported")]:
         with pytest.raises(ConfigError, match=words):
             check_attention_chunking(adapters.meta_model(config), "sdpa")
     mistral.sliding_window = None
@@ -210,6 +210,34 @@ def test_on_the_gpu_flash_and_variable_length_kernels_give_the_models_attention(
         assert error < 4 * 2**-8, (name, error)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_on_the_gpu_checkpointed_layers_in_chunks_give_the_models_gradients(tiny_llama_dir, packed):
+    """The whole model on a GPU in bf16, our layer checkpoint, each layer's backward 256 queries at a time (the
+    flash and variable-length kernels with fewer queries than keys), against the same model unchunked. bf16 rounds
+    to 2^-8 relative; the keys' and values' gradients are sums of the chunks' rounded pieces."""
+    model = _adapted(tiny_llama_dir, "bfloat16").to("cuda")
+    fused_lora.use_fused_lora(model)
+    lengths = [300, 212, 512] if packed else [1024]
+    x = torch.randint(0, 300, (1, sum(lengths)), generator=torch.Generator().manual_seed(0)).to("cuda")
+    positions = _packed_positions(lengths).to("cuda") if packed else None
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=x, position_ids=positions).logits
+        logits.float().square().mean().backward()
+        return {"logits": logits.detach().float(), **{n: p.grad.float() for n, p in model.named_parameters()
+                                                       if p.requires_grad}}
+
+    want = logits_and_grads()
+    chunk_attention(model, chunk_tokens=256)
+    got = logits_and_grads()
+    for name, w in want.items():
+        error = ((got[name] - w).norm() / w.norm()).item()
+        assert error < 4 * 2**-8, (name, error)
+
+
 def test_train_with_attention_chunks_follows_the_same_losses(tiny_llama_dir, tmp_path):
     """`train` itself, packed rows (three examples of about 82 tokens each), LoRA on every linear layer, fp32:
     chunked attention (64 queries at a time, across the examples' boundaries) follows
@@ -239,3 +267,42 @@ def test_train_with_attention_chunks_follows_the_same_losses(tiny_llama_dir, tmp
     whole, chunked = losses("whole", 0), losses("chunked", 64)
     assert len(whole) == 4
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_checkpointed_layer_runs_its_backward_a_chunk_at_a_time(tiny_llama_dir, packed):
+    """Under our layer checkpoint the whole layer's backward goes chunk by chunk (the MLP sees 8 tokens at a time
+    after the first pass), and the logits and gradients are the model's own."""
+    x = torch.randint(0, 300, (1, 24) if packed else (2, 24), generator=torch.Generator().manual_seed(0))
+    positions = _packed_positions([10, 6, 8]) if packed else None
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    want = _run(model, x, positions)
+    chunk_attention(model, chunk_tokens=8)
+    mlp_tokens = []
+    for layer in model.get_base_model().model.layers:
+        assert hasattr(layer, "backward_in_chunks")
+        layer.mlp.register_forward_hook(lambda module, args, out: mlp_tokens.append(args[0].shape[-2]))
+    got = _run(model, x, positions)
+    assert mlp_tokens == [24, 24] + [8] * 3 * 2  # the first pass of 2 layers whole, then 3 chunks each
+    _assert_same(got, want)
+
+
+def test_a_layer_with_dropout_recomputes_whole(tiny_llama_dir):
+    """Dropout masks drawn a chunk at a time would not be the forward's: with LoRA dropout the run's rule leaves
+    the layers' backward to the checkpoint's whole recomputation (its attention alone in chunks), and the engine
+    refuses to chunk such a layer."""
+    from qlora_trainer.spec import RunSpec, resolve
+    from qlora_trainer.hardware import detect_hardware
+
+    def rule(dropout: float) -> bool:
+        spec = RunSpec().with_values({"model.path": str(tiny_llama_dir), "training.max_seq_len": 64,
+                                      "training.attention_chunk_tokens": 16, "adapter.lora_dropout": dropout})
+        return resolve(spec, detect_hardware()).layer_backward_chunked
+
+    assert rule(0.0) and not rule(0.1)
+    model = _adapted(tiny_llama_dir, "float32", dropout=0.1, compute_dtype="float32")
+    with pytest.raises(ValueError, match="dropout"):
+        chunk_attention(model, chunk_tokens=8)
+    chunk_attention(model, chunk_tokens=8, whole_layers=False)
+    assert not any(hasattr(layer, "backward_in_chunks") for layer in model.get_base_model().model.layers)

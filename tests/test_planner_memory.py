@@ -498,3 +498,20 @@ def test_a_compiled_layer_without_checkpointing_keeps_what_the_planner_counts(tm
     layer = [t for t in shape.targets(targets) if t.layer_index == 0]
     per_layer = layer_activation_bytes(shape, planned, 0, layer, tokens) + 2 * shape.hidden_size * tokens
     assert (kept[4] - kept[2]) / 2 == per_layer
+
+
+def test_a_layer_backward_in_chunks_is_counted_where_the_run_takes_it(llama2):
+    """Chunked attention on Llama-2-7B at 65,536 tokens, offloaded checkpoints: without adapter dropout the layers'
+    backward goes in chunks (ResolvedRun.layer_backward_chunked) and the planner counts its whole-sequence buffers
+    instead of the layer's recomputation; with dropout the layer recomputes whole, which holds more."""
+    common = {"training.max_seq_len": 65536, "training.attention_chunk_tokens": 4096,
+              "training.mlp_chunk_tokens": 4096, "training.offload_checkpoints": True}
+    chunked, whole = run({**common, "adapter.lora_dropout": 0.0}), run({**common, "adapter.lora_dropout": 0.05})
+    assert chunked.layer_backward_chunked and not whole.layer_backward_chunked
+    chunked_peak = estimate_memory(llama2, chunked).phases["layer backward"]
+    whole_peak = estimate_memory(llama2, whole).phases["layer backward"]
+    assert chunked_peak.activations < whole_peak.activations
+    # per token above the checkpoint's own buffers: keys and values (bf16) with their fp32 gradients, and the
+    # gradients of the keys and values the last chunk saw (no grouped heads here: as they are)
+    kv = 2 * 4096
+    assert chunked_peak.activations > 65536 * ((2 + 4) * kv + 2 * kv)

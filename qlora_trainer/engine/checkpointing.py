@@ -98,8 +98,8 @@ _NEEDS_GRAD = torch.empty(0, requires_grad=True)
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run_function: Callable, offload: bool, prefetch: bool, hidden_states: torch.Tensor,
-                needs_grad: torch.Tensor):
-        ctx.run_function = run_function
+                needs_grad: torch.Tensor, backward_function: Optional[Callable] = None):
+        ctx.run_function, ctx.backward_function = run_function, backward_function
         ctx.device = hidden_states.device
         ctx.autocast = (torch.is_autocast_enabled(ctx.device.type), torch.get_autocast_dtype(ctx.device.type))
         ctx.cpu_rng = torch.get_rng_state()
@@ -120,11 +120,18 @@ class _LayerCheckpoint(torch.autograd.Function):
         input_needs_grad = ctx.needs_input_grad[3]
         hidden_states = stored.detach().requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
+        enabled, dtype = ctx.autocast
+        if ctx.backward_function is not None and len(grad_outputs) == 1:  # the layer's own chunked backward
+            with torch.random.fork_rng(devices=devices), torch.autocast(ctx.device.type, dtype=dtype,
+                                                                           enabled=enabled):
+                grad = ctx.backward_function(stored.detach(), grad_outputs[0])
+            if grad is not None:
+                ctx.stored = None
+                return None, None, None, grad if input_needs_grad else None, None, None
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            enabled, dtype = ctx.autocast
             with torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
                 outputs = ctx.run_function(hidden_states)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -132,14 +139,16 @@ class _LayerCheckpoint(torch.autograd.Function):
                  if torch.is_tensor(o) and o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.stored = None
-        return None, None, None, hidden_states.grad if input_needs_grad else None, None
+        return None, None, None, hidden_states.grad if input_needs_grad else None, None, None
 
 
 def layer_checkpoint(function: Callable, hidden_states: torch.Tensor, offload: bool = False,
-                     prefetch: bool = False) -> torch.Tensor:
+                     prefetch: bool = False, backward_function: Optional[Callable] = None) -> torch.Tensor:
     """`function(hidden_states)`, checkpointed; its input kept in pinned CPU memory when `offload` (and, with
-    `prefetch`, the input before it copied back while this layer's backward runs)."""
-    return _LayerCheckpoint.apply(function, offload, prefetch, hidden_states, _NEEDS_GRAD)
+    `prefetch`, the input before it copied back while this layer's backward runs). `backward_function(input,
+    output's gradient)`, where given, takes the backward instead of recomputing `function` whole (the input's
+    gradient, or None to recompute after all)."""
+    return _LayerCheckpoint.apply(function, offload, prefetch, hidden_states, _NEEDS_GRAD, backward_function)
 
 
 class _CheckpointedLayer:
@@ -156,7 +165,9 @@ class _CheckpointedLayer:
         if not (self.training and torch.is_grad_enabled()):
             return nn.Module.__call__(self, hidden_states, *args, **kwargs)
         run = partial(_call_module, self, args=args, kwargs=kwargs)
-        return layer_checkpoint(run, hidden_states, self.offload_checkpoint, self.prefetch_checkpoint)
+        in_chunks = getattr(self, "backward_in_chunks", None)  # engine/chunked_attention.py
+        backward = partial(in_chunks, args=args, kwargs=kwargs) if in_chunks is not None else None
+        return layer_checkpoint(run, hidden_states, self.offload_checkpoint, self.prefetch_checkpoint, backward)
 
 
 def _call_module(module: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict):

@@ -1,4 +1,4 @@
-"""Decoder attention over long sequences a chunk of queries at a time, keys and values whole, recomputed in backward.
+"""Decoder attention, and a checkpointed layer's whole backward, over long sequences a chunk of queries at a time.
 
 At long sequences the largest thing a layer's backward holds is its attention's: the normed input, the queries,
 keys, values and attention output, their gradients, and the attention kernel's fp32 accumulator for the queries'
@@ -14,9 +14,19 @@ Each chunk's random state (LoRA dropout) is recorded in the forward and set agai
 packed (torch's variable-length kernel on the GPU, engine/packed_attention.py: each chunk's queries see their own
 example's keys), carry transformers' 4D mask (sliced per chunk), or be plain causal rows.
 
-It applies to the attention modules whose forward it repeats (ATTENTION_CLASSES: projections, rotary embedding,
-attention, output projection, nothing else); another class, a sliding window or attention dropout is refused rather
-than computed differently. Generation and evaluation (no gradient) go through the module's own forward.
+Attention alone still leaves the rest of the layer whole in backward (the norms, the residual, the MLP's input, the
+gradients between them). So under our layer checkpoint (engine/checkpointing.py), where the run has no adapter
+dropout (ResolvedRun.layer_backward_chunked), the layer's whole backward goes a chunk of queries at a time
+(`_LayerBackwardInChunks`): keys and values recomputed whole without autograd, then for each chunk, last first, the
+layer recomputed and differentiated from its input's chunk to its output's, then the keys' and values' projections
+chunk by chunk. What stays whole: the layer's input, its output's and input's gradients, the keys and values and
+their fp32 gradients. The planner counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, not
+yet measured on a GPU.
+
+It applies to the layers and attention modules whose forward it repeats (LAYER_CLASSES: x + attention(norm(x)),
+then h + mlp(norm(h)); ATTENTION_CLASSES: projections, rotary embedding, attention, output projection, nothing
+else); another class, a sliding window or attention dropout is refused rather than computed differently.
+Generation and evaluation (no gradient) go through the module's own forward.
 """
 
 import inspect
@@ -252,33 +262,120 @@ class _ChunkedAttention:
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Optional[tuple] = None,
                 attention_mask: Optional[torch.Tensor] = None, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
-        batch, seq = hidden_states.shape[:2]
-        if args or cache is not None or not self.training or seq <= self.chunk_tokens:
+        if args or cache is not None or not self.training or hidden_states.shape[1] <= self.chunk_tokens:
             return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        layout = _Layout.of(hidden_states, position_embeddings, attention_mask, kwargs, self.chunk_tokens)
+        if torch.is_grad_enabled():
+            out = _ChunkedAttentionFunction.apply(self, layout.chunks, layout.flat(hidden_states), layout.cos,
+                                                  layout.sin, layout.mask, _NEEDS_GRAD)
+        else:  # a checkpointed layer's first pass: chunks bound its transient memory too
+            out = _chunked_forward(self, layout.chunks, layout.flat(hidden_states), layout.cos, layout.sin,
+                                   layout.mask, _RandomStates(hidden_states.device))
+        return out.reshape(hidden_states.shape[0], hidden_states.shape[1], -1), None
+
+
+@dataclass
+class _Layout:
+    """How a call's tokens are chunked: packed rows laid end to end as one row (their examples' starts from
+    transformers' cumulative lengths), or rows as they are with transformers' 4D mask or none."""
+
+    chunks: list[_Chunk]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]
+    packed: bool
+
+    @staticmethod
+    def of(hidden_states: torch.Tensor, position_embeddings: tuple, attention_mask: Optional[torch.Tensor],
+           kwargs: dict, chunk_tokens: int) -> "_Layout":
+        batch, seq = hidden_states.shape[:2]
         cos, sin = position_embeddings
         cu_lengths = kwargs.get("cu_seq_lens_q")
         if cu_lengths is not None:  # packed rows: the rows laid end to end, chunked as one
-            hidden, cos, sin = (t.reshape(1, batch * seq, t.shape[-1]) for t in (hidden_states, cos, sin))
-            chunks = plan_chunks(batch * seq, self.chunk_tokens, cu_lengths.tolist())
-            mask = None
-        else:
-            hidden = hidden_states
-            cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-            chunks = plan_chunks(seq, self.chunk_tokens)
-            mask = attention_mask if torch.is_tensor(attention_mask) else None
-            if mask is not None and mask.dim() != 4:
-                raise ValueError("chunked attention takes transformers' 4D attention mask or none")
-        if torch.is_grad_enabled():
-            out = _ChunkedAttentionFunction.apply(self, chunks, hidden, cos, sin, mask, _NEEDS_GRAD)
-        else:  # a checkpointed layer's first pass: chunks bound its transient memory too
-            out = _chunked_forward(self, chunks, hidden, cos, sin, mask, _RandomStates(hidden.device))
-        return out.reshape(batch, seq, -1), None
+            cos, sin = (t.reshape(1, batch * seq, t.shape[-1]) for t in (cos, sin))
+            return _Layout(plan_chunks(batch * seq, chunk_tokens, cu_lengths.tolist()), cos, sin, None, True)
+        mask = attention_mask if torch.is_tensor(attention_mask) else None
+        if mask is not None and mask.dim() != 4:
+            raise ValueError("chunked attention takes transformers' 4D attention mask or none")
+        return _Layout(plan_chunks(seq, chunk_tokens), cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), mask,
+                       False)
+
+    def flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, width) as the chunks index it."""
+        return tensor.reshape(1, -1, tensor.shape[-1]) if self.packed else tensor
+
+
+# transformers' decoder layers whose forward is exactly x + attention(norm(x)), then h + mlp(norm(h))
+LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+class _LayerBackwardInChunks:
+    """Mixed into a decoder layer's class (chunk_attention below): under our checkpoint (checkpointing.py) its
+    backward recomputes and differentiates the whole layer a chunk of queries at a time, keys and values whole."""
+
+    def backward_in_chunks(self, hidden_states: torch.Tensor, grad_output: torch.Tensor, args: tuple,
+                           kwargs: dict) -> Optional[torch.Tensor]:
+        """The gradient of the layer's input, the adapters' gradients accumulated; None where the call is not one
+        it takes (one chunk, a cache, arguments by position), for the checkpoint's whole recomputation.
+
+        Whole-sequence tensors it holds: the input, the output's and the input's gradients, the keys and values
+        and their fp32 gradients, and while a chunk's attention runs backward, the gradients of the keys and values
+        that chunk saw (as wide as the queries with grouped heads: the flash kernel expands them). The norms, the
+        queries, the attention output, the residual and the MLP exist for one chunk at a time."""
+        attention = self.self_attn
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        position_embeddings = kwargs.get("position_embeddings")
+        if args or cache is not None or position_embeddings is None:
+            return None
+        if hidden_states.shape[1] <= attention.chunk_tokens:
+            return None
+        layout = _Layout.of(hidden_states, position_embeddings, kwargs.get("attention_mask"), kwargs,
+                            attention.chunk_tokens)
+        hidden, grad_output = layout.flat(hidden_states), layout.flat(grad_output)
+        chunks, cos, sin, mask = layout.chunks, layout.cos, layout.sin, layout.mask
+        device = hidden.device
+        with torch.no_grad():
+            pairs = [_keys_values(attention, self.input_layernorm(hidden[:, c.start:c.end]), cos[:, c.start:c.end],
+                                  sin[:, c.start:c.end]) for c in chunks]
+            keys, values = torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
+            del pairs
+        grad_keys = torch.zeros(keys.shape, dtype=torch.float32, device=device)
+        grad_values = torch.zeros(values.shape, dtype=torch.float32, device=device)
+        grad_hidden = torch.empty_like(hidden)
+        for chunk in reversed(chunks):  # everything but the keys and values, last chunk first
+            window = slice(chunk.start, chunk.end)
+            with torch.enable_grad():
+                piece = hidden[:, window].detach().requires_grad_(True)
+                seen_keys = keys[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
+                seen_values = values[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
+                middle = piece + _attend(attention, chunk, self.input_layernorm(piece), cos[:, window],
+                                         sin[:, window], seen_keys, seen_values, mask)
+                out = middle + self.mlp(self.post_attention_layernorm(middle))
+                torch.autograd.backward(out, grad_output[:, window])
+            grad_hidden[:, window] = piece.grad
+            grad_keys[:, chunk.key_start:chunk.end] += seen_keys.grad
+            grad_values[:, chunk.key_start:chunk.end] += seen_values.grad
+            del piece, seen_keys, seen_values, middle, out
+        del keys, values
+        for chunk in chunks:  # the keys' and values' projections, chunk by chunk
+            window = slice(chunk.start, chunk.end)
+            with torch.enable_grad():
+                piece = hidden[:, window].detach().requires_grad_(True)
+                key, value = _keys_values(attention, self.input_layernorm(piece), cos[:, window], sin[:, window])
+                torch.autograd.backward([key, value], [grad_keys[:, window].to(key.dtype),
+                                                       grad_values[:, window].to(value.dtype)])
+            grad_hidden[:, window] += piece.grad
+        return grad_hidden.reshape(hidden_states.shape)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _decoder_attention(model: nn.Module) -> list[nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [getattr(m, "self_attn", None) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [getattr(m, "self_attn", None) for m in _decoder_layers(model)]
 
 
 def check_attention_chunking(model: nn.Module, attention: str) -> None:
@@ -289,6 +386,10 @@ def check_attention_chunking(model: nn.Module, attention: str) -> None:
     if attention not in ("sdpa", "eager", PACKED_VARLEN):
         raise ConfigError(f"training.attention_chunk_tokens: not with model.attn_implementation {attention}; use "
                           "sdpa, eager or auto, or training.attention_chunk_tokens: 0")
+    for layer in _decoder_layers(model):
+        if not any(c.__name__ in LAYER_CLASSES for c in type(layer).__mro__):
+            raise ConfigError(f"training.attention_chunk_tokens: {type(layer).__name__} layers are not supported "
+                              f"(supported: {', '.join(LAYER_CLASSES)}); use 0")
     for module in _decoder_attention(model):
         name = type(module).__name__ if module is not None else "this model's decoder layers have no self_attn: their"
         if name not in ATTENTION_CLASSES:
@@ -304,12 +405,21 @@ def check_attention_chunking(model: nn.Module, attention: str) -> None:
             raise ConfigError("training.attention_chunk_tokens: the model has attention dropout; use 0")
 
 
-def chunk_attention(model: nn.Module, chunk_tokens: int) -> int:
-    """Give every decoder layer's `self_attn` the chunked forward (after check_attention_chunking); returns how
-    many got it."""
+def chunk_attention(model: nn.Module, chunk_tokens: int, whole_layers: bool = True) -> int:
+    """Give every decoder layer's `self_attn` the chunked forward (after check_attention_chunking) and, with
+    `whole_layers` (the resolved run's `layer_backward_chunked`), every layer the chunked backward its checkpoint
+    takes; returns how many attention modules were chunked."""
     check_attention_chunking(model, model.config._attn_implementation)
+    layers = _decoder_layers(model) if whole_layers else []
+    # dropout masks drawn a chunk at a time would not be the forward's (ResolvedRun.layer_backward_chunked leaves
+    # such runs out; this is its guard): such a layer recomputes whole, its attention alone in chunks
+    # (_ChunkedAttentionFunction restores each chunk's random state)
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for layer in layers for m in layer.modules()):
+        raise ValueError("a decoder layer with dropout cannot take its backward in chunks")
     modules = _decoder_attention(model)
     for module in modules:
         module.__class__ = mixed_class(_ChunkedAttention, type(module))
         module.chunk_tokens = chunk_tokens
+    for layer in layers:
+        layer.__class__ = mixed_class(_LayerBackwardInChunks, type(layer))
     return len(modules)

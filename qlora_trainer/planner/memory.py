@@ -351,6 +351,36 @@ def chunked_attention_backward_bytes(shape: ModelShape, run: ResolvedRun, target
     return tokens * ((compute + 4) * kv + seen + compute * shape.hidden_size) + chunk * attention
 
 
+def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int,
+                                   targets: list[LinearShape], tokens: int,
+                                   calibration: Calibration = CALIBRATION) -> int:
+    """What a checkpointed layer's backward holds when it goes a chunk of queries at a time (engine/
+    chunked_attention.py, `run.layer_backward_chunked`): the keys and values recomputed whole, their fp32
+    gradients, the gradients of the keys and values the last chunk saw (as wide as the queries first with grouped
+    heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves before torch
+    2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input, its output's
+    gradient and its input's gradient are the checkpoint's, counted by estimate_memory. An estimate: not yet
+    measured on a GPU."""
+    compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
+    chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
+    norms, attention, mlp, constant = _layer_parts(shape, run, layer_index, targets)
+    if run.mlp_chunked:  # engine/chunked_mlp.py within the chunk: its input whole (the chunk), its own a piece
+        mlp_tokens = min(chunk, training.micro_batch_size * training.mlp_chunk_tokens)
+        activations = chunk * (norms + attention + compute * shape.hidden_size) + mlp_tokens * mlp
+    else:
+        mlp_tokens = chunk
+        activations = chunk * (norms + attention + mlp)
+    widest = max(max(3 * shape.q_dim, shape.hidden_size) * chunk, shape.mlp_width * mlp_tokens)
+    gradients = int(calibration.backward_gradient_widths * compute * widest)
+    kv = 2 * shape.kv_dim
+    grouped = shape.kv_dim != shape.q_dim
+    if run.attention == PACKED_VARLEN and grouped:
+        seen = 2 * compute * 2 * shape.q_dim
+    else:
+        seen = compute * (kv + (2 * shape.q_dim if grouped else 0))
+    return tokens * ((compute + 4) * kv + seen) + activations + constant + gradients
+
+
 def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], run: ResolvedRun,
                     calibration: Calibration = CALIBRATION) -> MemoryEstimate:
     """Predicted peak of one training step of our trainer (with engine/loss.py's chunked loss) for `run`."""
@@ -446,8 +476,13 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
     for index in range(layers):
         kept_so_far += kept[index]
         grads = gradients if accumulating else gradients * (layers - index) // layers
-        recomputed = layer_bytes[index] + (2 + copied_back) * layer_input if index < checkpointed else 0
-        memory = head + kept_so_far + recomputed + grads + backward + transient
+        if index < checkpointed and run.layer_backward_chunked:  # its backward a chunk at a time, its own buffers
+            recomputed = (layer_backward_in_chunks_bytes(shape, run, index, by_layer[index], tokens, cal)
+                          + (2 + copied_back) * layer_input)
+            memory = head + kept_so_far + recomputed + grads + transient
+        else:
+            recomputed = layer_bytes[index] + (2 + copied_back) * layer_input if index < checkpointed else 0
+            memory = head + kept_so_far + recomputed + grads + backward + transient
         if memory > layer_phase:
             layer_phase, layer_grads = memory, grads
     # the loss: one chunk of logits at a time (engine/loss.py), and the gradient of the gathered hidden states

@@ -73,6 +73,14 @@ class ResolvedRun:
         return 0 < self.spec.training.attention_chunk_tokens < self.spec.training.max_seq_len
 
     @property
+    def layer_backward_chunked(self) -> bool:
+        """Whether checkpointed decoder layers take their whole backward a chunk of queries at a time, not only
+        their attention (engine/chunked_attention.py): with chunked attention and no adapter dropout, whose masks,
+        drawn a chunk at a time, would not be the forward's."""
+        training = self.spec.training
+        return self.attention_chunked and training.gradient_checkpointing and self.spec.adapter.lora_dropout == 0
+
+    @property
     def prefetch_checkpoints(self) -> bool:
         """Whether offloaded checkpoint inputs are copied back one layer ahead of backward (engine/checkpointing.py;
         one more input on the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the
