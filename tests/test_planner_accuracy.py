@@ -49,6 +49,7 @@ def test_a_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
     config = ours_config(model, Path("x.jsonl"), record["searched_up_to"], 3, OURS["ours-auto"], Path("out"),
                          cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
     config["data"]["packing"] = False  # the probes' rows: no position ids, one sequence each
+    config["training"]["attention_chunk_tokens"] = 0  # measured before the plan could chunk layer backwards
     model_config = load_model_config(str(model))
     run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
     too_long = run.with_values({"training.max_seq_len": record["longest_seq_len"] + SEQ_STEP})

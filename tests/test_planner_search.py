@@ -7,7 +7,8 @@ import pytest
 from qlora_trainer.hardware import GIB, Hardware, budget_gpu
 from qlora_trainer.planner.memory import estimate_memory
 from qlora_trainer.planner.search import (GROUP_KEYS, MIN_MICRO_BATCH_LAYER_WORK, MIN_MICRO_BATCH_TOKENS,
-                                          MLP_CHUNK_TOKENS, SEARCHED_KEYS, layer_weights,
+                                          ATTENTION_CHUNK_TOKENS, MLP_CHUNK_TOKENS, SEARCHED_KEYS,
+                                          attention_chunks_possible, layer_weights,
                                           SEQ_LEN_STEP, TARGET_ORDER, candidate_runs, search_plan)
 from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import Budget, ResolvedRun, RunSpec, resolve, spec_from_dict
@@ -255,11 +256,36 @@ def test_mlp_chunks_come_after_offloading_for_sequences_nothing_else_fits(llama2
     result = search_plan(llama2, fixing(base, fixed))
     training = result.run.spec.training
     assert result.fits and training.offload_checkpoints and training.mlp_chunk_tokens == MLP_CHUNK_TOKENS
-    without = search_plan(llama2, fixing(base, {**fixed, "training.mlp_chunk_tokens": 0}))
+    assert training.attention_chunk_tokens == 0  # MLP chunks suffice: no chunked layer backward
+    without = search_plan(llama2, fixing(base, {**fixed, "training.mlp_chunk_tokens": 0,
+                                                "training.attention_chunk_tokens": 0}))
     assert not without.fits
     shorter = search_plan(llama2, fixing(base.with_values({"training.max_seq_len": 32768}), fixed))
     # offloading alone fits: no extra MLP forward
     assert shorter.fits and shorter.run.spec.training.mlp_chunk_tokens == 0
+
+
+def test_chunked_layer_backwards_come_last_and_only_where_the_engine_takes_them(llama2):
+    """Objective 7: a length that MLP chunks do not fit gets each layer's backward in chunks of queries; not with
+    adapter dropout (only attention would go in chunks), not a model whose layers engine/chunked_attention.py does
+    not repeat, and never where MLP chunks already fit."""
+    fixed = {"adapter.target_modules": "attn", "adapter.r": 16}
+    base = planned(15, {"training.max_seq_len": 77824, "training.micro_batch_size": 1, "adapter.lora_dropout": 0.0})
+    result = search_plan(llama2, fixing(base, fixed))
+    training = result.run.spec.training
+    assert result.fits and training.attention_chunk_tokens == ATTENTION_CHUNK_TOKENS
+    assert training.offload_checkpoints and training.mlp_chunk_tokens == MLP_CHUNK_TOKENS
+    assert result.run.layer_backward_chunked
+    assert not search_plan(llama2, fixing(base, {**fixed, "training.attention_chunk_tokens": 0})).fits
+    with_dropout = search_plan(llama2, fixing(base.with_values({"adapter.lora_dropout": 0.05}), fixed))
+    assert not with_dropout.fits and with_dropout.run.spec.training.attention_chunk_tokens == 0
+    shorter = search_plan(llama2, fixing(base.with_values({"training.max_seq_len": 65536}), fixed))
+    assert shorter.fits and shorter.run.spec.training.attention_chunk_tokens == 0
+    assert attention_chunks_possible(llama2, base)
+    other = dataclasses.replace(llama2, model_type="phi3")
+    assert not attention_chunks_possible(other, base)
+    sliding = dataclasses.replace(llama2, sliding_window=4096, sliding_layers=frozenset(range(llama2.num_layers)))
+    assert not attention_chunks_possible(sliding, base)
 
 
 def test_the_t4_example_config_fits_a_t4_once_planned():

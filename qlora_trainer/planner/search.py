@@ -18,7 +18,10 @@ Objective, in order (the first of 1-3 for which a run fits wins, then 4-6 choose
   5. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
      (it needs host RAM, but it keeps the adapter's targets and rank);
   6. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
-     at a time (engine/chunked_mlp.py: one more MLP forward per layer in backward).
+     at a time (engine/chunked_mlp.py: one more MLP forward per layer in backward);
+  7. only when that does not fit either, the sequence is longer than ATTENTION_CHUNK_TOKENS and the run can take
+     it (`attention_chunks_possible`): besides, each checkpointed layer's backward that many queries at a time
+     (engine/chunked_attention.py: the keys and values recomputed once more per layer).
 A run fits when PyTorch's predicted reserved peak fits its budget (`run.budget.fits`: the budget less the safety
 margin and the CUDA context, spec/resolve.py). When nothing fits, the result carries the leanest run, the smallest
 budget it fits and the longest sequence it fits at this budget.
@@ -35,7 +38,7 @@ from transformers import PretrainedConfig
 
 from qlora_trainer.planner.memory import CALIBRATION, Calibration, MemoryEstimate, estimate_memory
 from qlora_trainer.planner.shapes import ModelShape, model_shape
-from qlora_trainer.spec.resolve import Budget, ResolvedRun, resolve
+from qlora_trainer.spec.resolve import PACKED_VARLEN, Budget, ResolvedRun, resolve
 
 GIB = 2**30
 TARGET_ORDER = ("all-linear", "mlp", "attn")
@@ -45,6 +48,8 @@ SEQ_LEN_STEP = 64  # granularity of the longest-sequence advice
 # measured on an H100 (benchmarks/results/vs-reference-h100.md): 4,096-token chunks kept Qwen2.5-7B at seq 8192
 # faster than 2,048-token ones (10,641 against 10,169 tokens/s) and still under Unsloth's memory
 MLP_CHUNK_TOKENS = 4096
+# the query chunks of a layer backward taken a chunk at a time (objective 7); as many tokens as the MLP's chunks
+ATTENTION_CHUNK_TOKENS = 4096
 # The matmul work per decoder layer (tokens x weights) of a micro-batch above which a step's time is its GPU work,
 # not the host's launching of it: 4,096 tokens of a Llama-2-7B layer (4 x 4096^2 + 3 x 4096 x 11008 weights).
 # Measured on an H100 (benchmarks/results/defaults-h100/): micro-batch 1 x 2,048 tokens of Llama-2-7B ran at 9,690
@@ -71,7 +76,10 @@ SEARCHED_KEYS = {
     "training.checkpointed_layers": "checkpointed_layers",
     "training.offload_checkpoints": "offload_checkpoints",
     "training.mlp_chunk_tokens": "mlp_chunk_tokens",
+    "training.attention_chunk_tokens": "attention_chunk_tokens",
 }
+# the decoder layers engine/chunked_attention.py repeats (its LAYER_CLASSES), by model_type
+CHUNKED_LAYER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,15 @@ def _ranks(shape: ModelShape, run: ResolvedRun, targets: Union[str, list[str]]) 
     return [rank for rank in RANKS if rank <= limit] or [limit]
 
 
+def attention_chunks_possible(shape: ModelShape, run: ResolvedRun) -> bool:
+    """Whether the search may take a layer's backward a chunk of queries at a time (objective 7): decoder layers
+    engine/chunked_attention.py repeats, no sliding window, an attention kernel it reproduces (its
+    check_attention_chunking), and no adapter dropout, without which only attention would go in chunks
+    (`ResolvedRun.layer_backward_chunked`: the rest of the layer would stay whole)."""
+    return (shape.model_type in CHUNKED_LAYER_MODEL_TYPES and not shape.sliding_layers
+            and run.attention in ("sdpa", "eager", PACKED_VARLEN) and run.spec.adapter.lora_dropout == 0)
+
+
 def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) -> Iterator[dict[str, Any]]:
     """The changes to `run` the search considers, best first under the objective above (the user's explicit keys
     keep their values)."""
@@ -132,15 +149,18 @@ def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) 
     def allowed(key: str, value) -> bool:
         return not _fixed(run, key) or spec.value(key) == value
 
-    # (checkpointing, offloading, MLP chunk) in the objective's order: off, on, on with inputs in CPU memory,
-    # that with chunked MLPs; a fixed MLP chunk applies to every mode
+    # (checkpointing, offloading, MLP chunk, attention chunk) in the objective's order: off, on, on with inputs in
+    # CPU memory, that with chunked MLPs, that with chunked layer backwards; a fixed chunk applies to every mode
     chunk = spec.training.mlp_chunk_tokens if _fixed(run, "training.mlp_chunk_tokens") else None
-    modes = [(False, False, chunk or 0), (True, False, chunk or 0), (True, True, chunk or 0)]
+    queries = spec.training.attention_chunk_tokens if _fixed(run, "training.attention_chunk_tokens") else None
+    modes = [(False, False, chunk or 0, queries or 0), (True, False, chunk or 0, queries or 0),
+             (True, True, chunk or 0, queries or 0)]
     if chunk is None and spec.training.max_seq_len > MLP_CHUNK_TOKENS:
-        modes.append((True, True, MLP_CHUNK_TOKENS))
-    memory_modes = [(checkpointing, offload, mlp_chunk) for checkpointing, offload, mlp_chunk in modes
-                    if allowed("training.gradient_checkpointing", checkpointing)
-                    and allowed("training.offload_checkpoints", offload)]
+        modes.append((True, True, MLP_CHUNK_TOKENS, queries or 0))
+    if queries is None and spec.training.max_seq_len > ATTENTION_CHUNK_TOKENS and attention_chunks_possible(shape, run):
+        modes.append((True, True, chunk if chunk is not None else MLP_CHUNK_TOKENS, ATTENTION_CHUNK_TOKENS))
+    memory_modes = [mode for mode in modes if allowed("training.gradient_checkpointing", mode[0])
+                    and allowed("training.offload_checkpoints", mode[1])]
     fixed_micro = spec.training.micro_batch_size if _fixed(run, "training.micro_batch_size") else None
     fixed_layers = spec.training.checkpointed_layers if _fixed(run, "training.checkpointed_layers") else None
     # the modes that keep everything on the GPU for every micro-batch first; offloading only when none of them fits
@@ -151,11 +171,12 @@ def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) 
             for optimizer in choices("training.optimizer", OPTIMIZER_ORDER):
                 for modes, (micro, accumulation) in itertools.product(
                         mode_groups, _batch_splits(effective_batch, fixed_micro)):
-                    for checkpointing, offload, mlp_chunk in modes:
+                    for checkpointing, offload, mlp_chunk, attention_chunk in modes:
                         yield {
                             "adapter.target_modules": targets, "adapter.r": rank, "adapter.lora_alpha": alpha,
                             "training.optimizer": optimizer, "training.gradient_checkpointing": checkpointing,
                             "training.offload_checkpoints": offload, "training.mlp_chunk_tokens": mlp_chunk,
+                            "training.attention_chunk_tokens": attention_chunk,
                             "training.micro_batch_size": micro, "training.gradient_accumulation_steps": accumulation,
                             "training.checkpointed_layers": fixed_layers if checkpointing else None,
                         }
@@ -173,7 +194,9 @@ def describe_checkpointing(run: ResolvedRun) -> str:
     layers = ("on" if training.checkpointed_layers is None
               else f"on for the first {training.checkpointed_layers} layers")
     layers += ", inputs offloaded to CPU memory" if training.offload_checkpoints else ""
-    return layers + (f", MLPs {training.mlp_chunk_tokens} tokens at a time" if training.mlp_chunk_tokens else "")
+    layers += f", MLPs {training.mlp_chunk_tokens} tokens at a time" if training.mlp_chunk_tokens else ""
+    return layers + (f", layer backward {training.attention_chunk_tokens} queries at a time"
+                     if training.attention_chunk_tokens else "")
 
 
 def describe(run: ResolvedRun) -> str:
@@ -254,14 +277,16 @@ def layer_weights(shape: ModelShape) -> int:
 def _fastest(fitting: list[tuple[dict[str, Any], MemoryEstimate]], shape: ModelShape,
              seq_len: int) -> tuple[dict[str, Any], MemoryEstimate]:
     """Objective 4 (and 6) among runs that fit, one per micro-batch: of those whose micro-batches hold enough work
-    per layer (MIN_MICRO_BATCH_LAYER_WORK), the one without chunked MLPs that recomputes the fewest layers, then the
+    per layer (MIN_MICRO_BATCH_LAYER_WORK), the one without chunked layer backwards, then without chunked MLPs, that
+    recomputes the fewest layers, then the
     largest micro-batch; when none holds that much, the largest micro-batch."""
     micro = lambda item: item[0]["training.micro_batch_size"]  # noqa: E731
     weights = layer_weights(shape)
     large = [item for item in fitting if micro(item) * seq_len * weights >= MIN_MICRO_BATCH_LAYER_WORK]
     if not large:
         return max(fitting, key=micro)
-    return min(large, key=lambda item: (bool(item[0]["training.mlp_chunk_tokens"]),
+    return min(large, key=lambda item: (bool(item[0]["training.attention_chunk_tokens"]),
+                                        bool(item[0]["training.mlp_chunk_tokens"]),
                                         _recomputed_layers(item[0], shape.num_layers), -micro(item)))
 
 
