@@ -214,28 +214,37 @@ def test_on_the_gpu_flash_and_variable_length_kernels_give_the_models_attention(
 @pytest.mark.parametrize("packed", [False, True])
 def test_on_the_gpu_checkpointed_layers_in_chunks_give_the_models_gradients(tiny_llama_dir, packed):
     """The whole model on a GPU in bf16, our layer checkpoint, each layer's backward 256 queries at a time (the
-    flash and variable-length kernels with fewer queries than keys), against the same model unchunked. bf16 rounds
-    to 2^-8 relative; the keys' and values' gradients are sums of the chunks' rounded pieces."""
-    model = _adapted(tiny_llama_dir, "bfloat16").to("cuda")
-    fused_lora.use_fused_lora(model)
+    flash and variable-length kernels with fewer queries than keys), against the same model in fp32 throughout
+    (compute dtype, adapters, no autocast): chunked, it is as close to fp32 as unchunked is, give or take four bf16
+    roundings (2^-8 relative each: the keys' and values' gradients are sums of the chunks' rounded pieces).
+
+    Measured on an H100 (2026-12-06) the chunked model's gradients were 6-8% from the unchunked one's with flash
+    attention on and about 1% with it off, while the lower-right flash kernel alone agreed with fp32 to 0.3%: which
+    of the two bf16 runs strays is what this comparison with fp32 tells."""
     lengths = [300, 212, 512] if packed else [1024]
     x = torch.randint(0, 300, (1, sum(lengths)), generator=torch.Generator().manual_seed(0)).to("cuda")
     positions = _packed_positions(lengths).to("cuda") if packed else None
 
-    def logits_and_grads():
+    def logits_and_grads(model, autocast: bool):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=x, position_ids=positions).logits
         logits.float().square().mean().backward()
         return {"logits": logits.detach().float(), **{n: p.grad.float() for n, p in model.named_parameters()
                                                        if p.requires_grad}}
 
-    want = logits_and_grads()
+    exact = _adapted(tiny_llama_dir, "float32", compute_dtype="float32").to("cuda")
+    fused_lora.use_fused_lora(exact)
+    want = logits_and_grads(exact, autocast=False)
+    model = _adapted(tiny_llama_dir, "bfloat16").to("cuda")
+    fused_lora.use_fused_lora(model)
+    whole = logits_and_grads(model, autocast=True)
     chunk_attention(model, chunk_tokens=256)
-    got = logits_and_grads()
+    chunked = logits_and_grads(model, autocast=True)
     for name, w in want.items():
-        error = ((got[name] - w).norm() / w.norm()).item()
-        assert error < 4 * 2**-8, (name, error)
+        whole_error = ((whole[name] - w).norm() / w.norm()).item()
+        chunked_error = ((chunked[name] - w).norm() / w.norm()).item()
+        assert chunked_error < whole_error + 4 * 2**-8, (name, chunked_error, whole_error)
 
 
 def test_train_with_attention_chunks_follows_the_same_losses(tiny_llama_dir, tmp_path):
