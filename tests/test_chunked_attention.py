@@ -15,6 +15,8 @@ from test_fast_paths import _adapted
 # fp32 throughout: chunked and whole attention differ only in the order of their sums (keys' and values' gradients
 # summed over chunks, softmax over fewer keys per call), a few fp32 roundings of values of order 1
 RTOL, ATOL = 1e-4, 1e-6
+# the same, as a relative norm: sums of a few hundred fp32 terms (2^-24 each) in another order
+FP32_SUM_ORDER = 1e-5
 
 
 def _packed_positions(lengths: list[int]) -> torch.Tensor:
@@ -139,7 +141,8 @@ def test_attention_it_does_not_repeat_is_refused():
 
     mistral = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=384, sliding_window=16)
-    for config, words in [(mistral, "16-token sliding window"), (CONFIGS["gpt2"], "GPT2Block layers are not supported")]:
+    refusals = [(mistral, "16-token sliding window"), (CONFIGS["gpt2"], "GPT2Block layers are not supported")]
+    for config, words in refusals:
         with pytest.raises(ConfigError, match=words):
             check_attention_chunking(adapters.meta_model(config), "sdpa")
     mistral.sliding_window = None
@@ -295,6 +298,38 @@ def test_a_checkpointed_layer_runs_its_backward_a_chunk_at_a_time(tiny_llama_dir
     got = _run(model, x, positions)
     assert mlp_tokens == [24, 24] + [8] * 3 * 2  # the first pass of 2 layers whole, then 3 chunks each
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+def test_the_inputs_gradient_takes_the_place_of_the_outputs(tiny_llama_dir, as_view):
+    """One layer's chunked backward writes its input's gradient into its output's, which each chunk's backward has
+    read by then (one whole-sequence buffer fewer), with the layer's own gradients; a gradient that is a view (of a
+    wider or expanded tensor) is left as it is."""
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    decoder = model.get_base_model().model
+    layer = decoder.layers[0]
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 24, 64, generator=generator)
+    grad_output = torch.randn(2, 24, 64, generator=generator)
+    kwargs = {"position_embeddings": decoder.rotary_emb(hidden, torch.arange(24)[None]), "attention_mask": None}
+
+    def grads() -> dict:
+        return {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+
+    leaf = hidden.clone().requires_grad_(True)
+    torch.autograd.backward(layer(leaf, **kwargs), grad_output)
+    want_input, want = leaf.grad, grads()
+    layer.zero_grad(set_to_none=True)
+    chunk_attention(model, chunk_tokens=8)
+    given = torch.cat([grad_output, grad_output], dim=-1)[..., :64] if as_view else grad_output.clone()
+    got_input = layer.backward_in_chunks(hidden, given, (), kwargs)
+    assert (got_input.data_ptr() == given.data_ptr()) != as_view
+    assert ((got_input - want_input).norm() / want_input.norm()).item() < FP32_SUM_ORDER
+    if as_view:
+        torch.testing.assert_close(given, grad_output, rtol=0, atol=0)  # untouched
+    for name, grad in grads().items():  # gradients of order 100: compared by norm, fp32 sums in another order
+        assert ((grad - want[name]).norm() / want[name].norm()).item() < FP32_SUM_ORDER, name
 
 
 def test_a_layer_with_dropout_recomputes_whole(tiny_llama_dir):

@@ -19,9 +19,9 @@ gradients between them). So under our layer checkpoint (engine/checkpointing.py)
 dropout (ResolvedRun.layer_backward_chunked), the layer's whole backward goes a chunk of queries at a time
 (`_LayerBackwardInChunks`): keys and values recomputed whole without autograd, then for each chunk, last first, the
 layer recomputed and differentiated from its input's chunk to its output's, then the keys' and values' projections
-chunk by chunk. What stays whole: the layer's input, its output's and input's gradients, the keys and values and
-their fp32 gradients. The planner counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, not
-yet measured on a GPU.
+chunk by chunk. What stays whole: the layer's input, its output's gradient (overwritten chunk by chunk with the
+input's, which a chunk's backward no longer needs), the keys and values and their fp32 gradients. The planner
+counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, not yet measured on a GPU.
 
 It applies to the layers and attention modules whose forward it repeats (LAYER_CLASSES: x + attention(norm(x)),
 then h + mlp(norm(h)); ATTENTION_CLASSES: projections, rotary embedding, attention, output projection, nothing
@@ -318,10 +318,11 @@ class _LayerBackwardInChunks:
         """The gradient of the layer's input, the adapters' gradients accumulated; None where the call is not one
         it takes (one chunk, a cache, arguments by position), for the checkpoint's whole recomputation.
 
-        Whole-sequence tensors it holds: the input, the output's and the input's gradients, the keys and values
-        and their fp32 gradients, and while a chunk's attention runs backward, the gradients of the keys and values
-        that chunk saw (as wide as the queries with grouped heads: the flash kernel expands them). The norms, the
-        queries, the attention output, the residual and the MLP exist for one chunk at a time."""
+        Whole-sequence tensors it holds: the input, the output's gradient (the input's is written in its place,
+        chunk by chunk, where that gradient is a tensor of its own), the keys and values and their fp32 gradients,
+        and while a chunk's attention runs backward, the gradients of the keys and values that chunk saw (as wide as
+        the queries with grouped heads: the flash kernel expands them). The norms, the queries, the attention
+        output, the residual and the MLP exist for one chunk at a time."""
         attention = self.self_attn
         cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
         position_embeddings = kwargs.get("position_embeddings")
@@ -331,6 +332,7 @@ class _LayerBackwardInChunks:
             return None
         layout = _Layout.of(hidden_states, position_embeddings, kwargs.get("attention_mask"), kwargs,
                             attention.chunk_tokens)
+        reuse = _reusable(grad_output, hidden_states)
         hidden, grad_output = layout.flat(hidden_states), layout.flat(grad_output)
         chunks, cos, sin, mask = layout.chunks, layout.cos, layout.sin, layout.mask
         device = hidden.device
@@ -341,7 +343,9 @@ class _LayerBackwardInChunks:
             del pairs
         grad_keys = torch.zeros(keys.shape, dtype=torch.float32, device=device)
         grad_values = torch.zeros(values.shape, dtype=torch.float32, device=device)
-        grad_hidden = torch.empty_like(hidden)
+        # a chunk's output gradient is read by that chunk's backward alone, so the input's gradient can take its
+        # place chunk by chunk (one whole-sequence buffer fewer) where the output's is a tensor of its own
+        grad_hidden = grad_output if reuse else torch.empty_like(hidden)
         for chunk in reversed(chunks):  # everything but the keys and values, last chunk first
             window = slice(chunk.start, chunk.end)
             with torch.enable_grad():
@@ -366,6 +370,13 @@ class _LayerBackwardInChunks:
                                                        grad_values[:, window].to(value.dtype)])
             grad_hidden[:, window] += piece.grad
         return grad_hidden.reshape(hidden_states.shape)
+
+
+def _reusable(grad_output: torch.Tensor, hidden: torch.Tensor) -> bool:
+    """Whether the output's gradient may be overwritten with the input's: a dense tensor of its own (not a view,
+    which an expanded or sliced gradient would be) of the input's shape and dtype."""
+    return (grad_output._base is None and grad_output.is_contiguous() and grad_output.shape == hidden.shape
+            and grad_output.dtype == hidden.dtype)
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

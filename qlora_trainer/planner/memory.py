@@ -358,9 +358,9 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
     chunked_attention.py, `run.layer_backward_chunked`): the keys and values recomputed whole, their fp32
     gradients, the gradients of the keys and values the last chunk saw (as wide as the queries first with grouped
     heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves before torch
-    2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input, its output's
-    gradient and its input's gradient are the checkpoint's, counted by estimate_memory. An estimate: not yet
-    measured on a GPU."""
+    2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input and its output's
+    gradient (the input's gradient is written in its place) are the checkpoint's, counted by estimate_memory. An
+    estimate: not yet measured on a GPU."""
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     norms, attention, mlp, constant = _layer_parts(shape, run, layer_index, targets)
@@ -477,8 +477,9 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         kept_so_far += kept[index]
         grads = gradients if accumulating else gradients * (layers - index) // layers
         if index < checkpointed and run.layer_backward_chunked:  # its backward a chunk at a time, its own buffers
+            # the input's gradient takes the place of the output's (engine/chunked_attention.py)
             recomputed = (layer_backward_in_chunks_bytes(shape, run, index, by_layer[index], tokens, cal)
-                          + (2 + copied_back) * layer_input)
+                          + (1 + copied_back) * layer_input)
             memory = head + kept_so_far + recomputed + grads + transient
         else:
             recomputed = layer_bytes[index] + (2 + copied_back) * layer_input if index < checkpointed else 0
