@@ -11,12 +11,13 @@ bf16, gradient checkpointing, torch AdamW at a constant 1e-4, gradients clipped 
 tokens/s and peaks from its metrics.jsonl); ours-offload sets `training.offload_checkpoints` (the default since
 2026-12-06), ours-on-gpu turns it off, ours-long offloads,
 MLPs 2,048 tokens at a time and 512-token loss chunks (ours-long-4k: 4,096-token MLP chunks), ours-eager turns
-torch.compile off, ours-compiled turns it on, ours-auto-attention-chunks is ours-auto with attention 4,096 queries at
-a time (engine/chunked_attention.py), ours-peft-lora also uses peft's LoRA forward; ours-engine (and
+torch.compile off, ours-compiled turns it on, ours-auto-attention-chunks is ours-auto with each layer's backward
+4,096 queries at a time (engine/chunked_attention.py) at any length (ours-auto chooses it where nothing else
+fits), ours-peft-lora also uses peft's LoRA forward; ours-engine (and
 ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
 command line around it costs (ours-engine-bnb-dequant: its compiled layers call bitsandbytes' dequantization, as
 before engine/nf4_in_graph.py); ours-auto leaves to the planner what `training.plan: auto` leaves it (checkpointing,
-offloading, MLP chunks) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
+offloading, MLP and layer-backward chunks) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
 `training.memory_cap_gib`. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
