@@ -21,7 +21,8 @@ dropout (ResolvedRun.layer_backward_chunked), the layer's whole backward goes a 
 layer recomputed and differentiated from its input's chunk to its output's, then the keys' and values' projections
 chunk by chunk. What stays whole: the layer's input, its output's gradient (overwritten chunk by chunk with the
 input's, which a chunk's backward no longer needs), the keys and values and their fp32 gradients. The planner
-counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, not yet measured on a GPU.
+counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, at least 3.8% low on the one GPU run
+measured (Llama-3-8B, 95,232 tokens under a 15 GiB cap ran out of memory; benchmarks/results/defaults-h100/).
 
 It applies to the layers and attention modules whose forward it repeats (LAYER_CLASSES: x + attention(norm(x)),
 then h + mlp(norm(h)); ATTENTION_CLASSES: projections, rotary embedding, attention, output projection, nothing
