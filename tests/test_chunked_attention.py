@@ -351,3 +351,23 @@ def test_a_layer_with_dropout_recomputes_whole(tiny_llama_dir):
         chunk_attention(model, chunk_tokens=8)
     chunk_attention(model, chunk_tokens=8, whole_layers=False)
     assert not any(hasattr(layer, "backward_in_chunks") for layer in model.get_base_model().model.layers)
+
+
+def test_plain_rows_take_the_keys_a_block_at_a_time_in_backward(tiny_llama_dir, monkeypatch):
+    """A plain row's layer backward in chunks hands the attention kernel's backward one block of keys at a time
+    (engine/key_blocks.py), never the whole row's, and the gradients stay the model's own."""
+    from qlora_trainer.engine import key_blocks
+
+    widths = []
+    real = key_blocks._backward
+    monkeypatch.setattr(key_blocks, "_backward",
+                        lambda grad, query, key, *rest, **kw: widths.append(key.shape[2]) or real(grad, query, key,
+                                                                                                  *rest, **kw))
+    x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
+    fused_lora.use_fused_lora(model)
+    want = _run(model, x)
+    chunk_attention(model, chunk_tokens=8)
+    got = _run(model, x)
+    assert sorted(widths) == [8] * 6 * 2  # 2 layers; chunks 1, 2, 3 see 1, 2, 3 blocks
+    _assert_same(got, want)

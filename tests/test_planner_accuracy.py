@@ -54,29 +54,3 @@ def test_a_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
     run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
     too_long = run.with_values({"training.max_seq_len": record["longest_seq_len"] + SEQ_STEP})
     assert not too_long.budget.fits(estimate_memory(model_config, too_long).predicted_peak_bytes)
-
-
-CHUNKED = [json.loads(line) for line in (RESULTS / "defaults-h100" /
-                                         "llama-3-8b-longest-cap15-r32-all-2026-12-06-chunked-layers.jsonl")
-           .read_text().splitlines()]
-
-
-@pytest.mark.parametrize("record", [r for r in CHUNKED if r["stack"] == "ours-auto" and r.get("trains") is False],
-                         ids=lambda r: str(r["probe"]))
-def test_a_chunked_layers_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
-    """As above, with layer backwards in chunks (the plan `training.plan: auto` makes at 131,072 tokens): every
-    length whose probe ran out of memory on the GPU machine is refused by `train`'s rule. The planner without the
-    margin admitted them all (13.73 GiB of the 14.25 GiB pool predicted at 95,232 tokens): its term for chunked
-    layers is at least 3.8% low there."""
-    host = collections.namedtuple("host", "available total")
-    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
-    model = REPO / "qlora_trainer" / "presets" / f"{record['model']}.json"
-    config = ours_config(model, Path("x.jsonl"), 131072, 3, OURS["ours-auto"], Path("out"),
-                         cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
-    config["data"]["packing"] = False
-    model_config = load_model_config(str(model))
-    run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
-    assert run.spec.training.attention_chunk_tokens  # the plan measured
-    probed = run.with_values({"training.max_seq_len": record["probe"]})
-    assert not probed.budget.fits(estimate_memory(model_config, probed).predicted_peak_bytes)
-

@@ -20,7 +20,9 @@ dropout (ResolvedRun.layer_backward_chunked), the layer's whole backward goes a 
 (`_LayerBackwardInChunks`): keys and values recomputed whole without autograd, then for each chunk, last first, the
 layer recomputed and differentiated from its input's chunk to its output's, then the keys' and values' projections
 chunk by chunk. What stays whole: the layer's input, its output's gradient (overwritten chunk by chunk with the
-input's, which a chunk's backward no longer needs), the keys and values and their fp32 gradients. The planner
+input's, which a chunk's backward no longer needs), the keys and values and their fp32 gradients. On plain causal
+rows a chunk's attention takes the keys a block at a time (engine/key_blocks.py), so no gradient as wide as the keys
+it sees is made; rows with a mask or packed rows take them all at once. The planner
 counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, at least 3.8% low on the one GPU run
 measured (Llama-3-8B, 95,232 tokens under a 15 GiB cap ran out of memory; benchmarks/results/defaults-h100/).
 
@@ -41,6 +43,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from qlora_trainer.engine.class_mixing import mixed_class
+from qlora_trainer.engine.key_blocks import KeyBlockAttention
 from qlora_trainer.spec.resolve import PACKED_VARLEN
 from qlora_trainer.errors import ConfigError
 
@@ -118,6 +121,19 @@ def _attend(module: nn.Module, chunk: _Chunk, hidden: torch.Tensor, cos: torch.T
             attn_mask = causal_lower_right(q.shape[2], k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=module.scaling,
                                              enable_gqa=heads != kv_heads).transpose(1, 2)
+    return module.o_proj(out.reshape(*hidden.shape[:-1], -1))
+
+
+def _attend_in_key_blocks(module: nn.Module, chunk: _Chunk, hidden: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grad_keys: torch.Tensor,
+                          grad_values: torch.Tensor, block: int) -> torch.Tensor:
+    """_attend for a plain causal row, the keys a block at a time (engine/key_blocks.py): in backward the keys' and
+    values' gradients go straight into `grad_keys` and `grad_values`, a block at a time."""
+    shape = (*hidden.shape[:-1], -1, module.head_dim)
+    query = module.q_proj(hidden).view(shape)
+    query, _ = _rotary(module)(query, query, cos, sin, unsqueeze_dim=2)
+    out = KeyBlockAttention.apply(query.transpose(1, 2), keys, values, grad_keys, grad_values, chunk.start, block,
+                                  module.scaling).transpose(1, 2)
     return module.o_proj(out.reshape(*hidden.shape[:-1], -1))
 
 
@@ -347,20 +363,30 @@ class _LayerBackwardInChunks:
         # a chunk's output gradient is read by that chunk's backward alone, so the input's gradient can take its
         # place chunk by chunk (one whole-sequence buffer fewer) where the output's is a tensor of its own
         grad_hidden = grad_output if reuse else torch.empty_like(hidden)
+        # plain causal rows: a block of keys at a time (key_blocks.py), so no chunk's key gradients are whole
+        in_blocks = mask is None and not layout.packed
         for chunk in reversed(chunks):  # everything but the keys and values, last chunk first
             window = slice(chunk.start, chunk.end)
             with torch.enable_grad():
                 piece = hidden[:, window].detach().requires_grad_(True)
-                seen_keys = keys[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
-                seen_values = values[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
-                middle = piece + _attend(attention, chunk, self.input_layernorm(piece), cos[:, window],
-                                         sin[:, window], seen_keys, seen_values, mask)
+                normed = self.input_layernorm(piece)
+                if in_blocks:
+                    seen_keys = seen_values = None
+                    attended = _attend_in_key_blocks(attention, chunk, normed, cos[:, window], sin[:, window], keys,
+                                                     values, grad_keys, grad_values, attention.chunk_tokens)
+                else:
+                    seen_keys = keys[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
+                    seen_values = values[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
+                    attended = _attend(attention, chunk, normed, cos[:, window], sin[:, window], seen_keys,
+                                       seen_values, mask)
+                middle = piece + attended
                 out = middle + self.mlp(self.post_attention_layernorm(middle))
                 torch.autograd.backward(out, grad_output[:, window])
             grad_hidden[:, window] = piece.grad
-            grad_keys[:, chunk.key_start:chunk.end] += seen_keys.grad
-            grad_values[:, chunk.key_start:chunk.end] += seen_values.grad
-            del piece, seen_keys, seen_values, middle, out
+            if not in_blocks:
+                grad_keys[:, chunk.key_start:chunk.end] += seen_keys.grad
+                grad_values[:, chunk.key_start:chunk.end] += seen_values.grad
+            del piece, normed, attended, seen_keys, seen_values, middle, out
         del keys, values
         for chunk in chunks:  # the keys' and values' projections, chunk by chunk
             window = slice(chunk.start, chunk.end)

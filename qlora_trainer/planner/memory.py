@@ -356,11 +356,13 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
                                    calibration: Calibration = CALIBRATION) -> int:
     """What a checkpointed layer's backward holds when it goes a chunk of queries at a time (engine/
     chunked_attention.py, `run.layer_backward_chunked`): the keys and values recomputed whole, their fp32
-    gradients, the gradients of the keys and values the last chunk saw (as wide as the queries first with grouped
-    heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves before torch
-    2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input and its output's
-    gradient (the input's gradient is written in its place) are the checkpoint's, counted by estimate_memory. An
-    estimate: not yet measured on a GPU."""
+    gradients, the gradients of the keys and values a chunk sees (plain causal rows: one block of keys at a time,
+    engine/key_blocks.py; rows with a mask or packed: all the last chunk sees at once, as wide as the queries first
+    with grouped heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves
+    before torch 2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input and
+    its output's gradient (the input's gradient is written in its place) are the checkpoint's, counted by
+    estimate_memory. An estimate: at least 3.8% low before key blocks (Llama-3-8B, 95,232 tokens under a 15 GiB
+    cap ran out of memory, benchmarks/results/defaults-h100/); key blocks not yet measured on a GPU."""
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     norms, attention, mlp, constant = _layer_parts(shape, run, layer_index, targets)
@@ -374,11 +376,15 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
     gradients = int(calibration.backward_gradient_widths * compute * widest)
     kv = 2 * shape.kv_dim
     grouped = shape.kv_dim != shape.q_dim
-    if run.attention == PACKED_VARLEN and grouped:
-        seen = 2 * compute * 2 * shape.q_dim
+    if run.attention == "sdpa" and not sdpa_gets_mask(shape, run, layer_index):
+        # plain causal rows: a block of keys at a time (engine/key_blocks.py): the block's keys and values widened
+        # to the query heads, their gradients and the narrowed ones, the queries' fp32 gradient
+        seen_bytes = chunk * (compute * (4 * shape.q_dim + kv) + 4 * shape.q_dim)
+    elif run.attention == PACKED_VARLEN and grouped:
+        seen_bytes = tokens * 2 * compute * 2 * shape.q_dim
     else:
-        seen = compute * (kv + (2 * shape.q_dim if grouped else 0))
-    return tokens * ((compute + 4) * kv + seen) + activations + constant + gradients
+        seen_bytes = tokens * compute * (kv + (2 * shape.q_dim if grouped else 0))
+    return tokens * (compute + 4) * kv + seen_bytes + activations + constant + gradients
 
 
 def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], run: ResolvedRun,

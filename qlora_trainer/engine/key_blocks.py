@@ -1,0 +1,96 @@
+"""A chunk of queries attending to the keys before it one block of keys at a time, for engine/chunked_attention.py's
+layer backward: each block's key and value gradients are added straight into the whole sequence's fp32 sums.
+
+Whole, the attention kernel's backward returns the gradients of every key and value the chunk sees: for the last
+chunk of a long sequence, the whole sequence's, and with grouped heads as wide as the queries (the flash kernel
+expands them). A block at a time nothing wider than a block exists. It stays exact because a softmax row splits:
+each block's kernel gives its output and log-sum-exp; the row's log-sum-exp is theirs combined and its output their
+outputs weighted by exp(block's - row's). The flash kernel's backward, given a block of keys with the row's output
+and log-sum-exp, gives exactly that block's key and value gradients and its share of the queries' gradient.
+
+Rows are plain causal rows (no mask, not packed) and blocks are the chunks themselves: a chunk's own block is causal
+(square), the blocks before it are seen whole. No dropout (the layer backward in chunks never has any).
+"""
+
+import torch
+
+# the attention kernels with a log-sum-exp, (batch, heads, tokens, head_dim) in and out
+_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_CUDA = torch.ops.aten._scaled_dot_product_flash_attention
+_CUDA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_backward
+
+
+def _widened(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, tokens, kv_heads, head_dim) -> (batch, heads, tokens, head_dim), grouped heads repeated."""
+    tensor = tensor.transpose(1, 2)
+    groups = heads // tensor.shape[1]
+    return tensor.repeat_interleave(groups, dim=1) if groups > 1 else tensor
+
+
+def _narrowed(gradient: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of _widened's output back to (batch, tokens, kv_heads, head_dim), summed over each group."""
+    batch, heads, tokens, dim = gradient.shape
+    if heads != kv_heads:
+        gradient = gradient.view(batch, kv_heads, heads // kv_heads, tokens, dim).sum(2)
+    return gradient.transpose(1, 2)
+
+
+def _forward(query, key, value, causal: bool, scale: float):
+    if query.is_cuda:
+        out, lse, *_ = _CUDA(query, key, value, 0.0, causal, False, scale=scale)
+        return out, lse
+    return _CPU(query, key, value, 0.0, causal, scale=scale)
+
+
+def _backward(grad, query, key, value, out, lse, causal: bool, scale: float):
+    if query.is_cuda:
+        empty = torch.empty(0, device=query.device, dtype=torch.int64)  # no dropout: no seed, no offset
+        return _CUDA_BACKWARD(grad, query, key, value, out, lse, empty, empty, query.shape[2], key.shape[2], 0.0,
+                              causal, empty, empty, scale=scale)
+    return _CPU_BACKWARD(grad, query, key, value, out, lse, 0.0, causal, scale=scale)
+
+
+def blocks_of(start: int, end: int, block: int) -> list[tuple[int, int, bool]]:
+    """The key blocks queries [start, end) see, as (first key, end, causal): those before `start`, `block` keys
+    each, seen whole, then the chunk's own keys, causal."""
+    return [(b, min(b + block, start), False) for b in range(0, start, block)] + [(start, end, True)]
+
+
+class KeyBlockAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v for queries [start, end) of a plain causal row, `keys` and `values` the whole
+    row's (batch, tokens, kv_heads, head_dim), not differentiated: backward adds their gradients into `grad_keys`
+    and `grad_values` (fp32, the keys' shape) block by block and returns the queries'."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grad_keys: torch.Tensor,
+                grad_values: torch.Tensor, start: int, block: int, scale: float) -> torch.Tensor:
+        heads, end = query.shape[1], start + query.shape[2]
+        outs, lses = [], []
+        for first, last, causal in blocks_of(start, end, block):
+            out, lse = _forward(query, _widened(keys[:, first:last], heads), _widened(values[:, first:last], heads),
+                                causal, scale)
+            outs.append(out)
+            lses.append(lse)
+        lse = torch.stack(lses).logsumexp(0)
+        out = sum(torch.exp(piece - lse).unsqueeze(-1) * block_out.float() for piece, block_out in zip(lses, outs))
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, out, lse)
+        ctx.keys, ctx.values, ctx.grad_keys, ctx.grad_values = keys, values, grad_keys, grad_values
+        ctx.start, ctx.block, ctx.scale = start, block, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        query, out, lse = ctx.saved_tensors
+        heads, kv_heads = query.shape[1], ctx.keys.shape[2]
+        grad_out = grad_out.contiguous()
+        grad_query = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+        for first, last, causal in blocks_of(ctx.start, ctx.start + query.shape[2], ctx.block):
+            key = _widened(ctx.keys[:, first:last], heads)
+            value = _widened(ctx.values[:, first:last], heads)
+            grad_q, grad_k, grad_v = _backward(grad_out, query, key, value, out, lse, causal, ctx.scale)
+            grad_query += grad_q
+            ctx.grad_keys[:, first:last] += _narrowed(grad_k, kv_heads)
+            ctx.grad_values[:, first:last] += _narrowed(grad_v, kv_heads)
+        return grad_query.to(query.dtype), None, None, None, None, None, None, None
