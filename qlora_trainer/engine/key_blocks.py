@@ -5,8 +5,9 @@ Whole, the attention kernel's backward returns the gradients of every key and va
 chunk of a long sequence, the whole sequence's, and with grouped heads as wide as the queries (the flash kernel
 expands them). A block at a time nothing wider than a block exists. It stays exact because a softmax row splits:
 each block's kernel gives its output and log-sum-exp; the row's log-sum-exp is theirs combined and its output their
-outputs weighted by exp(block's - row's). The flash kernel's backward, given a block of keys with the row's output
-and log-sum-exp, gives exactly that block's key and value gradients and its share of the queries' gradient.
+outputs weighted by exp(block's - row's), merged block by block as they come. The flash kernel's backward, given a
+block of keys with the row's output and log-sum-exp, gives exactly that block's key and value gradients and its share
+of the queries' gradient.
 
 Rows are plain causal rows (no mask, not packed) and blocks are the chunks themselves: a chunk's own block is causal
 (square), the blocks before it are seen whole. No dropout (the layer backward in chunks never has any).
@@ -66,14 +67,17 @@ class KeyBlockAttention(torch.autograd.Function):
     def forward(ctx, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grad_keys: torch.Tensor,
                 grad_values: torch.Tensor, start: int, block: int, scale: float) -> torch.Tensor:
         heads, end = query.shape[1], start + query.shape[2]
-        outs, lses = [], []
+        out, lse = None, None  # the blocks so far, merged as each comes (one chunk-sized fp32 output at a time)
         for first, last, causal in blocks_of(start, end, block):
-            out, lse = _forward(query, _widened(keys[:, first:last], heads), _widened(values[:, first:last], heads),
-                                causal, scale)
-            outs.append(out)
-            lses.append(lse)
-        lse = torch.stack(lses).logsumexp(0)
-        out = sum(torch.exp(piece - lse).unsqueeze(-1) * block_out.float() for piece, block_out in zip(lses, outs))
+            block_out, block_lse = _forward(query, _widened(keys[:, first:last], heads),
+                                            _widened(values[:, first:last], heads), causal, scale)
+            if out is None:
+                out, lse = block_out.float(), block_lse
+                continue
+            merged = torch.logaddexp(lse, block_lse)
+            out = (out * torch.exp(lse - merged).unsqueeze(-1)
+                   + block_out.float() * torch.exp(block_lse - merged).unsqueeze(-1))
+            lse = merged
         out = out.to(query.dtype)
         ctx.save_for_backward(query, out, lse)
         ctx.keys, ctx.values, ctx.grad_keys, ctx.grad_values = keys, values, grad_keys, grad_values
