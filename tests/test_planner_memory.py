@@ -515,3 +515,22 @@ def test_a_layer_backward_in_chunks_is_counted_where_the_run_takes_it(llama2):
     # gradients of the keys and values the last chunk saw (no grouped heads here: as they are)
     kv = 2 * 4096
     assert chunked_peak.activations > 65536 * ((2 + 4) * kv + 2 * kv)
+
+
+def test_plain_rows_count_one_block_of_key_gradients_packed_rows_all_the_last_chunk_sees(llama2):
+    """engine/key_blocks.py: on plain causal rows the layer backward in chunks makes the keys' and values' gradients
+    one block at a time, on packed rows (the variable-length kernel) all the last chunk sees at once (the whole
+    sequence, here as wide as the keys: Llama-2-7B has no grouped heads). The layer phase of the packed run holds
+    that, less one block's work, more."""
+    common = {"training.max_seq_len": 65536, "training.attention_chunk_tokens": 4096, "adapter.lora_dropout": 0.0,
+              "training.mlp_chunk_tokens": 4096, "training.offload_checkpoints": True}
+    plain, packed = run({**common, "data.packing": False}), run({**common, "data.packing": True})
+    assert plain.attention == "sdpa" and packed.attention != "sdpa"
+    assert plain.layer_backward_chunked and packed.layer_backward_chunked
+    plain_peak = estimate_memory(llama2, plain).phases["layer backward"].activations
+    packed_peak = estimate_memory(llama2, packed).phases["layer backward"].activations
+    whole_width = 65536 * 2 * (2 * 4096)  # bf16 gradients of the keys and values the last chunk sees
+    # one block's work instead: its keys and values widened to the query heads, their gradients and the narrowed
+    # ones (bf16), the queries' fp32 gradient
+    block = 4096 * (2 * (4 * 4096 + 2 * 4096) + 4 * 4096)
+    assert packed_peak - plain_peak >= whole_width - block
