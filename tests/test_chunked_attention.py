@@ -353,9 +353,11 @@ def test_a_layer_with_dropout_recomputes_whole(tiny_llama_dir):
     assert not any(hasattr(layer, "backward_in_chunks") for layer in model.get_base_model().model.layers)
 
 
-def test_plain_rows_take_the_keys_a_block_at_a_time_in_backward(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("key_blocks", [True, False])
+def test_plain_rows_take_the_keys_a_block_at_a_time_in_backward(tiny_llama_dir, monkeypatch, key_blocks):
     """A plain row's layer backward in chunks hands the attention kernel's backward one block of keys at a time
-    (engine/key_blocks.py), never the whole row's, and the gradients stay the model's own."""
+    (engine/key_blocks.py), never the whole row's, and the gradients stay the model's own; without key blocks
+    (a GPU without the flash kernel: ResolvedRun.key_blocks) the row's keys go at once, with the same gradients."""
     from qlora_trainer.engine import key_blocks
 
     widths = []
@@ -367,7 +369,7 @@ def test_plain_rows_take_the_keys_a_block_at_a_time_in_backward(tiny_llama_dir, 
     model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
     fused_lora.use_fused_lora(model)
     want = _run(model, x)
-    chunk_attention(model, chunk_tokens=8)
+    chunk_attention(model, chunk_tokens=8, key_blocks=key_blocks)
     got = _run(model, x)
-    assert sorted(widths) == [8] * 6 * 2  # 2 layers; chunks 1, 2, 3 see 1, 2, 3 blocks
+    assert sorted(widths) == ([8] * 6 * 2 if key_blocks else [])  # 2 layers; chunks 1, 2, 3 see 1, 2, 3 blocks
     _assert_same(got, want)

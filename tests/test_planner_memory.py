@@ -9,7 +9,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, 
 
 from qlora_trainer.engine import adapters
 from qlora_trainer.engine.base import cpu_flash_attention_fails
-from qlora_trainer.hardware import Hardware, budget_gpu
+from qlora_trainer.hardware import Hardware, budget_gpu, lookup_gpu
 from qlora_trainer.planner.memory import (adapter_tensor_numels, base_weight_tensor_bytes, estimate_memory,
                                           layer_activation_bytes, optimizer_state_tensors)
 from qlora_trainer.planner.shapes import load_model_config, model_shape, preset_names
@@ -534,3 +534,17 @@ def test_plain_rows_count_one_block_of_key_gradients_packed_rows_all_the_last_ch
     # ones (bf16), the queries' fp32 gradient
     block = 4096 * (2 * (4 * 4096 + 2 * 4096) + 4 * 4096)
     assert packed_peak - plain_peak >= whole_width - block
+
+
+def test_key_blocks_are_planned_where_the_flash_kernel_runs(llama2):
+    """On a T4 (compute capability 7.5) torch has no flash kernel, so a plain row's keys go at once there and the
+    planner counts their whole-width gradients; on an A100 a block at a time."""
+    values = {"training.max_seq_len": 65536, "training.attention_chunk_tokens": 4096, "adapter.lora_dropout": 0.0,
+              "training.mlp_chunk_tokens": 4096, "training.offload_checkpoints": True, "data.packing": False,
+              "training.compile_layers": "on"}
+    spec = RunSpec().with_values(values)
+    t4, a100 = (resolve(spec, Hardware.planned(lookup_gpu(name))) for name in ("T4", "A100-80GB"))
+    assert not t4.key_blocks and a100.key_blocks
+    t4_peak = estimate_memory(llama2, t4).phases["layer backward"].activations
+    a100_peak = estimate_memory(llama2, a100).phases["layer backward"].activations
+    assert t4_peak > a100_peak

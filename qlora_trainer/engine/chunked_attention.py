@@ -364,7 +364,7 @@ class _LayerBackwardInChunks:
         # place chunk by chunk (one whole-sequence buffer fewer) where the output's is a tensor of its own
         grad_hidden = grad_output if reuse else torch.empty_like(hidden)
         # plain causal rows: a block of keys at a time (key_blocks.py), so no chunk's key gradients are whole
-        in_blocks = mask is None and not layout.packed
+        in_blocks = attention.key_blocks and mask is None and not layout.packed
         for chunk in reversed(chunks):  # everything but the keys and values, last chunk first
             window = slice(chunk.start, chunk.end)
             with torch.enable_grad():
@@ -443,10 +443,12 @@ def check_attention_chunking(model: nn.Module, attention: str) -> None:
             raise ConfigError("training.attention_chunk_tokens: the model has attention dropout; use 0")
 
 
-def chunk_attention(model: nn.Module, chunk_tokens: int, whole_layers: bool = True) -> int:
+def chunk_attention(model: nn.Module, chunk_tokens: int, whole_layers: bool = True,
+                    key_blocks: bool = True) -> int:
     """Give every decoder layer's `self_attn` the chunked forward (after check_attention_chunking) and, with
     `whole_layers` (the resolved run's `layer_backward_chunked`), every layer the chunked backward its checkpoint
-    takes; returns how many attention modules were chunked."""
+    takes, plain rows' keys a block at a time there with `key_blocks` (`ResolvedRun.key_blocks`: where the flash
+    kernel's ops run); returns how many attention modules were chunked."""
     check_attention_chunking(model, model.config._attn_implementation)
     layers = _decoder_layers(model) if whole_layers else []
     # dropout masks drawn a chunk at a time would not be the forward's (ResolvedRun.layer_backward_chunked leaves
@@ -457,7 +459,7 @@ def chunk_attention(model: nn.Module, chunk_tokens: int, whole_layers: bool = Tr
     modules = _decoder_attention(model)
     for module in modules:
         module.__class__ = mixed_class(_ChunkedAttention, type(module))
-        module.chunk_tokens = chunk_tokens
+        module.chunk_tokens, module.key_blocks = chunk_tokens, key_blocks
     for layer in layers:
         layer.__class__ = mixed_class(_LayerBackwardInChunks, type(layer))
     return len(modules)

@@ -376,7 +376,7 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
     gradients = int(calibration.backward_gradient_widths * compute * widest)
     kv = 2 * shape.kv_dim
     grouped = shape.kv_dim != shape.q_dim
-    if run.attention == "sdpa" and not sdpa_gets_mask(shape, run, layer_index):
+    if run.key_blocks and run.attention == "sdpa" and not sdpa_gets_mask(shape, run, layer_index):
         # plain causal rows: a block of keys at a time (engine/key_blocks.py): the block's keys and values widened
         # to the query heads, their gradients and the narrowed ones, the queries' fp32 gradient
         seen_bytes = chunk * (compute * (4 * shape.q_dim + kv) + 4 * shape.q_dim)

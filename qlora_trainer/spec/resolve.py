@@ -81,6 +81,15 @@ class ResolvedRun:
         return self.attention_chunked and training.gradient_checkpointing and self.spec.adapter.lora_dropout == 0
 
     @property
+    def key_blocks(self) -> bool:
+        """Whether a layer backward in chunks takes the keys of a plain causal row a block at a time (engine/
+        key_blocks.py): through the flash kernel's own ops, which run on the CPU and on CUDA GPUs of compute
+        capability 8.0 and up (elsewhere the row's keys go at once, through SDPA)."""
+        gpu = self.hardware.gpu
+        return self.layer_backward_chunked and (self.device_type == "cpu" or (
+            gpu is not None and gpu.compute_capability >= (8, 0)))
+
+    @property
     def prefetch_checkpoints(self) -> bool:
         """Whether offloaded checkpoint inputs are copied back one layer ahead of backward (engine/checkpointing.py;
         one more input on the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the
