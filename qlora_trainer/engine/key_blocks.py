@@ -38,17 +38,21 @@ def _narrowed(gradient: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _forward(query, key, value, causal: bool, scale: float):
+    """The block's output and log-sum-exp, and on CUDA what else the kernel returned that its backward takes (the
+    rows' cumulative lengths and the dropout's seed and offset: for plain rows without dropout, the same for every
+    block), passed back as the kernel gave them."""
     if query.is_cuda:
-        out, lse, *_ = _CUDA(query, key, value, 0.0, causal, False, scale=scale)
-        return out, lse
-    return _CPU(query, key, value, 0.0, causal, scale=scale)
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = _CUDA(query, key, value, 0.0, causal, False, scale=scale)
+        return out, lse, (cum_q, cum_k, seed, offset)
+    out, lse = _CPU(query, key, value, 0.0, causal, scale=scale)
+    return out, lse, None
 
 
-def _backward(grad, query, key, value, out, lse, causal: bool, scale: float):
+def _backward(grad, query, key, value, out, lse, causal: bool, scale: float, extras):
     if query.is_cuda:
-        empty = torch.empty(0, device=query.device, dtype=torch.int64)  # no dropout: no seed, no offset
-        return _CUDA_BACKWARD(grad, query, key, value, out, lse, empty, empty, query.shape[2], key.shape[2], 0.0,
-                              causal, empty, empty, scale=scale)
+        cum_q, cum_k, seed, offset = extras
+        return _CUDA_BACKWARD(grad, query, key, value, out, lse, cum_q, cum_k, query.shape[2], key.shape[2], 0.0,
+                              causal, seed, offset, scale=scale)
     return _CPU_BACKWARD(grad, query, key, value, out, lse, 0.0, causal, scale=scale)
 
 
@@ -69,8 +73,8 @@ class KeyBlockAttention(torch.autograd.Function):
         heads, end = query.shape[1], start + query.shape[2]
         out, lse = None, None  # the blocks so far, merged as each comes (one chunk-sized fp32 output at a time)
         for first, last, causal in blocks_of(start, end, block):
-            block_out, block_lse = _forward(query, _widened(keys[:, first:last], heads),
-                                            _widened(values[:, first:last], heads), causal, scale)
+            block_out, block_lse, extras = _forward(query, _widened(keys[:, first:last], heads),
+                                                    _widened(values[:, first:last], heads), causal, scale)
             if out is None:
                 out, lse = block_out.float(), block_lse
                 continue
@@ -81,7 +85,7 @@ class KeyBlockAttention(torch.autograd.Function):
         out = out.to(query.dtype)
         ctx.save_for_backward(query, out, lse)
         ctx.keys, ctx.values, ctx.grad_keys, ctx.grad_values = keys, values, grad_keys, grad_values
-        ctx.start, ctx.block, ctx.scale = start, block, scale
+        ctx.start, ctx.block, ctx.scale, ctx.extras = start, block, scale, extras
         return out
 
     @staticmethod
@@ -93,7 +97,7 @@ class KeyBlockAttention(torch.autograd.Function):
         for first, last, causal in blocks_of(ctx.start, ctx.start + query.shape[2], ctx.block):
             key = _widened(ctx.keys[:, first:last], heads)
             value = _widened(ctx.values[:, first:last], heads)
-            grad_q, grad_k, grad_v = _backward(grad_out, query, key, value, out, lse, causal, ctx.scale)
+            grad_q, grad_k, grad_v = _backward(grad_out, query, key, value, out, lse, causal, ctx.scale, ctx.extras)
             grad_query += grad_q
             ctx.grad_keys[:, first:last] += _narrowed(grad_k, kv_heads)
             ctx.grad_values[:, first:last] += _narrowed(grad_v, kv_heads)
