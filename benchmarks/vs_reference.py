@@ -21,10 +21,11 @@ offloading, MLP and layer-backward chunks) for --cap-gib, as `train` does. Every
 `training.memory_cap_gib`. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
-           --cap-gib; ours through the engine that `train` builds (engine/build.py, engine/step.py), in process, planned
-           by `train`'s own gate for the longest length searched (training/gate.py), built once, its search starting
-           at the planner's predicted longest (each length probed compiles its layers again, so few probes); the
-           peers' search doubles from --seq-len, then bisects;
+           --cap-gib, every stack's optimizer holding its state (one step at 1,024 tokens first); ours through the
+           engine that `train` builds (engine/build.py, engine/step.py), in process, planned by `train`'s own gate
+           for the longest length searched (training/gate.py), built once, its search starting at the planner's
+           predicted longest (each length probed compiles its layers again, so few probes); the peers' search
+           doubles from --seq-len, then bisects;
   profile: torch.profiler over two steps after three warm-up ones and three timed without it (their time is
            recorded: the profiler's own host time inflates the profiled steps); ours through the engine, in process;
   snapshot: the CUDA allocator's trace of one step after two warm-up ones, and what is alive at its peak by the
@@ -358,6 +359,13 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
                           "seconds": round(time.perf_counter() - started, 1)}), file=sys.stderr, flush=True)
         return fits
 
+    # from its second step on a run holds its optimizer's state (AdamW's moments, made by the first step), so every
+    # probe is such a step: one step at the shortest length first (a first step alone would pass a length that
+    # the second step of a run cannot hold)
+    step(on_gpu(random_batch(SEQ_STEP)))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     first = predicted_longest(run, args.cap_gib) if run is not None and args.cap_gib else None
     good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
     return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len,

@@ -199,10 +199,11 @@ def test_compiled_layers_trace_in_one_graph_with_the_same_gradients(tiny_llama_d
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llama_dir):
-    """8-token chunks of a 24-token sequence: the MLPs only ever see 8 tokens, and the results equal the unchunked
-    model's. (How often a chunk reruns in backward is up to torch's nested non-reentrant checkpoints.)"""
-    from qlora_trainer.engine.chunked_mlp import chunk_mlps
+def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llama_dir, monkeypatch):
+    """8-token chunks of a 24-token sequence: the MLPs and the final norm only ever see 8 tokens, and the results
+    equal the unchunked model's. (How often a chunk reruns in backward is up to torch's nested non-reentrant
+    checkpoints.)"""
+    from qlora_trainer.engine.token_chunks import chunk_mlps
 
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     model = _adapted(tiny_llama_dir, "float32", compute_dtype="float32")
@@ -212,8 +213,19 @@ def test_chunked_mlps_keep_gradients_and_run_the_mlp_again_in_backward(tiny_llam
     mlp_calls = []
     for layer in model.get_base_model().model.layers:
         layer.mlp.down_proj.register_forward_hook(lambda module, args, out: mlp_calls.append(args[0].shape[1]))
+    norm = model.get_base_model().model.norm
+    norm_class = type(norm).__bases__[1]  # the model's own, under the chunked forward mixed in front of it
+    norm_calls, norm_forward = [], norm_class.forward  # what the chunks call (the module's call sees the whole)
+
+    def recorded(self, hidden):
+        if self is norm:  # the layers' norms are of its class
+            norm_calls.append(hidden.shape[1])
+        return norm_forward(self, hidden)
+
+    monkeypatch.setattr(norm_class, "forward", recorded)
     got_logits, got = _grads(model, x, autocast=False)
     assert set(mlp_calls) == {8} and len(mlp_calls) > 3 * 2  # 3 chunks x 2 layers in the forward, more in backward
+    assert set(norm_calls) == {8} and len(norm_calls) == 2 * 3  # each chunk in the forward and again in backward
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)

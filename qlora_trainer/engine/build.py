@@ -5,7 +5,7 @@
     2. the adapter, through peft, in adapter.dtype (adapters.py)
     3. checkpointing of the decoder layers, their inputs offloaded to CPU memory if asked (checkpointing.py)
     4. the fused LoRA-on-4-bit forward, where it applies (fused_lora.py)
-    5. MLPs a chunk of tokens at a time, if asked (chunked_mlp.py)
+    5. MLPs and the final norm a chunk of tokens at a time, if asked (token_chunks.py)
     6. compiled decoder layers, where they apply (compiled_layers.py); so the graphs trace steps 3-5's forwards,
        with the 4-bit weights dequantized by the graphs' own kernels (nf4_in_graph.py)
     7. with several processes, the step's forward wrapped for DDP or sharded with FSDP2 (distributed.py)
@@ -26,7 +26,7 @@ from qlora_trainer.engine import adapters, packed_attention
 from qlora_trainer.engine.base import DTYPES, check_weights_match, device_for, load_base
 from qlora_trainer.engine.checkpointing import enable_activation_checkpointing
 from qlora_trainer.engine.chunked_attention import check_attention_chunking, chunk_attention
-from qlora_trainer.engine.chunked_mlp import chunk_mlps
+from qlora_trainer.engine.token_chunks import chunk_mlps
 from qlora_trainer.engine.compiled_layers import compile_decoder_layers
 from qlora_trainer.engine.distributed import SINGLE, Processes, wrap
 from qlora_trainer.engine.loss import LossModule

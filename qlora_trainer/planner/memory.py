@@ -326,7 +326,7 @@ def layer_activation_bytes(shape: ModelShape, run: ResolvedRun, layer_index: int
         attention = compute * shape.hidden_size
     if not run.mlp_chunked:
         return tokens * (norms + attention + mlp_per_token) + constant
-    # engine/chunked_mlp.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
+    # engine/token_chunks.py: the MLP keeps its input for the whole sequence, its own activations for one chunk
     chunk = training.micro_batch_size * training.mlp_chunk_tokens
     return tokens * (norms + attention + compute * shape.hidden_size) + chunk * mlp_per_token + constant
 
@@ -366,7 +366,7 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     norms, attention, mlp, constant = _layer_parts(shape, run, layer_index, targets)
-    if run.mlp_chunked:  # engine/chunked_mlp.py within the chunk: its input whole (the chunk), its own a piece
+    if run.mlp_chunked:  # engine/token_chunks.py within the chunk: its input whole (the chunk), its own a piece
         mlp_tokens = min(chunk, training.micro_batch_size * training.mlp_chunk_tokens)
         activations = chunk * (norms + attention + compute * shape.hidden_size) + mlp_tokens * mlp
     else:

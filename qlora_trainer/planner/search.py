@@ -18,7 +18,7 @@ Objective, in order (the first of 1-3 for which a run fits wins, then 4-6 choose
   5. only when no micro-batch fits with every layer checkpointed: checkpointed inputs offloaded to CPU memory
      (it needs host RAM, but it keeps the adapter's targets and rank);
   6. only when that does not fit either and the sequence is longer than MLP_CHUNK_TOKENS: MLPs that many tokens
-     at a time (engine/chunked_mlp.py: one more MLP forward per layer in backward);
+     at a time (engine/token_chunks.py: one more MLP forward per layer in backward);
   7. only when that does not fit either, the sequence is longer than ATTENTION_CHUNK_TOKENS and the run can take
      it (`attention_chunks_possible`): besides, each checkpointed layer's backward that many queries at a time
      (engine/chunked_attention.py: the keys and values recomputed once more per layer).

@@ -64,7 +64,7 @@ class ResolvedRun:
 
     @property
     def mlp_chunked(self) -> bool:
-        """Whether engine/chunked_mlp.py splits this run's sequences (only those longer than the chunk)."""
+        """Whether engine/token_chunks.py splits this run's sequences (only those longer than the chunk)."""
         return 0 < self.spec.training.mlp_chunk_tokens < self.spec.training.max_seq_len
 
     @property

@@ -135,7 +135,7 @@ class TrainingConfig:
     loss_kernel: Literal["auto", "fused", "chunked"] = "auto"
     fused_lora: bool = True  # LoRA over a 4-bit base in one autograd function per layer (engine/fused_lora.py)
     compile_layers: Literal["auto", "on", "off"] = "auto"  # torch.compile each decoder layer; auto: CUDA GPUs, Triton
-    mlp_chunk_tokens: int = 0  # > 0: MLPs run this many tokens at a time, each chunk recomputed (long sequences)
+    mlp_chunk_tokens: int = 0  # > 0: MLPs and the final norm run this many tokens at a time, each chunk recomputed
     # > 0: attention runs this many queries at a time against whole keys and values, each chunk recomputed in
     # backward (very long sequences; Llama, Mistral and Qwen2 attention without a sliding window)
     attention_chunk_tokens: int = 0
