@@ -372,7 +372,7 @@ def test_a_sliding_window_reached_by_the_sequence_masks_every_layer():
     assert mistral.sliding_window == 4096 and mistral.sliding_layers == frozenset(range(32))
     two_below, below, at = (
         estimate_memory(mistral, run({"training.max_seq_len": seq, "training.gradient_checkpointing": False}))
-        .predicted_peak_allocated_bytes for seq in (4094, 4095, 4096))
+        .phases["layer backward"].activations for seq in (4094, 4095, 4096))  # below 4,096 the final norm's peaks
     per_layer = 2 * (2 * (4096 - 1024) + 4096) * 4096  # repeated keys/values and the additive mask, per token
     mask = 4096 * 4096  # the bool mask, once
     # the last token adds what any token adds, plus the masks' cost for the whole sequence
@@ -548,3 +548,19 @@ def test_key_blocks_are_planned_where_the_flash_kernel_runs(llama2):
     t4_peak = estimate_memory(llama2, t4).phases["layer backward"].activations
     a100_peak = estimate_memory(llama2, a100).phases["layer backward"].activations
     assert t4_peak > a100_peak
+
+
+def test_the_final_norm_backward_is_counted_whole_or_a_chunk_at_a_time():
+    """Llama-3-8B, r=32 on every linear layer, 91,136 tokens, layers' backward a chunk at a time (the plan
+    vs_reference's longest search ran on an H100): run whole, the final norm's backward (fp32, about 24 bytes per
+    element at its peak) holds more than any layer's, and is the step's peak; a chunk at a time with the MLPs
+    (engine/token_chunks.py) it holds its input and three gradients in bf16, and one chunk's own."""
+    llama3 = model_shape(load_model_config("llama-3-8b"))
+    common = {"training.max_seq_len": 91136, "training.attention_chunk_tokens": 4096, "adapter.lora_dropout": 0.0,
+              "adapter.r": 32, "adapter.target_modules": "all-linear", "training.offload_checkpoints": True,
+              "data.packing": False}
+    whole, chunked = (estimate_memory(llama3, run({**common, "training.mlp_chunk_tokens": chunk}))
+                      for chunk in (0, 4096))
+    assert whole.phase == "final norm" and chunked.phase != "final norm"
+    norm_whole, norm_chunked = (e.phases["final norm"].activations for e in (whole, chunked))
+    assert norm_whole - norm_chunked == 4096 * (24 * 91136 - (4 * 2 * 91136 + 24 * 4096))

@@ -76,6 +76,13 @@ class Calibration:
 
 CALIBRATION = Calibration()
 
+# The model's final norm (RMSNorm: its input upcast to fp32), run whole and eagerly, at the peak of its backward:
+# bytes per element of the hidden states. From autograd's formulas, at pow's backward: the saved fp32 input, the
+# gradient through the scale, the mean's gradient expanded and pow's three temporaries, all fp32 (the gradient it was
+# given and its bf16 copies are freed by then). On an H100 the Llama-3-8B probes of the layer backward in chunks
+# agree (a first step, no optimizer state: 91,136 tokens trained, 95,232 did not, which puts it near 23.6 bytes)
+FINAL_NORM_BACKWARD_BYTES = 24
+
 
 @dataclass(frozen=True)
 class PhaseBytes:
@@ -422,9 +429,11 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         by_layer[target.layer_index].append(target)
     layer_bytes = [layer_activation_bytes(shape, run, index, layer_targets, tokens)
                    for index, layer_targets in by_layer.items()]
-    # batch (input_ids, attention_mask, labels int64), rotary cos/sin, final norm (fp32 input + rsqrt), the
-    # gathered hidden states of the labelled tokens and their two int64 indices (engine/loss.py)
-    head = tokens * (3 * 8 + 2 * compute * shape.head_dim + 4 * hidden + 4 + compute * hidden + 2 * 8)
+    # batch (input_ids, attention_mask, labels int64), rotary cos/sin, the gathered hidden states of the labelled
+    # tokens and their two int64 indices (engine/loss.py), and the final norm's fp32 input and rsqrt (also where it
+    # runs a chunk at a time and keeps its input in bf16, engine/token_chunks.py: the layer phase was calibrated so)
+    around_head = tokens * (3 * 8 + 2 * compute * shape.head_dim + 2 * 8)
+    head = around_head + tokens * (4 * hidden + 4 + compute * hidden)
     if any(sdpa_gets_mask(shape, run, index) for index in range(shape.num_layers)):
         head += tokens * seq_len  # the bool mask, batch x seq x seq
     elif attn == "eager":
@@ -501,10 +510,20 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         # without checkpointing the layers' saved tensors already hold them
         loss_phase += compute * trainable
 
-    phases = {"layer backward": layer_phase, "loss": loss_phase, "optimizer step": step_temporaries}
+    # the final norm's backward, before the layers': whole and eager, its fp32 tensors (FINAL_NORM_BACKWARD_BYTES
+    # per element); a chunk at a time, its input, the gradients of its output and its input, the chunks' gradients
+    # before they are joined, and one chunk's own
+    if run.mlp_chunked:
+        norm_tokens = min(tokens, training.micro_batch_size * training.mlp_chunk_tokens)
+        norm_backward = hidden * (4 * compute * tokens + FINAL_NORM_BACKWARD_BYTES * norm_tokens)
+    else:
+        norm_backward = hidden * FINAL_NORM_BACKWARD_BYTES * tokens
+    norm_phase = sum(kept) + around_head + norm_backward + (gradients if accumulating else 0)
+    phases = {"layer backward": layer_phase, "loss": loss_phase, "final norm": norm_phase,
+              "optimizer step": step_temporaries}
     phase = max(phases, key=phases.get)
     loss_grads = gradients if accumulating else 0
-    grads_at_peak = {"layer backward": layer_grads, "loss": loss_grads,
+    grads_at_peak = {"layer backward": layer_grads, "loss": loss_grads, "final norm": loss_grads,
                      "optimizer step": gradients}[phase]
     if phase == "optimizer step":
         phases[phase] += gradients
@@ -517,7 +536,8 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         "adapter": adapter,
         "gradients": grads_at_peak,
         "optimizer": optimizer + (step_temporaries if phase == "optimizer step" else 0),
-        "activations": {"layer backward": layer_phase, "loss": loss_phase - chunk_logits}.get(phase, 0)
+        "activations": {"layer backward": layer_phase, "loss": loss_phase - chunk_logits,
+                        "final norm": norm_phase}.get(phase, 0)
         - (grads_at_peak if phase != "optimizer step" else 0),
         "logits": chunk_logits if phase == "loss" else 0,
         "overhead": overhead,
@@ -536,6 +556,7 @@ def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], 
         phases={
             "layer backward": PhaseBytes(layer_phase - layer_grads, 0, layer_grads, 0),
             "loss": PhaseBytes(loss_phase - chunk_logits - loss_grads, chunk_logits, loss_grads, 0),
+            "final norm": PhaseBytes(norm_phase - loss_grads, 0, loss_grads, 0),
             "optimizer step": PhaseBytes(0, 0, gradients, step_temporaries),
         },
     )
