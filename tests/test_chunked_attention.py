@@ -224,7 +224,7 @@ def test_on_the_gpu_checkpointed_layers_in_chunks_give_the_models_gradients(tiny
     Measured on an H100 (2026-12-06) the chunked model's gradients were 6-8% from the unchunked one's with flash
     attention on and about 1% with it off, while the lower-right flash kernel alone agreed with fp32 to 0.3%: which
     of the two bf16 runs strays is what this comparison with fp32 tells. Passed on an H100 the same day, plain and
-    packed rows (benchmarks/results/defaults-h100/README.md)."""
+    packed rows, and again with key blocks (benchmarks/results/defaults-h100/README.md)."""
     lengths = [300, 212, 512] if packed else [1024]
     x = torch.randint(0, 300, (1, sum(lengths)), generator=torch.Generator().manual_seed(0)).to("cuda")
     positions = _packed_positions(lengths).to("cuda") if packed else None

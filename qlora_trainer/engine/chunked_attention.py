@@ -23,8 +23,8 @@ chunk by chunk. What stays whole: the layer's input, its output's gradient (over
 input's, which a chunk's backward no longer needs), the keys and values and their fp32 gradients. On plain causal
 rows a chunk's attention takes the keys a block at a time (engine/key_blocks.py), so no gradient as wide as the keys
 it sees is made; rows with a mask or packed rows take them all at once. The planner
-counts it (planner/memory.py `layer_backward_in_chunks_bytes`): an estimate, at least 3.8% low on the one GPU run
-measured (Llama-3-8B, 95,232 tokens under a 15 GiB cap ran out of memory; benchmarks/results/defaults-h100/).
+counts it (planner/memory.py `layer_backward_in_chunks_bytes`): on an H100 its longest Llama-2-7B sequence under a
+15 GiB cap, 110,336 tokens, lay between lengths that trained and did not (benchmarks/results/defaults-h100/).
 
 It applies to the layers and attention modules whose forward it repeats (LAYER_CLASSES: x + attention(norm(x)),
 then h + mlp(norm(h)); ATTENTION_CLASSES: projections, rotary embedding, attention, output projection, nothing

@@ -368,8 +368,8 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
     with grouped heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves
     before torch 2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input and
     its output's gradient (the input's gradient is written in its place) are the checkpoint's, counted by
-    estimate_memory. An estimate: at least 3.8% low before key blocks (Llama-3-8B, 95,232 tokens under a 15 GiB
-    cap ran out of memory, benchmarks/results/defaults-h100/); key blocks not yet measured on a GPU."""
+    estimate_memory. With key blocks, measured on an H100 (Llama-2-7B under a 15 GiB cap): the longest length it
+    predicts, 110,336 tokens, lay between lengths that trained and did not (benchmarks/results/defaults-h100/)."""
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     norms, attention, mlp, constant = _layer_parts(shape, run, layer_index, targets)
