@@ -35,7 +35,9 @@ class _ChunkedForward:
         return torch.cat([checkpoint(module_forward, piece, use_reentrant=False) for piece in pieces], dim=1)
 
 
-def _chunked(module: nn.Module, chunk_tokens: int) -> None:
+def run_in_chunks(module: nn.Module, chunk_tokens: int) -> None:
+    """`module` (one that acts on each token alone, its input (batch, tokens, ...)) from now on a chunk of tokens at a
+    time, each chunk recomputed in backward."""
     module.__class__ = mixed_class(_ChunkedForward, type(module))
     module.chunk_tokens = chunk_tokens
 
@@ -57,8 +59,8 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> int:
     if not layers or any(mlp is None for mlp in mlps):
         raise ConfigError("training.mlp_chunk_tokens: this model's decoder layers have no `mlp` module; use 0")
     for mlp in mlps:
-        _chunked(mlp, chunk_tokens)
+        run_in_chunks(mlp, chunk_tokens)
     norm = final_norm(model)
     if norm is not None:
-        _chunked(norm, chunk_tokens)
+        run_in_chunks(norm, chunk_tokens)
     return len(mlps)
