@@ -167,6 +167,14 @@ def test_fsdp_two_processes_train_as_ddp_and_save_a_plain_peft_adapter(ddp_run, 
     assert config["peft_type"] == "LORA"
 
 
+def test_fsdp_with_token_chunks_trains_as_ddp_without(tiny_llama_dir, alpaca_file, tmp_path, ddp_run):
+    """The MLPs and the final norm 4 tokens at a time (engine/token_chunks.py), each chunk recomputed in backward:
+    under FSDP the final norm's weight is the root's, not a layer's, and must be whole when its chunks recompute."""
+    out = tmp_path / "out"
+    _finish(_torchrun(raw_config(tiny_llama_dir, alpaca_file, out, distributed="fsdp", mlp_chunk_tokens=4), tmp_path))
+    assert_same_weights(_adapter(ddp_run[0]), _adapter(out))
+
+
 def _adam_moments(checkpoint: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """exp_avg of each parameter in the checkpoint's optimizer.pt, named by `names` in the optimizer's order."""
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)

@@ -5,7 +5,8 @@
     2. the adapter, through peft, in adapter.dtype (adapters.py)
     3. checkpointing of the decoder layers, their inputs offloaded to CPU memory if asked (checkpointing.py)
     4. the fused LoRA-on-4-bit forward, where it applies (fused_lora.py)
-    5. MLPs and the final norm a chunk of tokens at a time, if asked (token_chunks.py)
+    5. MLPs and the final norm a chunk of tokens at a time, and attention (or each checkpointed layer's whole
+       backward) a chunk of queries at a time, if asked (token_chunks.py, chunked_attention.py)
     6. compiled decoder layers, where they apply (compiled_layers.py); so the graphs trace steps 3-5's forwards,
        with the 4-bit weights dequantized by the graphs' own kernels (nf4_in_graph.py)
     7. with several processes, the step's forward wrapped for DDP or sharded with FSDP2 (distributed.py)
