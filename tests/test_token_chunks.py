@@ -1,11 +1,15 @@
-"""engine/token_chunks.py on the model's final norm: run a chunk of tokens at a time, its backward makes no fp32
-tensor of the whole sequence (run whole, transformers' RMSNorm makes several), and its gradients are unchanged."""
+"""engine/token_chunks.py on the model's final norm: the one found is the one the last layer's output goes through;
+run a chunk of tokens at a time, its backward makes no fp32 tensor of the whole sequence (run whole, transformers'
+RMSNorm makes several), and its gradients are unchanged."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from qlora_trainer.engine.token_chunks import run_in_chunks
+from qlora_trainer.engine.token_chunks import final_norm, run_in_chunks
 
 TOKENS, HIDDEN, CHUNK = 96, 64, 32
 
@@ -49,3 +53,26 @@ def test_the_final_norm_in_chunks_makes_no_whole_sequence_fp32_tensor_in_backwar
     # size, so within one bf16 rounding (2^-8 relative) of the gradient's norm
     error = (chunked_grad.float() - whole_grad.float()).norm() / whole_grad.float().norm()
     assert error <= 2**-8
+
+
+TINY = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+ARCHITECTURES = {
+    "llama": LlamaConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=2, **TINY),
+    "qwen2": Qwen2Config(hidden_size=64, intermediate_size=96, num_key_value_heads=2, **TINY),
+    "gemma": GemmaConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=1, head_dim=16, **TINY),
+    "phi3": Phi3Config(hidden_size=64, intermediate_size=96, num_key_value_heads=4, pad_token_id=0, **TINY),
+    "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=64),
+}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_the_final_norm_found_is_the_one_the_last_layers_output_goes_through(name):
+    model = AutoModelForCausalLM.from_config(ARCHITECTURES[name])
+    norm = final_norm(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    seen = {}
+    layers[-1].register_forward_hook(lambda module, args, out: seen.update(last=out[0] if isinstance(out, tuple)
+                                                                             else out))
+    norm.register_forward_pre_hook(lambda module, args: seen.update(norm=args[0]))
+    model(input_ids=torch.arange(12).reshape(1, 12))
+    assert seen["norm"] is seen["last"]

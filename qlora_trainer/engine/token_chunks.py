@@ -42,13 +42,22 @@ def run_in_chunks(module: nn.Module, chunk_tokens: int) -> None:
     module.chunk_tokens = chunk_tokens
 
 
+# what transformers' decoder stacks call the norm after their last layer (Llama, Mistral, Qwen2, Gemma, Phi-3: norm;
+# GPT-2: ln_f; Phi: final_layernorm)
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm")
+
+
 def final_norm(model: nn.Module) -> Optional[nn.Module]:
-    """The norm after the last decoder layer (`norm` of the module holding the layers: Llama, Mistral, Qwen2, Gemma,
-    Phi-3), or None where the model has none by that name."""
+    """The norm after the last decoder layer: of the module whose list holds the decoder layers, the child named as
+    in FINAL_NORM_NAMES; None where it has none."""
     for module in model.modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList) and isinstance(getattr(module, "norm", None),
-                                                                                       nn.Module):
-            return module.norm
+        holds_layers = any(isinstance(child, nn.ModuleList) and any(isinstance(m, GradientCheckpointingLayer)
+                                                                     for m in child)
+                           for child in module.children())
+        if holds_layers:
+            norms = [getattr(module, name) for name in FINAL_NORM_NAMES if isinstance(getattr(module, name, None),
+                                                                                      nn.Module)]
+            return norms[0] if norms else None
     return None
 
 
