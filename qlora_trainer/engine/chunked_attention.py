@@ -104,12 +104,17 @@ def _keys_values(module: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin
     return key, value
 
 
+def _queries(module: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotated queries of a chunk of tokens, (batch, tokens, heads, head_dim)."""
+    query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)
+    query, _ = _rotary(module)(query, query, cos, sin, unsqueeze_dim=2)
+    return query
+
+
 def _attend(module: nn.Module, chunk: _Chunk, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """o_proj(attention(chunk's queries, keys, values)) for the chunk's tokens, (batch, tokens, hidden)."""
-    shape = (*hidden.shape[:-1], -1, module.head_dim)
-    query = module.q_proj(hidden).view(shape)
-    query, _ = _rotary(module)(query, query, cos, sin, unsqueeze_dim=2)
+    query = _queries(module, hidden, cos, sin)
     heads, kv_heads = query.shape[2], keys.shape[2]
     if chunk.cu_q is not None:  # packed rows: batch 1, the examples' pieces laid end to end
         out = _packed_attention(module, chunk, query[0], keys[0], values[0])[None]
@@ -129,9 +134,7 @@ def _attend_in_key_blocks(module: nn.Module, chunk: _Chunk, hidden: torch.Tensor
                           grad_values: torch.Tensor, block: int) -> torch.Tensor:
     """_attend for a plain causal row, the keys a block at a time (engine/key_blocks.py): in backward the keys' and
     values' gradients go straight into `grad_keys` and `grad_values`, a block at a time."""
-    shape = (*hidden.shape[:-1], -1, module.head_dim)
-    query = module.q_proj(hidden).view(shape)
-    query, _ = _rotary(module)(query, query, cos, sin, unsqueeze_dim=2)
+    query = _queries(module, hidden, cos, sin)
     out = KeyBlockAttention.apply(query.transpose(1, 2), keys, values, grad_keys, grad_values, chunk.start, block,
                                   module.scaling).transpose(1, 2)
     return module.o_proj(out.reshape(*hidden.shape[:-1], -1))
@@ -200,6 +203,25 @@ def _all_keys_values(module: nn.Module, chunks: list[_Chunk], hidden: torch.Tens
     return torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
 
 
+def _add_keys_values_backward(module: nn.Module, chunks: list[_Chunk], hidden: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, grad_keys: torch.Tensor, grad_values: torch.Tensor,
+                              grad_hidden: torch.Tensor, norm: Callable = lambda x: x,
+                              states: Optional[_RandomStates] = None) -> None:
+    """The keys' and values' projections differentiated chunk by chunk, given their summed fp32 gradients; each
+    chunk's input gradient added into `grad_hidden` (`norm`: what the input goes through first; `states`: each
+    chunk's random state, set again)."""
+    for index, chunk in enumerate(chunks):
+        window = slice(chunk.start, chunk.end)
+        if states is not None:
+            states.restore(index)
+        with torch.enable_grad():
+            piece = hidden[:, window].detach().requires_grad_(True)
+            key, value = _keys_values(module, norm(piece), cos[:, window], sin[:, window])
+            torch.autograd.backward([key, value], [grad_keys[:, window].to(key.dtype),
+                                                   grad_values[:, window].to(value.dtype)])
+        grad_hidden[:, window] += piece.grad
+
+
 def _chunked_forward(module: nn.Module, chunks: list[_Chunk], hidden: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, mask: Optional[torch.Tensor], states: _RandomStates) -> torch.Tensor:
     """The attention module's output, without autograd: keys and values chunk by chunk, then the queries."""
@@ -251,15 +273,8 @@ class _ChunkedAttentionFunction(torch.autograd.Function):
                 grad_values[:, chunk.key_start:chunk.end] += seen_values.grad
                 del piece, seen_keys, seen_values, out
             del keys, values
-            for index, chunk in enumerate(chunks):  # keys and values, chunk by chunk
-                window = slice(chunk.start, chunk.end)
-                ctx.states.restore(index)
-                with torch.enable_grad():
-                    piece = hidden[:, window].detach().requires_grad_(True)
-                    key, value = _keys_values(module, piece, cos[:, window], sin[:, window])
-                    torch.autograd.backward([key, value], [grad_keys[:, window].to(key.dtype),
-                                                           grad_values[:, window].to(value.dtype)])
-                grad_hidden[:, window] += piece.grad
+            _add_keys_values_backward(module, chunks, hidden, cos, sin, grad_keys, grad_values, grad_hidden,
+                                      states=ctx.states)
         ctx.module = ctx.chunks = ctx.mask = ctx.states = None
         return None, None, grad_hidden, None, None, None, None
 
@@ -388,14 +403,8 @@ class _LayerBackwardInChunks:
                 grad_values[:, chunk.key_start:chunk.end] += seen_values.grad
             del piece, normed, attended, seen_keys, seen_values, middle, out
         del keys, values
-        for chunk in chunks:  # the keys' and values' projections, chunk by chunk
-            window = slice(chunk.start, chunk.end)
-            with torch.enable_grad():
-                piece = hidden[:, window].detach().requires_grad_(True)
-                key, value = _keys_values(attention, self.input_layernorm(piece), cos[:, window], sin[:, window])
-                torch.autograd.backward([key, value], [grad_keys[:, window].to(key.dtype),
-                                                       grad_values[:, window].to(value.dtype)])
-            grad_hidden[:, window] += piece.grad
+        _add_keys_values_backward(attention, chunks, hidden, cos, sin, grad_keys, grad_values, grad_hidden,
+                                  norm=self.input_layernorm)
         return grad_hidden.reshape(hidden_states.shape)
 
 

@@ -278,8 +278,7 @@ def _fastest(fitting: list[tuple[dict[str, Any], MemoryEstimate]], shape: ModelS
              seq_len: int) -> tuple[dict[str, Any], MemoryEstimate]:
     """Objective 4 (and 6) among runs that fit, one per micro-batch: of those whose micro-batches hold enough work
     per layer (MIN_MICRO_BATCH_LAYER_WORK), the one without chunked layer backwards, then without chunked MLPs, that
-    recomputes the fewest layers, then the
-    largest micro-batch; when none holds that much, the largest micro-batch."""
+    recomputes the fewest layers, then the largest micro-batch; when none holds that much, the largest micro-batch."""
     micro = lambda item: item[0]["training.micro_batch_size"]  # noqa: E731
     weights = layer_weights(shape)
     large = [item for item in fitting if micro(item) * seq_len * weights >= MIN_MICRO_BATCH_LAYER_WORK]
