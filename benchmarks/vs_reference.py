@@ -24,8 +24,8 @@ offloading, MLP and layer-backward chunks) for --cap-gib, as `train` does. Every
            --cap-gib, every stack's optimizer holding its state (one step at 1,024 tokens first); ours through the
            engine that `train` builds (engine/build.py, engine/step.py), in process, planned by `train`'s own gate
            for the longest length searched (training/gate.py), built once, its search starting at the planner's
-           predicted longest (each length probed compiles its layers again, so few probes); the peers' search
-           doubles from --seq-len, then bisects;
+           predicted longest, or at --first-probe (each length probed compiles its layers again, so few probes); the
+           peers' search doubles from --seq-len, then bisects;
   profile: torch.profiler over two steps after three warm-up ones and three timed without it (their time is
            recorded: the profiler's own host time inflates the profiled steps); ours through the engine, in process;
   snapshot: the CUDA allocator's trace of one step after two warm-up ones, and what is alive at its peak by the
@@ -366,10 +366,12 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    first = predicted_longest(run, args.cap_gib) if run is not None and args.cap_gib else None
+    predicted = predicted_longest(run, args.cap_gib) if run is not None and args.cap_gib else None
+    first = (args.first_probe or predicted) if run is not None else None
     good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
     return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len,
-                     **({"predicted_longest_seq_len": first} if first else {})}
+                     **({"predicted_longest_seq_len": predicted} if predicted else {}),
+                     **({"first_probe": first} if first else {})}
 
 
 class CallEnded(Exception):
@@ -432,7 +434,7 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
         command = [sys.executable, str(script), "--worker", stack, "--worker-config", str(config_path),
                    "--batches", str(batches_path), "--mode", args.mode, "--seq-len", str(args.seq_len),
                    "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--max-seq-len", str(args.max_seq_len),
-                   "--rank", str(args.rank), "--targets", args.targets,
+                   "--first-probe", str(args.first_probe), "--rank", str(args.rank), "--targets", args.targets,
                    "--out", str(out)]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
         if stack in OURS or stack in ENGINE:  # the allocator settings our command line sets
@@ -473,6 +475,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every stack (alpha = 2 x rank)")
     parser.add_argument("--targets", choices=tuple(ADAPTED), default="qkvo", help="the linear layers adapted")
     parser.add_argument("--max-seq-len", type=int, default=49152, help="longest: search no further")
+    parser.add_argument("--first-probe", type=int, default=0,
+                        help="longest: the first length ours probes (default: the planner's predicted longest)")
     parser.add_argument("--timeout-s", type=int, default=300,
                         help="per stack; a stack stopped by it, or by SIGTERM to this script (e.g. from `timeout`; "
                         "the script then exits 124), still gets its row")

@@ -71,8 +71,8 @@ def _longest_args(out, timeout_s: float):
     """vs_reference's arguments for a longest-sequence search of one stack, results appended to `out`."""
     import argparse
 
-    return argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, rank=16,
-                              targets="qkvo", out=out, timeout_s=timeout_s)
+    return argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, first_probe=0,
+                              rank=16, targets="qkvo", out=out, timeout_s=timeout_s)
 
 
 def test_a_worker_ended_by_its_time_limit_leaves_its_log_beside_the_results(tmp_path):
