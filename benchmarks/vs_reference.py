@@ -20,16 +20,19 @@ before engine/nf4_in_graph.py); ours-auto leaves to the planner what `training.p
 offloading, MLP and layer-backward chunks) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
 `training.memory_cap_gib`. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
-  longest: the longest sequence (a multiple of 1024) that trains one step without running out of memory under
-           --cap-gib, every stack's optimizer holding its state (one step at 1,024 tokens first); ours through the
-           engine that `train` builds (engine/build.py, engine/step.py), in process, planned by `train`'s own gate
-           for the longest length searched (training/gate.py), built once, its search starting at the planner's
-           predicted longest, or at --first-probe (each length probed compiles its layers again, so few probes); the
-           peers' search doubles from --seq-len, then bisects;
+  longest: the longest sequence (a multiple of 1024) at which a run trains under --cap-gib: every length probed is
+           a run of its own (a new process, as `probe` below), so a length passes only where a run's first step
+           and its second, which holds the optimizer's state, both fit; ours' search starts at the planner's
+           predicted longest for a run planned at --max-seq-len, or at --first-probe (each probe of ours at 100,000
+           tokens and more takes minutes: few probes); the peers' search doubles from --seq-len, then bisects;
+  probe:   whether a run at --seq-len trains its first two steps under --cap-gib, in a process of its own; ours
+           through the engine that `train` builds (engine/build.py, engine/step.py), planned by `train`'s own gate
+           for that length (training/gate.py), with `train`'s compiler settings;
   profile: torch.profiler over two steps after three warm-up ones and three timed without it (their time is
            recorded: the profiler's own host time inflates the profiled steps); ours through the engine, in process;
-  snapshot: the CUDA allocator's trace of one step after two warm-up ones, and what is alive at its peak by the
-           code that allocated it (memory_peak.py; ours through the engine, in process).
+  snapshot: the CUDA allocator's trace of one step after two warm-up ones (--warm-up-steps), and what is alive at
+           its peak by the code that allocated it (memory_peak.py; ours through the engine, in process); a step that
+           runs out of memory is traced up to the allocation that failed.
 
     python benchmarks/vs_reference.py --model llama-2-7b --seq-len 2048 --out results.jsonl
     python benchmarks/vs_reference.py --model llama-2-7b --mode longest --cap-gib 15 --out results.jsonl
@@ -170,19 +173,25 @@ def peer_step(model, loss_fn: Callable, optimizer, batch: dict) -> float:
     return float(loss.detach())
 
 
-def ours_session(config: dict, seq_len: int):
-    """Our engine, planned and built from `config` exactly as `train` plans and builds it (its gate fills what
-    `training.plan: auto` leaves open; forced, so a length past what fits is still tried), with `train_step` as its
-    step, and the run as planned."""
+def ours_plan(config: dict, seq_len: int):
+    """The run `train` would make of `config` at `seq_len` on this machine: its gate fills what `training.plan: auto`
+    leaves open (forced, so a length past what fits is still planned)."""
     from qlora_trainer.engine.base import load_model_config
-    from qlora_trainer.engine.build import build
-    from qlora_trainer.engine.step import train_step
     from qlora_trainer.hardware import detect_hardware
     from qlora_trainer.spec import resolve, spec_from_dict
     from qlora_trainer.training.gate import fit_to_budget
 
     spec = spec_from_dict(config).with_values({"training.max_seq_len": seq_len})
-    run = fit_to_budget(resolve(spec, detect_hardware()), load_model_config(spec.model), force=True)
+    return fit_to_budget(resolve(spec, detect_hardware()), load_model_config(spec.model), force=True)
+
+
+def ours_session(config: dict, seq_len: int):
+    """Our engine, planned (ours_plan) and built from `config` exactly as `train` plans and builds it, with
+    `train_step` as its step, and the run as planned."""
+    from qlora_trainer.engine.build import build
+    from qlora_trainer.engine.step import train_step
+
+    run = ours_plan(config, seq_len)
     session = build(run)
     return session.model, lambda batch: train_step(session, [batch]).loss, run
 
@@ -239,17 +248,12 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
 
     apply_memory_cap(args.cap_gib)  # every stack: its pool gets the cap less the context
     ours = stack in OURS or stack in ENGINE
-    if args.mode == "longest":
-        import torch._dynamo
-
-        if ours:  # each length probed compiles our layers on its own: with symbolic sizes torch 2.11's Dynamo failed
-            torch._dynamo.config.automatic_dynamic_shapes = False  # on chunked MLPs (results/defaults-h100/README.md)
-            torch._dynamo.config.recompile_limit = 64  # past the limit Dynamo would run a length's layers eagerly
-        else:  # as the peers were always measured: anything they compile, compiled once with symbolic sizes
-            torch._dynamo.config.assume_static_by_default = False
-    length = max(args.seq_len, args.max_seq_len if args.mode == "longest" else args.seq_len)
+    length = args.seq_len
     model_dir = config["model"]["path"]
     run = None
+    if args.predict_only:  # ours: where its longest-sequence search starts (no model loaded)
+        run = ours_plan({**config, "data": {**config["data"], "packing": False}}, args.max_seq_len)
+        return {"stack": stack, "predicted_longest_seq_len": predicted_longest(run, args.cap_gib)}
     if stack == "ours-engine-bnb-dequant":  # as before 2026-12-06's nf4_in_graph.py, for its speed only
         from qlora_trainer.engine import nf4_in_graph
 
@@ -308,18 +312,24 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
     if args.mode == "snapshot":
         from memory_peak import peak_composition
 
-        batches = [on_gpu(random_batch(args.seq_len)) for _ in range(3)]
-        for batch in batches[:2]:
+        batches = [on_gpu(random_batch(args.seq_len)) for _ in range(args.warm_up_steps + 1)]
+        for batch in batches[:-1]:
             step(batch)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
-        step(batches[2])
-        torch.cuda.synchronize()
+        try:  # a step that runs out of memory is traced up to the allocation that failed
+            step(batches[-1])
+            torch.cuda.synchronize()
+            out_of_memory = None
+        except torch.cuda.OutOfMemoryError as error:
+            out_of_memory = str(error).split(". GPU")[0]
         events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
         torch.cuda.memory._record_memory_history(enabled=None)
-        return record | {"seq_len": args.seq_len, "allocated_before_step_bytes": before,
+        return record | {"seq_len": args.seq_len, "warm_up_steps": args.warm_up_steps,
+                         **({"out_of_memory": out_of_memory} if out_of_memory else {}),
+                         "allocated_before_step_bytes": before,
                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "trace_events": len(events),
                          **peak_composition(events)}
@@ -341,37 +351,26 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "losses": losses,
                          "step_speeds": [round(speed) for speed in speeds]}
 
-    def trains(seq_len: int) -> bool:
-        started = time.perf_counter()
-        try:
-            step(on_gpu(random_batch(seq_len)))
-            torch.cuda.synchronize()
-            fits = True
-        except torch.cuda.OutOfMemoryError:
-            for param in model.parameters():
-                param.grad = None
-            fits = False
-        peak = torch.cuda.max_memory_reserved()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        # each probe as it ends, so a search cut short by its timeout still says how far it got
-        print(json.dumps({"stack": stack, "probe": seq_len, "trains": fits, "peak_reserved_bytes": peak,
-                          "seconds": round(time.perf_counter() - started, 1)}), file=sys.stderr, flush=True)
-        return fits
-
-    # from its second step on a run holds its optimizer's state (AdamW's moments, made by the first step), so every
-    # probe is such a step: one step at the shortest length first (a first step alone would pass a length that
-    # the second step of a run cannot hold)
-    step(on_gpu(random_batch(SEQ_STEP)))
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    # mode probe: a run's first step at the length (it makes the optimizer's state), then its second (which holds it)
+    started = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
-    predicted = predicted_longest(run, args.cap_gib) if run is not None and args.cap_gib else None
-    first = (args.first_probe or predicted) if run is not None else None
-    good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
-    return record | {"cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len,
-                     **({"predicted_longest_seq_len": predicted} if predicted else {}),
-                     **({"first_probe": first} if first else {})}
+    failed_step = None
+    for index in (1, 2):
+        try:
+            step(on_gpu(random_batch(args.seq_len)))
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError:
+            failed_step = index
+            break
+    result = record | {"probe": args.seq_len, "trains": failed_step is None,
+                       **({"failed_step": failed_step} if failed_step else {}),
+                       "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                       "seconds": round(time.perf_counter() - started, 1)}
+    if run is not None:
+        from qlora_trainer.planner.search import describe
+
+        result["plan"] = describe(run)
+    return result
 
 
 class CallEnded(Exception):
@@ -420,10 +419,78 @@ def worker_log(args: argparse.Namespace, stack: str, tree: Optional[Path] = None
 
 def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: Path,
               tree: Optional[Path] = None) -> dict:
-    """One stack in its own process; with `tree` (another checkout, e.g. a branch's files), that checkout's
-    `qlora-trainer train` or its own copy of this script as the worker, so its code is what runs."""
+    """One stack in its own process (a longest-sequence search: one per length probed); with `tree` (another
+    checkout, e.g. a branch's files), that checkout's `qlora-trainer train` or its own copy of this script as the
+    worker, so its code is what runs."""
     if stack in OURS and args.mode == "speed":
         return run_ours_command(stack, config, args, tree)
+    with tempfile.TemporaryDirectory() as tmp:
+        stderr_path = worker_log(args, stack, tree) or Path(tmp) / "stderr.txt"
+        stderr_path.write_text("")
+        if args.mode == "longest":
+            return search_longest(stack, args, config, batches_path, tree, stderr_path)
+        started = time.perf_counter()
+        try:
+            return run_worker(stack, args, config, batches_path, tree, stderr_path, args.timeout_s)
+        except (subprocess.TimeoutExpired, CallEnded) as stop:
+            return stopped_row(stack, args, stop, time.perf_counter() - started) | {"log": str(stderr_path)}
+
+
+def search_longest(stack: str, args: argparse.Namespace, config: dict, batches_path: Path, tree: Optional[Path],
+                   stderr_path: Path) -> dict:
+    """The longest length (a multiple of SEQ_STEP up to --max-seq-len) at which a run of `stack` trains: every probe a
+    run of its own (a worker in mode `probe`), each probe's row appended to the stack's log as it ends, all within
+    the stack's --timeout-s."""
+    started = time.perf_counter()
+    probes: list[dict] = []
+
+    def worker_call(mode: str, seq_len: int, **flags) -> dict:
+        call_args = argparse.Namespace(**{**vars(args), "mode": mode, "seq_len": seq_len, **flags})
+        left = args.timeout_s - (time.perf_counter() - started)
+        if left <= 0:
+            raise subprocess.TimeoutExpired("vs_reference.py --worker", args.timeout_s)
+        result = run_worker(stack, call_args, config, batches_path, tree, stderr_path, left)
+        if "error" in result or "skipped" in result:
+            raise StackFailed(result)
+        return result
+
+    def trains(seq_len: int) -> bool:
+        probe = worker_call("probe", seq_len)
+        probes.append(probe)
+        with open(stderr_path, "a") as log:  # each probe as it ends: a search cut short still says how far it got
+            log.write(json.dumps(probe) + "\n")
+        return probe["trains"]
+
+    ours = stack in OURS or stack in ENGINE
+    try:
+        predicted = (worker_call("probe", args.max_seq_len, predict_only=True)["predicted_longest_seq_len"]
+                     if ours and args.cap_gib else None)
+        first = (args.first_probe or predicted) if ours else None
+        good = longest_trainable(trains, args.seq_len, args.max_seq_len, first)
+    except (subprocess.TimeoutExpired, CallEnded) as stop:
+        return stopped_row(stack, args, stop, time.perf_counter() - started) | {
+            **({"probes": probes} if probes else {}), "log": str(stderr_path)}
+    except StackFailed as failed:
+        return failed.row | {"mode": "longest", **({"probes": probes} if probes else {})}
+    return {"stack": stack, "mode": "longest", **({"device": probes[0]["device"]} if probes else {}),
+            "cap_gib": args.cap_gib, "longest_seq_len": good, "searched_up_to": args.max_seq_len,
+            **({"predicted_longest_seq_len": predicted} if predicted else {}),
+            **({"first_probe": first} if first else {}), "probes": probes}
+
+
+class StackFailed(Exception):
+    """A worker of a longest-sequence search ended with an error (not running out of memory, which a probe
+    reports): the search stops, and its row is the worker's."""
+
+    def __init__(self, row: dict) -> None:
+        super().__init__(row.get("error", row.get("skipped")))
+        self.row = row
+
+
+def run_worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Path, tree: Optional[Path],
+               stderr_path: Path, timeout_s: float) -> dict:
+    """One worker process of `stack` for `args.mode`, its stderr appended to `stderr_path`: its result, or a row
+    with its error; raises subprocess.TimeoutExpired after `timeout_s`, and CallEnded on SIGTERM (either kills it)."""
     from qlora_trainer.hardware import ALLOCATOR_SETTINGS
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -434,24 +501,19 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
         command = [sys.executable, str(script), "--worker", stack, "--worker-config", str(config_path),
                    "--batches", str(batches_path), "--mode", args.mode, "--seq-len", str(args.seq_len),
                    "--steps", str(args.steps), "--cap-gib", str(args.cap_gib), "--max-seq-len", str(args.max_seq_len),
-                   "--first-probe", str(args.first_probe), "--rank", str(args.rank), "--targets", args.targets,
-                   "--out", str(out)]
+                   "--warm-up-steps", str(args.warm_up_steps), "--rank", str(args.rank), "--targets", args.targets,
+                   "--out", str(out), *(["--predict-only"] if getattr(args, "predict_only", False) else [])]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
         if stack in OURS or stack in ENGINE:  # the allocator settings our command line sets
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
-        stderr_path = worker_log(args, stack, tree) or Path(tmp) / "stderr.txt"
-        started = time.perf_counter()
-        try:
-            with open(stderr_path, "w") as stderr:  # either exception kills the worker (subprocess.run does)
-                process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                         timeout=args.timeout_s, env=env)
-        except (subprocess.TimeoutExpired, CallEnded) as stop:
-            probes = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.startswith('{"stack"')]
-            return stopped_row(stack, args, stop, time.perf_counter() - started) | {
-                **({"probes": probes} if probes else {}), "log": str(stderr_path)}
-        stderr_text = stderr_path.read_text()
+        with open(stderr_path, "a") as stderr:
+            start = stderr.tell()
+            process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                     timeout=timeout_s, env=env)
+        with open(stderr_path) as log:
+            stderr_text = log.read()[start:]
         if process.returncode == 0 and out.exists():
             return json.loads(out.read_text())
         if "ModuleNotFoundError" in stderr_text and stack == "unsloth":
@@ -465,11 +527,11 @@ def run_stack(stack: str, args: argparse.Namespace, config: dict, batches_path: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-2-7b", help="preset name or folder with config.json")
-    parser.add_argument("--mode", choices=("speed", "longest", "profile", "snapshot"), default="speed")
+    parser.add_argument("--mode", choices=("speed", "longest", "probe", "profile", "snapshot"), default="speed")
     parser.add_argument("--stacks", default=",".join(STACKS),
                         help="comma-separated; STACK@DIR runs that stack from the checkout in DIR (e.g. a branch's "
                              "files from `git archive`), beside this checkout's stacks in the same call")
-    parser.add_argument("--seq-len", type=int, default=2048, help="speed: the length; longest: where to start")
+    parser.add_argument("--seq-len", type=int, default=2048, help="speed, probe: the length; longest: where the peers' search starts")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cap-gib", type=float, default=0.0)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every stack (alpha = 2 x rank)")
@@ -477,6 +539,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=49152, help="longest: search no further")
     parser.add_argument("--first-probe", type=int, default=0,
                         help="longest: the first length ours probes (default: the planner's predicted longest)")
+    parser.add_argument("--warm-up-steps", type=int, default=2,
+                        help="snapshot: the steps before the one traced (0: a run's first step)")
     parser.add_argument("--timeout-s", type=int, default=300,
                         help="per stack; a stack stopped by it, or by SIGTERM to this script (e.g. from `timeout`; "
                         "the script then exits 124), still gets its row")
@@ -484,6 +548,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSONL the results are appended to; each worker's stderr is kept "
                         "beside it (OUT.STACK.log)")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
+    parser.add_argument("--predict-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,6 +1,7 @@
 """The longest-sequence search of benchmarks/vs_reference.py (its logic only: the GPU runs it): the answer it finds and
 how few lengths it tries from a prediction, since each length costs ours a compilation of its layers."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def _longest_args(out, timeout_s: float):
     import argparse
 
     return argparse.Namespace(mode="longest", seq_len=1024, steps=1, cap_gib=15.0, max_seq_len=2048, first_probe=0,
-                              rank=16, targets="qkvo", out=out, timeout_s=timeout_s)
+                              warm_up_steps=2, rank=16, targets="qkvo", out=out, timeout_s=timeout_s)
 
 
 def test_a_worker_ended_by_its_time_limit_leaves_its_log_beside_the_results(tmp_path):
@@ -114,3 +115,40 @@ def test_a_call_ended_by_sigterm_still_writes_the_running_stacks_row(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert record["ended"] and record["error"].startswith("the call was ended (SIGTERM)")
     assert record["log"] == str(tmp_path / "results.ours-auto.log")
+
+
+def test_every_length_probed_is_a_run_of_its_own(tmp_path, monkeypatch):
+    """A longest-sequence search runs each length in a worker of its own (mode probe: a run's first two steps), ours'
+    first probe at the planner's longest that a worker reports, each probe's row in the stack's log as it ends; a
+    search stopped by its time limit keeps the probes it made."""
+    import subprocess
+
+    import vs_reference
+
+    calls, timed_out_at = [], [None]
+
+    def fake_worker(stack, args, config, batches_path, tree, stderr_path, timeout_s):
+        calls.append((args.mode, args.seq_len, getattr(args, "predict_only", False)))
+        if getattr(args, "predict_only", False):
+            return {"stack": stack, "predicted_longest_seq_len": 5 * 1024}
+        if len(calls) == timed_out_at[0]:
+            raise subprocess.TimeoutExpired("worker", timeout_s)
+        return {"stack": stack, "mode": "probe", "device": "GPU", "probe": args.seq_len,
+                "trains": args.seq_len <= 6 * 1024}
+
+    monkeypatch.setattr(vs_reference, "run_worker", fake_worker)
+    args = _longest_args(tmp_path / "results.jsonl", timeout_s=600)
+    args.max_seq_len = 8 * 1024
+    row = vs_reference.run_stack("ours-auto", args, {}, tmp_path / "batches.pt")
+    assert calls[0] == ("probe", 8 * 1024, True)
+    probed = [5 * 1024, 6 * 1024, 8 * 1024, 7 * 1024]  # up from the prediction, then bisection
+    assert calls[1:] == [("probe", length, False) for length in probed]
+    assert row["longest_seq_len"] == 6 * 1024 and row["predicted_longest_seq_len"] == 5 * 1024
+    assert [p["probe"] for p in row["probes"]] == probed
+    logged = [json.loads(line) for line in (tmp_path / "results.ours-auto.log").read_text().splitlines()]
+    assert [p["probe"] for p in logged] == probed
+
+    calls.clear()
+    args.first_probe, timed_out_at[0] = 4 * 1024, 4  # the third probe's worker outlives the stack's time
+    row = vs_reference.run_stack("ours-auto", args, {}, tmp_path / "batches.pt")
+    assert row["error"] == "timed out after 600 s" and [p["probe"] for p in row["probes"]] == [4 * 1024, 5 * 1024]
