@@ -54,3 +54,27 @@ def test_a_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
     run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
     too_long = run.with_values({"training.max_seq_len": record["longest_seq_len"] + SEQ_STEP})
     assert not too_long.budget.fits(estimate_memory(model_config, too_long).predicted_peak_bytes)
+
+
+# runs of the engine as `train` builds it, each in a process of its own, whose first step ran out of memory under the
+# cap (vs_reference.py --mode snapshot; the layers' backward in chunks and the final norm in chunks, as now)
+FIRST_STEP_OUT_OF_MEMORY = [json.loads(line) for line in
+                            (RESULTS / "defaults-h100" / "llama-2-7b-snapshot-s114688-2026-12-07.jsonl")
+                            .read_text().splitlines()]
+
+
+@pytest.mark.parametrize("record", FIRST_STEP_OUT_OF_MEMORY, ids=lambda r: f"{r['model']}-{r['stack']}")
+def test_a_length_whose_first_step_ran_out_of_memory_is_refused(record, monkeypatch):
+    """A run of `ours-auto`'s plan for its length under the 15 GiB cap ran out of memory in its first step, although
+    a step at that length after a 1,024-token first step trained: `train`'s rule must refuse that length, since a
+    run's first step is the one it must survive first."""
+    assert "OutOfMemoryError" in record["error"]
+    host = collections.namedtuple("host", "available total")
+    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
+    model = REPO / "qlora_trainer" / "presets" / f"{record['model']}.json"
+    config = ours_config(model, Path("x.jsonl"), record["seq_len"], 3, OURS[record["stack"]], Path("out"),
+                         cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
+    config["data"]["packing"] = False  # the snapshot's rows: no position ids, one sequence each
+    model_config = load_model_config(str(model))
+    run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
+    assert not run.budget.fits(estimate_memory(model_config, run).predicted_peak_bytes)
