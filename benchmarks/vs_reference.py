@@ -531,7 +531,8 @@ def main() -> None:
     parser.add_argument("--stacks", default=",".join(STACKS),
                         help="comma-separated; STACK@DIR runs that stack from the checkout in DIR (e.g. a branch's "
                              "files from `git archive`), beside this checkout's stacks in the same call")
-    parser.add_argument("--seq-len", type=int, default=2048, help="speed, probe: the length; longest: where the peers' search starts")
+    parser.add_argument("--seq-len", type=int, default=2048,
+                        help="speed, probe: the length; longest: where the peers' search starts")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cap-gib", type=float, default=0.0)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of every stack (alpha = 2 x rank)")

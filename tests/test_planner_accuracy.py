@@ -6,6 +6,7 @@ import collections
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -37,21 +38,29 @@ LONGEST = [json.loads(line) for line in
 SETTINGS = {"llama-2-7b": {"rank": 16, "targets": "qkvo"}, "llama-3-8b": {"rank": 32, "targets": "all-linear"}}
 
 
+def planned_on_the_gpu_machine(record: dict, seq_len: int, monkeypatch, changes: Optional[dict] = None):
+    """The run `train`'s gate makes of `record`'s stack at `seq_len` under its cap on the GPU machine (128 GB of host
+    memory: offloading allowed), on the unpacked rows of random tokens vs_reference.py steps on; and the model's
+    config."""
+    host = collections.namedtuple("host", "available total")
+    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
+    model = REPO / "qlora_trainer" / "presets" / f"{record['model']}.json"
+    config = ours_config(model, Path("x.jsonl"), seq_len, 3, {**OURS[record["stack"]], **(changes or {})}, Path("out"),
+                         cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
+    config["data"]["packing"] = False  # no position ids, one sequence a row
+    model_config = load_model_config(str(model))
+    return gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True), model_config
+
+
 @pytest.mark.parametrize("record", [r for r in LONGEST if r["stack"] == "ours-auto"], ids=lambda r: r["model"])
 def test_a_length_that_ran_out_of_memory_is_refused(record, monkeypatch):
     """The longest-sequence search planned `ours-auto` for its longest length under the 15 GiB cap on the GPU
     machine (128 GB of host memory: offloading allowed) and probed shorter lengths with that plan, one unpacked row
     of random tokens each; one step longer than the longest that trained ran out of memory. `train`'s rule (the
     budget less its margin) must refuse that length, so that what it starts fits."""
-    host = collections.namedtuple("host", "available total")
-    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
-    model = REPO / "qlora_trainer" / "presets" / f"{record['model']}.json"
-    config = ours_config(model, Path("x.jsonl"), record["searched_up_to"], 3, OURS["ours-auto"], Path("out"),
-                         cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
-    config["data"]["packing"] = False  # the probes' rows: no position ids, one sequence each
-    config["training"]["attention_chunk_tokens"] = 0  # measured before the plan could chunk layer backwards
-    model_config = load_model_config(str(model))
-    run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
+    # measured before the plan could chunk layer backwards
+    run, model_config = planned_on_the_gpu_machine(record, record["searched_up_to"], monkeypatch,
+                                                   {"training.attention_chunk_tokens": 0})
     too_long = run.with_values({"training.max_seq_len": record["longest_seq_len"] + SEQ_STEP})
     assert not too_long.budget.fits(estimate_memory(model_config, too_long).predicted_peak_bytes)
 
@@ -69,12 +78,5 @@ def test_a_length_whose_first_step_ran_out_of_memory_is_refused(record, monkeypa
     a step at that length after a 1,024-token first step trained: `train`'s rule must refuse that length, since a
     run's first step is the one it must survive first."""
     assert "OutOfMemoryError" in record["error"]
-    host = collections.namedtuple("host", "available total")
-    monkeypatch.setattr(gate.psutil, "virtual_memory", lambda: host(120 * 2**30, 128 * 2**30))
-    model = REPO / "qlora_trainer" / "presets" / f"{record['model']}.json"
-    config = ours_config(model, Path("x.jsonl"), record["seq_len"], 3, OURS[record["stack"]], Path("out"),
-                         cap_gib=record["cap_gib"], **SETTINGS[record["model"]])
-    config["data"]["packing"] = False  # the snapshot's rows: no position ids, one sequence each
-    model_config = load_model_config(str(model))
-    run = gate.fit_to_budget(resolve(spec_from_dict(config), MEASURED_ON), model_config, force=True)
+    run, model_config = planned_on_the_gpu_machine(record, record["seq_len"], monkeypatch)
     assert not run.budget.fits(estimate_memory(model_config, run).predicted_peak_bytes)
