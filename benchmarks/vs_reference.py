@@ -508,12 +508,13 @@ def run_worker(stack: str, args: argparse.Namespace, config: dict, batches_path:
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)
         if stack == "unsloth" and os.environ.get("UNSLOTH_SITE"):  # Unsloth's own packages, for its process alone
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
+        start = stderr_path.stat().st_size if stderr_path.exists() else 0
         with open(stderr_path, "a") as stderr:
-            start = stderr.tell()
             process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                                      timeout=timeout_s, env=env)
-        with open(stderr_path) as log:
-            stderr_text = log.read()[start:]
+        with open(stderr_path, "rb") as log:  # this worker's part of the log (bytes: progress bars are not ASCII)
+            log.seek(start)
+            stderr_text = log.read().decode(errors="replace")
         if process.returncode == 0 and out.exists():
             return json.loads(out.read_text())
         if "ModuleNotFoundError" in stderr_text and stack == "unsloth":

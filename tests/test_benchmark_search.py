@@ -152,3 +152,18 @@ def test_every_length_probed_is_a_run_of_its_own(tmp_path, monkeypatch):
     args.first_probe, timed_out_at[0] = 4 * 1024, 4  # the third probe's worker outlives the stack's time
     row = vs_reference.run_stack("ours-auto", args, {}, tmp_path / "batches.pt")
     assert row["error"] == "timed out after 600 s" and [p["probe"] for p in row["probes"]] == [4 * 1024, 5 * 1024]
+
+
+def test_a_workers_error_is_read_from_its_own_part_of_the_log(tmp_path):
+    """The workers of one search append to one log; a worker's error row comes from what it wrote, after what the
+    workers before it wrote (progress bars and all, which are not ASCII)."""
+    from vs_reference import run_worker
+
+    log = tmp_path / "results.plain.log"
+    earlier = "Loading weights: " + "█" * 5000 + "\nRuntimeError: an earlier worker's\n"  # 3 bytes a bar
+    log.write_text(earlier)
+    args = _longest_args(tmp_path / "results.jsonl", timeout_s=120)
+    args.mode = "probe"
+    row = run_worker("plain", args, {}, tmp_path / "batches.pt", None, log, 120)
+    assert row["error"] == "KeyError: 'model'"
+    assert log.read_text().startswith(earlier)
