@@ -248,20 +248,19 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
 
     apply_memory_cap(args.cap_gib)  # every stack: its pool gets the cap less the context
     ours = stack in OURS or stack in ENGINE
-    length = args.seq_len
     model_dir = config["model"]["path"]
     run = None
+    if ours and args.mode != "speed":  # these modes step on random unpacked rows: plan for those (attention included)
+        config = {**config, "data": {**config["data"], "packing": False}}
     if args.predict_only:  # ours: where its longest-sequence search starts (no model loaded)
-        run = ours_plan({**config, "data": {**config["data"], "packing": False}}, args.max_seq_len)
-        return {"stack": stack, "predicted_longest_seq_len": predicted_longest(run, args.cap_gib)}
+        return {"stack": stack,
+                "predicted_longest_seq_len": predicted_longest(ours_plan(config, args.max_seq_len), args.cap_gib)}
     if stack == "ours-engine-bnb-dequant":  # as before 2026-12-06's nf4_in_graph.py, for its speed only
         from qlora_trainer.engine import nf4_in_graph
 
         nf4_in_graph._in_graph = lambda packed, quant_state: False
-    if ours and args.mode != "speed":  # these modes step on random unpacked rows: plan for those (attention included)
-        config = {**config, "data": {**config["data"], "packing": False}}
     if ours:
-        model, step, run = ours_session(config, length)
+        model, step, run = ours_session(config, args.seq_len)
         if stack == "ours-engine-with-data":
             from qlora_trainer.data.prepare import prepare_data
             from qlora_trainer.engine.base import load_tokenizer
@@ -271,7 +270,7 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
             record_data = prepare_data(spec.data, load_tokenizer(spec.model), spec.training.max_seq_len,  # noqa: F841
                                        spec.training.seed)
     else:
-        model, loss_fn = {"plain": build_plain, "unsloth": build_unsloth}[stack](model_dir, length, args.rank,
+        model, loss_fn = {"plain": build_plain, "unsloth": build_unsloth}[stack](model_dir, args.seq_len, args.rank,
                                                                                   ADAPTED[args.targets])
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
