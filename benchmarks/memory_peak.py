@@ -12,7 +12,7 @@ from typing import Iterable
 
 # Where a frame is worth naming: the first match from the innermost frame outwards names the allocation.
 SITES = ("qlora_trainer/", "/transformers/", "/peft/", "/bitsandbytes/", "/liger_kernel/", "torchinductor",
-         "/torch/utils/checkpoint.py", "/torch/nn/functional.py", "/torch/optim/")
+         "/torch/_inductor/", "/torch/utils/checkpoint.py", "/torch/nn/functional.py", "/torch/optim/")
 
 
 def site(frames: list[dict]) -> str:

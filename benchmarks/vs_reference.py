@@ -46,6 +46,7 @@ UNSLOTH_SITE=DIR puts a folder of Unsloth's own packages on the path of its proc
 """
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -352,18 +353,26 @@ def worker(stack: str, args: argparse.Namespace, config: dict, batches_path: Pat
 
     # mode probe: a run's first step at the length (it makes the optimizer's state), then its second (which holds it)
     started = time.perf_counter()
-    torch.cuda.reset_peak_memory_stats()
-    failed_step = None
+    after_build = torch.cuda.memory_allocated()  # what loading and building left behind, garbage included
+    gc.collect()
+    after_collect = torch.cuda.memory_allocated()
+    failed_step, step_peaks = None, []
     for index in (1, 2):
+        torch.cuda.reset_peak_memory_stats()  # each step's own peak: does a first step hold more than a second?
         try:
             step(on_gpu(random_batch(args.seq_len)))
             torch.cuda.synchronize()
         except torch.cuda.OutOfMemoryError:
             failed_step = index
+        step_peaks.append({"allocated_bytes": torch.cuda.max_memory_allocated(),
+                           "reserved_bytes": torch.cuda.max_memory_reserved()})
+        if failed_step:
             break
     result = record | {"probe": args.seq_len, "trains": failed_step is None,
                        **({"failed_step": failed_step} if failed_step else {}),
-                       "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                       "peak_reserved_bytes": max(peak["reserved_bytes"] for peak in step_peaks),
+                       "step_peaks": step_peaks, "allocated_after_build_bytes": after_build,
+                       "allocated_after_collect_bytes": after_collect,
                        "seconds": round(time.perf_counter() - started, 1)}
     if run is not None:
         from qlora_trainer.planner.search import describe

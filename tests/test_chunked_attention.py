@@ -373,3 +373,30 @@ def test_plain_rows_take_the_keys_a_block_at_a_time_in_backward(tiny_llama_dir, 
     got = _run(model, x)
     assert sorted(widths) == ([8] * 6 * 2 if key_blocks else [])  # 2 layers; chunks 1, 2, 3 see 1, 2, 3 blocks
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recomputed_keys_give_the_same_gradients_without_the_rows_keys(tiny_llama_dir, monkeypatch, dtype):
+    """training.recompute_keys: each block's keys and values are made from the layer's input where a chunk's
+    forward and backward use them. They are the same blocks from the same ops as the row's kept keys, so the
+    outputs and gradients are the same bits; and no key block handed to the kernels is a slice of the row's
+    (a storage wider than the block), which the kept keys' are."""
+    from qlora_trainer.engine import key_blocks
+
+    x = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    runs, real = {}, key_blocks._widened
+    for recompute in (False, True):
+        widest = []  # the tokens each key tensor's storage holds, as the kernels get them
+        monkeypatch.setattr(key_blocks, "_widened", lambda tensor, heads: widest.append(
+            tensor.untyped_storage().nbytes() // (tensor.element_size() * tensor.shape[2] * tensor.shape[3]))
+            or real(tensor, heads))
+        model = _adapted(tiny_llama_dir, dtype, compute_dtype=dtype)
+        fused_lora.use_fused_lora(model)
+        chunk_attention(model, chunk_tokens=8, recompute_keys=recompute)
+        runs[recompute] = _run(model, x)
+        assert widest and max(widest) == (8 if recompute else 24), recompute
+    (got_logits, got), (want_logits, want) = runs[True], runs[False]
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
+    assert got.keys() == want.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=0, atol=0, msg=name)

@@ -109,7 +109,8 @@ def build(run: ResolvedRun, processes: Processes = SINGLE) -> Session:
     if training.mlp_chunk_tokens:  # 5
         chunk_mlps(model, training.mlp_chunk_tokens)
     if training.attention_chunk_tokens:
-        chunk_attention(model, training.attention_chunk_tokens, run.layer_backward_chunked, run.key_blocks)
+        chunk_attention(model, training.attention_chunk_tokens, run.layer_backward_chunked, run.key_blocks,
+                        run.keys_recomputed)
     if run.compile_layers:  # 6
         use_in_graph_dequantization(model)
         compile_decoder_layers(model)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from qlora_trainer.engine.class_mixing import mixed_class
-from qlora_trainer.engine.key_blocks import KeyBlockAttention
+from qlora_trainer.engine.key_blocks import KeyBlockAttention, KeysValues, sliced
 from qlora_trainer.spec.resolve import PACKED_VARLEN
 from qlora_trainer.errors import ConfigError
 
@@ -130,12 +130,13 @@ def _attend(module: nn.Module, chunk: _Chunk, hidden: torch.Tensor, cos: torch.T
 
 
 def _attend_in_key_blocks(module: nn.Module, chunk: _Chunk, hidden: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grad_keys: torch.Tensor,
+                          sin: torch.Tensor, key_values: KeysValues, grad_keys: torch.Tensor,
                           grad_values: torch.Tensor, block: int) -> torch.Tensor:
-    """_attend for a plain causal row, the keys a block at a time (engine/key_blocks.py): in backward the keys' and
-    values' gradients go straight into `grad_keys` and `grad_values`, a block at a time."""
+    """_attend for a plain causal row, the keys a block at a time (engine/key_blocks.py, `key_values(first, last)`
+    giving them): in backward the keys' and values' gradients go straight into `grad_keys` and `grad_values`, a
+    block at a time."""
     query = _queries(module, hidden, cos, sin)
-    out = KeyBlockAttention.apply(query.transpose(1, 2), keys, values, grad_keys, grad_values, chunk.start, block,
+    out = KeyBlockAttention.apply(query.transpose(1, 2), key_values, grad_keys, grad_values, chunk.start, block,
                                   module.scaling).transpose(1, 2)
     return module.o_proj(out.reshape(*hidden.shape[:-1], -1))
 
@@ -368,18 +369,32 @@ class _LayerBackwardInChunks:
         hidden, grad_output = layout.flat(hidden_states), layout.flat(grad_output)
         chunks, cos, sin, mask = layout.chunks, layout.cos, layout.sin, layout.mask
         device = hidden.device
-        with torch.no_grad():
-            pairs = [_keys_values(attention, self.input_layernorm(hidden[:, c.start:c.end]), cos[:, c.start:c.end],
-                                  sin[:, c.start:c.end]) for c in chunks]
+        enabled, dtype = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+        def block_keys_values(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Tokens [first, last)'s keys and values, from the layer's input (also where a chunk's backward runs)."""
+            window = slice(first, last)
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+                return _keys_values(attention, self.input_layernorm(hidden[:, window]), cos[:, window],
+                                    sin[:, window])
+
+        # plain causal rows: a block of keys at a time (key_blocks.py), so no chunk's key gradients are whole; where
+        # the run recomputes them, each block's keys and values are made where they are used, never the row's
+        in_blocks = attention.key_blocks and mask is None and not layout.packed
+        if in_blocks and attention.recompute_keys:
+            keys = values = None
+            key_values = block_keys_values
+        else:
+            pairs = [block_keys_values(c.start, c.end) for c in chunks]
             keys, values = torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
             del pairs
-        grad_keys = torch.zeros(keys.shape, dtype=torch.float32, device=device)
-        grad_values = torch.zeros(values.shape, dtype=torch.float32, device=device)
+            key_values = sliced(keys, values)
+        kv_shape = (*hidden.shape[:2], attention.config.num_key_value_heads, attention.head_dim)
+        grad_keys = torch.zeros(kv_shape, dtype=torch.float32, device=device)
+        grad_values = torch.zeros(kv_shape, dtype=torch.float32, device=device)
         # a chunk's output gradient is read by that chunk's backward alone, so the input's gradient can take its
         # place chunk by chunk (one whole-sequence buffer fewer) where the output's is a tensor of its own
         grad_hidden = grad_output if reuse else torch.empty_like(hidden)
-        # plain causal rows: a block of keys at a time (key_blocks.py), so no chunk's key gradients are whole
-        in_blocks = attention.key_blocks and mask is None and not layout.packed
         for chunk in reversed(chunks):  # everything but the keys and values, last chunk first
             window = slice(chunk.start, chunk.end)
             with torch.enable_grad():
@@ -387,8 +402,8 @@ class _LayerBackwardInChunks:
                 normed = self.input_layernorm(piece)
                 if in_blocks:
                     seen_keys = seen_values = None
-                    attended = _attend_in_key_blocks(attention, chunk, normed, cos[:, window], sin[:, window], keys,
-                                                     values, grad_keys, grad_values, attention.chunk_tokens)
+                    attended = _attend_in_key_blocks(attention, chunk, normed, cos[:, window], sin[:, window],
+                                                     key_values, grad_keys, grad_values, attention.chunk_tokens)
                 else:
                     seen_keys = keys[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
                     seen_values = values[:, chunk.key_start:chunk.end].detach().requires_grad_(True)
@@ -402,7 +417,7 @@ class _LayerBackwardInChunks:
                 grad_keys[:, chunk.key_start:chunk.end] += seen_keys.grad
                 grad_values[:, chunk.key_start:chunk.end] += seen_values.grad
             del piece, normed, attended, seen_keys, seen_values, middle, out
-        del keys, values
+        del keys, values, key_values
         _add_keys_values_backward(attention, chunks, hidden, cos, sin, grad_keys, grad_values, grad_hidden,
                                   norm=self.input_layernorm)
         return grad_hidden.reshape(hidden_states.shape)
@@ -453,11 +468,12 @@ def check_attention_chunking(model: nn.Module, attention: str) -> None:
 
 
 def chunk_attention(model: nn.Module, chunk_tokens: int, whole_layers: bool = True,
-                    key_blocks: bool = True) -> int:
+                    key_blocks: bool = True, recompute_keys: bool = False) -> int:
     """Give every decoder layer's `self_attn` the chunked forward (after check_attention_chunking) and, with
     `whole_layers` (the resolved run's `layer_backward_chunked`), every layer the chunked backward its checkpoint
     takes, plain rows' keys a block at a time there with `key_blocks` (`ResolvedRun.key_blocks`: where the flash
-    kernel's ops run); returns how many attention modules were chunked."""
+    kernel's ops run), each block's keys and values made where they are used with `recompute_keys` (the resolved
+    run's `keys_recomputed`); returns how many attention modules were chunked."""
     check_attention_chunking(model, model.config._attn_implementation)
     layers = _decoder_layers(model) if whole_layers else []
     # dropout masks drawn a chunk at a time would not be the forward's (ResolvedRun.layer_backward_chunked leaves
@@ -468,7 +484,7 @@ def chunk_attention(model: nn.Module, chunk_tokens: int, whole_layers: bool = Tr
     modules = _decoder_attention(model)
     for module in modules:
         module.__class__ = mixed_class(_ChunkedAttention, type(module))
-        module.chunk_tokens, module.key_blocks = chunk_tokens, key_blocks
+        module.chunk_tokens, module.key_blocks, module.recompute_keys = chunk_tokens, key_blocks, recompute_keys
     for layer in layers:
         layer.__class__ = mixed_class(_LayerBackwardInChunks, type(layer))
     return len(modules)

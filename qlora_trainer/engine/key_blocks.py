@@ -11,7 +11,13 @@ of the queries' gradient.
 
 Rows are plain causal rows (no mask, not packed) and blocks are the chunks themselves: a chunk's own block is causal
 (square), the blocks before it are seen whole. No dropout (the layer backward in chunks never has any).
+
+The keys and values come from a function of a block's token range: slices of the row's, or, where the run
+recomputes them (training.recompute_keys), each block's made from the layer's input as it is used, so that no
+tensor of the whole row's keys exists (in the chunk's forward and again in its backward).
 """
+
+from typing import Callable
 
 import torch
 
@@ -62,19 +68,30 @@ def blocks_of(start: int, end: int, block: int) -> list[tuple[int, int, bool]]:
     return [(b, min(b + block, start), False) for b in range(0, start, block)] + [(start, end, True)]
 
 
+KeysValues = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sliced(keys: torch.Tensor, values: torch.Tensor) -> KeysValues:
+    """The key_values of KeyBlockAttention for a row's keys and values held whole."""
+    return lambda first, last: (keys[:, first:last], values[:, first:last])
+
+
 class KeyBlockAttention(torch.autograd.Function):
-    """softmax(q k^T * scale) v for queries [start, end) of a plain causal row, `keys` and `values` the whole
-    row's (batch, tokens, kv_heads, head_dim), not differentiated: backward adds their gradients into `grad_keys`
-    and `grad_values` (fp32, the keys' shape) block by block and returns the queries'."""
+    """softmax(q k^T * scale) v for queries [start, end) of a plain causal row, `key_values(first, last)` giving
+    the row's keys and values [first, last) (batch, tokens, kv_heads, head_dim), not differentiated: backward adds
+    their gradients into `grad_keys` and `grad_values` (fp32, the row's keys' shape) block by block and returns the
+    queries'."""
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, grad_keys: torch.Tensor,
+    def forward(ctx, query: torch.Tensor, key_values: KeysValues, grad_keys: torch.Tensor,
                 grad_values: torch.Tensor, start: int, block: int, scale: float) -> torch.Tensor:
         heads, end = query.shape[1], start + query.shape[2]
         out, lse = None, None  # the blocks so far, merged as each comes (one chunk-sized fp32 output at a time)
         for first, last, causal in blocks_of(start, end, block):
-            block_out, block_lse, extras = _forward(query, _widened(keys[:, first:last], heads),
-                                                    _widened(values[:, first:last], heads), causal, scale)
+            keys, values = key_values(first, last)
+            block_out, block_lse, extras = _forward(query, _widened(keys, heads), _widened(values, heads), causal,
+                                                    scale)
+            del keys, values
             if out is None:
                 out, lse = block_out.float(), block_lse
                 continue
@@ -84,21 +101,24 @@ class KeyBlockAttention(torch.autograd.Function):
             lse = merged
         out = out.to(query.dtype)
         ctx.save_for_backward(query, out, lse)
-        ctx.keys, ctx.values, ctx.grad_keys, ctx.grad_values = keys, values, grad_keys, grad_values
+        ctx.key_values, ctx.grad_keys, ctx.grad_values = key_values, grad_keys, grad_values
         ctx.start, ctx.block, ctx.scale, ctx.extras = start, block, scale, extras
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         query, out, lse = ctx.saved_tensors
-        heads, kv_heads = query.shape[1], ctx.keys.shape[2]
+        heads, kv_heads = query.shape[1], ctx.grad_keys.shape[2]
         grad_out = grad_out.contiguous()
         grad_query = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
         for first, last, causal in blocks_of(ctx.start, ctx.start + query.shape[2], ctx.block):
-            key = _widened(ctx.keys[:, first:last], heads)
-            value = _widened(ctx.values[:, first:last], heads)
+            keys, values = ctx.key_values(first, last)
+            key, value = _widened(keys, heads), _widened(values, heads)
+            del keys, values
             grad_q, grad_k, grad_v = _backward(grad_out, query, key, value, out, lse, causal, ctx.scale, ctx.extras)
+            del key, value
             grad_query += grad_q
             ctx.grad_keys[:, first:last] += _narrowed(grad_k, kv_heads)
             ctx.grad_values[:, first:last] += _narrowed(grad_v, kv_heads)
-        return grad_query.to(query.dtype), None, None, None, None, None, None, None
+        ctx.key_values = None
+        return grad_query.to(query.dtype), None, None, None, None, None, None

@@ -362,8 +362,8 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
                                    targets: list[LinearShape], tokens: int,
                                    calibration: Calibration = CALIBRATION) -> int:
     """What a checkpointed layer's backward holds when it goes a chunk of queries at a time (engine/
-    chunked_attention.py, `run.layer_backward_chunked`): the keys and values recomputed whole, their fp32
-    gradients, the gradients of the keys and values a chunk sees (plain causal rows: one block of keys at a time,
+    chunked_attention.py, `run.layer_backward_chunked`): the keys and values recomputed whole (a block at a time
+    where `run.keys_recomputed`), their fp32 gradients, the gradients of the keys and values a chunk sees (plain causal rows: one block of keys at a time,
     engine/key_blocks.py; rows with a mask or packed: all the last chunk sees at once, as wide as the queries first
     with grouped heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves
     before torch 2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input and
@@ -383,15 +383,18 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
     gradients = int(calibration.backward_gradient_widths * compute * widest)
     kv = 2 * shape.kv_dim
     grouped = shape.kv_dim != shape.q_dim
+    kept_keys = tokens * compute * kv  # the row's keys and values
     if run.key_blocks and run.attention == "sdpa" and not sdpa_gets_mask(shape, run, layer_index):
         # plain causal rows: a block of keys at a time (engine/key_blocks.py): the block's keys and values widened
         # to the query heads, their gradients and the narrowed ones, the queries' fp32 gradient
         seen_bytes = chunk * (compute * (4 * shape.q_dim + kv) + 4 * shape.q_dim)
+        if run.keys_recomputed:  # the block's own keys and values and its normed input instead of the row's
+            kept_keys, seen_bytes = 0, seen_bytes + chunk * compute * (kv + shape.hidden_size)
     elif run.attention == PACKED_VARLEN and grouped:
         seen_bytes = tokens * 2 * compute * 2 * shape.q_dim
     else:
         seen_bytes = tokens * compute * (kv + (2 * shape.q_dim if grouped else 0))
-    return tokens * (compute + 4) * kv + seen_bytes + activations + constant + gradients
+    return kept_keys + tokens * 4 * kv + seen_bytes + activations + constant + gradients
 
 
 def estimate_memory(model_config_or_shape: Union[PretrainedConfig, ModelShape], run: ResolvedRun,

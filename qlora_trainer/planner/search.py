@@ -21,7 +21,9 @@ Objective, in order (the first of 1-3 for which a run fits wins, then 4-6 choose
      at a time (engine/token_chunks.py: one more MLP forward per layer in backward);
   7. only when that does not fit either, the sequence is longer than ATTENTION_CHUNK_TOKENS and the run can take
      it (`attention_chunks_possible`): besides, each checkpointed layer's backward that many queries at a time
-     (engine/chunked_attention.py: the keys and values recomputed once more per layer).
+     (engine/chunked_attention.py: the keys and values recomputed once more per layer);
+  8. only when that does not fit either: besides, each block of keys and values made where the layer backward
+     uses it, never the row's (training.recompute_keys: the key projections run about chunks/2 times more, twice).
 A run fits when PyTorch's predicted reserved peak fits its budget (`run.budget.fits`: the budget less the safety
 margin and the CUDA context, spec/resolve.py). When nothing fits, the result carries the leanest run, the smallest
 budget it fits and the longest sequence it fits at this budget.
@@ -77,6 +79,7 @@ SEARCHED_KEYS = {
     "training.offload_checkpoints": "offload_checkpoints",
     "training.mlp_chunk_tokens": "mlp_chunk_tokens",
     "training.attention_chunk_tokens": "attention_chunk_tokens",
+    "training.recompute_keys": "recompute_keys",
 }
 # the decoder layers engine/chunked_attention.py repeats (its LAYER_CLASSES), by model_type
 CHUNKED_LAYER_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -149,16 +152,20 @@ def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) 
     def allowed(key: str, value) -> bool:
         return not _fixed(run, key) or spec.value(key) == value
 
-    # (checkpointing, offloading, MLP chunk, attention chunk) in the objective's order: off, on, on with inputs in
-    # CPU memory, that with chunked MLPs, that with chunked layer backwards; a fixed chunk applies to every mode
+    # (checkpointing, offloading, MLP chunk, attention chunk, keys recomputed) in the objective's order: off, on, on
+    # with inputs in CPU memory, that with chunked MLPs, that with chunked layer backwards, that with keys
+    # recomputed; a fixed chunk applies to every mode
     chunk = spec.training.mlp_chunk_tokens if _fixed(run, "training.mlp_chunk_tokens") else None
     queries = spec.training.attention_chunk_tokens if _fixed(run, "training.attention_chunk_tokens") else None
-    modes = [(False, False, chunk or 0, queries or 0), (True, False, chunk or 0, queries or 0),
-             (True, True, chunk or 0, queries or 0)]
+    keys = spec.training.recompute_keys if _fixed(run, "training.recompute_keys") else False
+    modes = [(False, False, chunk or 0, queries or 0, keys), (True, False, chunk or 0, queries or 0, keys),
+             (True, True, chunk or 0, queries or 0, keys)]
     if chunk is None and spec.training.max_seq_len > MLP_CHUNK_TOKENS:
-        modes.append((True, True, MLP_CHUNK_TOKENS, queries or 0))
+        modes.append((True, True, MLP_CHUNK_TOKENS, queries or 0, keys))
     if queries is None and spec.training.max_seq_len > ATTENTION_CHUNK_TOKENS and attention_chunks_possible(shape, run):
-        modes.append((True, True, chunk if chunk is not None else MLP_CHUNK_TOKENS, ATTENTION_CHUNK_TOKENS))
+        modes.append((True, True, chunk if chunk is not None else MLP_CHUNK_TOKENS, ATTENTION_CHUNK_TOKENS, keys))
+    if modes[-1][3] and not _fixed(run, "training.recompute_keys"):  # the leanest mode chunks the layer backward
+        modes.append((*modes[-1][:4], True))
     memory_modes = [mode for mode in modes if allowed("training.gradient_checkpointing", mode[0])
                     and allowed("training.offload_checkpoints", mode[1])]
     fixed_micro = spec.training.micro_batch_size if _fixed(run, "training.micro_batch_size") else None
@@ -171,12 +178,13 @@ def candidate_values(shape: ModelShape, run: ResolvedRun, effective_batch: int) 
             for optimizer in choices("training.optimizer", OPTIMIZER_ORDER):
                 for modes, (micro, accumulation) in itertools.product(
                         mode_groups, _batch_splits(effective_batch, fixed_micro)):
-                    for checkpointing, offload, mlp_chunk, attention_chunk in modes:
+                    for checkpointing, offload, mlp_chunk, attention_chunk, recompute_keys in modes:
                         yield {
                             "adapter.target_modules": targets, "adapter.r": rank, "adapter.lora_alpha": alpha,
                             "training.optimizer": optimizer, "training.gradient_checkpointing": checkpointing,
                             "training.offload_checkpoints": offload, "training.mlp_chunk_tokens": mlp_chunk,
                             "training.attention_chunk_tokens": attention_chunk,
+                            "training.recompute_keys": recompute_keys,
                             "training.micro_batch_size": micro, "training.gradient_accumulation_steps": accumulation,
                             "training.checkpointed_layers": fixed_layers if checkpointing else None,
                         }
@@ -195,8 +203,9 @@ def describe_checkpointing(run: ResolvedRun) -> str:
               else f"on for the first {training.checkpointed_layers} layers")
     layers += ", inputs offloaded to CPU memory" if training.offload_checkpoints else ""
     layers += f", MLPs {training.mlp_chunk_tokens} tokens at a time" if training.mlp_chunk_tokens else ""
-    return layers + (f", layer backward {training.attention_chunk_tokens} queries at a time"
-                     if training.attention_chunk_tokens else "")
+    layers += (f", layer backward {training.attention_chunk_tokens} queries at a time"
+               if training.attention_chunk_tokens else "")
+    return layers + (", keys and values recomputed per block" if run.keys_recomputed else "")
 
 
 def describe(run: ResolvedRun) -> str:

@@ -90,6 +90,12 @@ class ResolvedRun:
             gpu is not None and gpu.compute_capability >= (8, 0)))
 
     @property
+    def keys_recomputed(self) -> bool:
+        """Whether a layer backward in chunks makes each block of keys and values where it uses them, never the
+        row's (training.recompute_keys; engine/key_blocks.py): with key blocks, on plain causal rows."""
+        return self.key_blocks and self.spec.training.recompute_keys
+
+    @property
     def prefetch_checkpoints(self) -> bool:
         """Whether offloaded checkpoint inputs are copied back one layer ahead of backward (engine/checkpointing.py;
         one more input on the GPU): where they are offloaded on a GPU, but not with chunked MLPs, the runs at the

@@ -139,6 +139,10 @@ class TrainingConfig:
     # > 0: attention runs this many queries at a time against whole keys and values, each chunk recomputed in
     # backward (very long sequences; Llama, Mistral and Qwen2 attention without a sliding window)
     attention_chunk_tokens: int = 0
+    # with a layer backward in chunks over plain rows: each block of keys and values made from the layer's input
+    # where it is used, not the row's kept (2 x tokens x key width bytes less; the key projections run about
+    # chunks/2 times more, twice)
+    recompute_keys: bool = False
     logging_steps: int = 1  # write metrics every N optimizer steps
     eval_steps: int = 0  # eval loss every N optimizer steps (0 = only at the end, when there is an eval split)
     resume: Literal["off", "auto"] = "off"  # auto = continue from the newest complete checkpoint
