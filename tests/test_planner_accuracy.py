@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from accuracy_table import MEASURED_ON, load_cases, measured_records, predicted  # noqa: E402
 from qlora_trainer.planner.memory import estimate_memory  # noqa: E402
+from qlora_trainer.planner.search import describe  # noqa: E402
 from qlora_trainer.planner.shapes import load_model_config  # noqa: E402
 from qlora_trainer.spec import resolve, spec_from_dict  # noqa: E402
 from qlora_trainer.training import gate  # noqa: E402
@@ -82,3 +83,23 @@ def test_a_length_whose_first_step_ran_out_of_memory_is_refused(record, monkeypa
     run, model_config = planned_on_the_gpu_machine(record, record["seq_len"], monkeypatch,
                                                    {"training.recompute_keys": False})
     assert not run.budget.fits(estimate_memory(model_config, run).predicted_peak_bytes)
+
+
+# runs of `ours-auto`'s plan, each its first two steps in a process of its own under the 15 GiB cap (vs_reference.py
+# --mode probe), that trained
+RUNS = RESULTS / "defaults-h100" / "longest-runs-cap15-2026-12-07.jsonl"
+RUNS_THAT_TRAINED = [record for record in map(json.loads, RUNS.read_text().splitlines())
+                     if record["stack"] == "ours-auto" and record.get("trains")]
+
+
+@pytest.mark.parametrize("record", RUNS_THAT_TRAINED, ids=lambda r: f"{r['model']}-{r['probe']}")
+def test_a_run_that_trained_is_admitted_and_not_under_predicted(record, monkeypatch):
+    """`train`'s rule admits the length (its plan is the one that ran) and the planner's allocated peak is not below
+    either step's. Their reserved peaks are not compared: under a cap the allocator keeps what it reserved up to the
+    pool, releasing it only when an allocation fails (the 65,536-token run reserved 14.24 GiB of the 14.25 GiB pool
+    with 12.12 GiB allocated)."""
+    run, model_config = planned_on_the_gpu_machine(record, record["probe"], monkeypatch)
+    assert describe(run) == record["plan"]
+    estimate = estimate_memory(model_config, run)
+    assert run.budget.fits(estimate.predicted_peak_bytes)
+    assert estimate.predicted_peak_allocated_bytes >= max(step["allocated_bytes"] for step in record["step_peaks"])

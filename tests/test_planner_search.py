@@ -8,7 +8,7 @@ from qlora_trainer.hardware import GIB, Hardware, budget_gpu
 from qlora_trainer.planner.memory import estimate_memory
 from qlora_trainer.planner.search import (GROUP_KEYS, MIN_MICRO_BATCH_LAYER_WORK, MIN_MICRO_BATCH_TOKENS,
                                           ATTENTION_CHUNK_TOKENS, MLP_CHUNK_TOKENS, SEARCHED_KEYS,
-                                          attention_chunks_possible, layer_weights,
+                                          attention_chunks_possible, describe, layer_weights,
                                           SEQ_LEN_STEP, TARGET_ORDER, candidate_runs, search_plan)
 from qlora_trainer.planner.shapes import load_model_config, model_shape
 from qlora_trainer.spec import Budget, ResolvedRun, RunSpec, resolve, spec_from_dict
@@ -286,6 +286,29 @@ def test_chunked_layer_backwards_come_last_and_only_where_the_engine_takes_them(
     assert not attention_chunks_possible(other, base)
     sliding = dataclasses.replace(llama2, sliding_window=4096, sliding_layers=frozenset(range(llama2.num_layers)))
     assert not attention_chunks_possible(sliding, base)
+
+
+def test_recomputed_keys_come_after_chunked_layer_backwards_and_only_where_they_change_the_memory(llama2):
+    """Objective 8: a length chunked layer backwards do not fit gets each block's keys and values made where they are
+    used (training.recompute_keys), which the planner counts as the row's keys and values fewer; never where chunked
+    layer backwards already fit, and not on a card without the key blocks it needs (there it would change nothing)."""
+    fixed = {"adapter.target_modules": "attn", "adapter.r": 16, "training.optimizer": "adamw"}
+    base = planned(15, {"training.max_seq_len": 114688, "training.micro_batch_size": 1, "adapter.lora_dropout": 0.0})
+    result = search_plan(llama2, fixing(base, fixed))
+    assert result.fits and result.run.keys_recomputed
+    assert result.run.spec.training.attention_chunk_tokens == ATTENTION_CHUNK_TOKENS
+    assert "keys and values recomputed per block" in describe(result.run)
+    kept = result.run.with_values({"training.recompute_keys": False})
+    saved = (estimate_memory(llama2, kept).phases["layer backward"].activations
+             - estimate_memory(llama2, result.run).phases["layer backward"].activations)
+    row_keys = 114688 * 2 * 2 * llama2.kv_dim  # bf16 keys and values of every token
+    assert 0.9 * row_keys < saved < row_keys  # less the one block that now exists at a time
+    assert not search_plan(llama2, fixing(base, {**fixed, "training.recompute_keys": False})).fits
+    shorter = search_plan(llama2, fixing(base.with_values({"training.max_seq_len": 77824}), fixed))
+    assert shorter.fits and shorter.run.layer_backward_chunked and not shorter.run.keys_recomputed
+    t4 = resolve(base.spec.with_values({"training.recompute_keys": True, "training.attention_chunk_tokens": 4096}),
+                 gpu(15 * GIB, bf16=False))
+    assert t4.layer_backward_chunked and not t4.key_blocks and not t4.keys_recomputed
 
 
 def test_the_t4_example_config_fits_a_t4_once_planned():

@@ -363,13 +363,15 @@ def layer_backward_in_chunks_bytes(shape: ModelShape, run: ResolvedRun, layer_in
                                    calibration: Calibration = CALIBRATION) -> int:
     """What a checkpointed layer's backward holds when it goes a chunk of queries at a time (engine/
     chunked_attention.py, `run.layer_backward_chunked`): the keys and values recomputed whole (a block at a time
-    where `run.keys_recomputed`), their fp32 gradients, the gradients of the keys and values a chunk sees (plain causal rows: one block of keys at a time,
-    engine/key_blocks.py; rows with a mask or packed: all the last chunk sees at once, as wide as the queries first
-    with grouped heads: the flash kernel's backward expands them; packed rows repeat the keys and values themselves
-    before torch 2.13's grouped variable-length kernel), and one chunk's activations and gradients. Its input and
-    its output's gradient (the input's gradient is written in its place) are the checkpoint's, counted by
-    estimate_memory. With key blocks, measured on an H100 (Llama-2-7B under a 15 GiB cap): the longest length it
-    predicts, 110,336 tokens, lay between lengths that trained and did not (benchmarks/results/defaults-h100/)."""
+    where `run.keys_recomputed`), their fp32 gradients, the gradients of the keys and values a chunk sees (plain
+    causal rows: one block of keys at a time, engine/key_blocks.py; rows with a mask or packed: all the last chunk
+    sees at once, as wide as the queries first with grouped heads: the flash kernel's backward expands them; packed
+    rows repeat the keys and values themselves before torch 2.13's grouped variable-length kernel), and one chunk's
+    activations and gradients. Its input and its output's gradient (the input's gradient is written in its place)
+    are the checkpoint's, counted by estimate_memory. Measured on an H100 under a 15 GiB cap (benchmarks/results/
+    defaults-h100/): with key blocks, Llama-2-7B's predicted longest, 110,336 tokens, lay between lengths that
+    trained and did not; with keys recomputed, a Llama-2-7B run at 116,736 tokens peaked 1.9 GiB under the
+    prediction (13.20 GiB; 11.33 reserved) and a Llama-3-8B one at 131,072 0.9 GiB under it."""
     compute, training = DTYPE_BYTES[run.compute_dtype], run.spec.training
     chunk = min(tokens, training.micro_batch_size * training.attention_chunk_tokens)
     norms, attention, mlp, constant = _layer_parts(shape, run, layer_index, targets)
