@@ -17,7 +17,7 @@ fits), ours-peft-lora also uses peft's LoRA forward; ours-engine (and
 ours-engine-compiled) is the same engine (build + step) in this script's loop, beside the peers, to show what the
 command line around it costs (ours-engine-bnb-dequant: its compiled layers call bitsandbytes' dequantization, as
 before engine/nf4_in_graph.py); ours-auto leaves to the planner what `training.plan: auto` leaves it (checkpointing,
-offloading, MLP and layer-backward chunks) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
+offloading, MLP and layer-backward chunks, recomputed keys) for --cap-gib, as `train` does. Every stack of ours runs under --cap-gib as
 `training.memory_cap_gib`. Modes:
   speed:   tokens/s (median of the steps after two warm-up steps) and peak allocated / reserved VRAM at --seq-len;
   longest: the longest sequence (a multiple of 1024) at which a run trains under --cap-gib: every length probed is
@@ -25,9 +25,10 @@ offloading, MLP and layer-backward chunks) for --cap-gib, as `train` does. Every
            and its second, which holds the optimizer's state, both fit; ours' search starts at the planner's
            predicted longest for a run planned at --max-seq-len, or at --first-probe (each probe of ours at 100,000
            tokens and more takes minutes: few probes); the peers' search doubles from --seq-len, then bisects;
-  probe:   whether a run at --seq-len trains its first two steps under --cap-gib, in a process of its own; ours
-           through the engine that `train` builds (engine/build.py, engine/step.py), planned by `train`'s own gate
-           for that length (training/gate.py), with `train`'s compiler settings;
+  probe:   whether a run at --seq-len trains its first two steps under --cap-gib, in a process of its own, with
+           each step's peaks and what loading left allocated; ours through the engine that `train` builds
+           (engine/build.py, engine/step.py), planned by `train`'s own gate for that length (training/gate.py), with
+           `train`'s compiler settings;
   profile: torch.profiler over two steps after three warm-up ones and three timed without it (their time is
            recorded: the profiler's own host time inflates the profiled steps); ours through the engine, in process;
   snapshot: the CUDA allocator's trace of one step after two warm-up ones (--warm-up-steps), and what is alive at
