@@ -279,3 +279,17 @@ def test_resume_over_only_corrupt_checkpoints_is_refused_naming_them(tiny_llama_
     assert file_hashes(out) == before
     assert _train(config_path, "--overwrite") == 0  # starting over is asked for by name
     assert sorted(p.name for p in root.iterdir()) == ["step-0000001", "step-0000002", "step-0000003"]
+
+
+def test_resume_may_change_whether_keys_are_recomputed():
+    """training.recompute_keys gives the same bits (tests/test_chunked_attention.py), so a resume where it changes (a
+    plan on a smaller card) is allowed, and a run_config.json written before the key existed compares as its default."""
+    from qlora_trainer.spec import RunSpec, spec_to_dict
+    from qlora_trainer.training.resume_rules import compare_for_resume
+
+    saved = spec_to_dict(RunSpec())
+    changed = compare_for_resume(saved, RunSpec().with_values({"training.recompute_keys": True}))
+    assert changed.allowed == ["training.recompute_keys False -> True"] and not changed.refused
+    del saved["training"]["recompute_keys"]
+    older = compare_for_resume(saved, RunSpec())
+    assert not older.allowed and not older.refused

@@ -41,6 +41,7 @@ ALLOWED_ON_RESUME = {
     "training.loss_kernel": "memory: the same loss, fused or a chunk of tokens at a time",
     "training.mlp_chunk_tokens": "memory: MLPs a chunk of tokens at a time",
     "training.attention_chunk_tokens": "memory: attention a chunk of queries at a time",
+    "training.recompute_keys": "memory: keys and values made a block at a time where used (the same bits)",
     "training.fused_lora": "speed: one kernel path for the same LoRA forward",
     "training.compile_layers": "speed: compiled decoder layers",
     "model.attn_implementation": "speed: the attention kernel",
