@@ -13,7 +13,7 @@ from qlora_trainer.planner.search import SEARCHED_KEYS
 
 BREAKDOWN = {"weights", "adapter", "gradients", "optimizer", "activations", "logits", "overhead"}
 PLAN = {"rank", "lora_alpha", "target_modules", "gradient_checkpointing", "micro_batch_size",
-        "gradient_accumulation_steps", "seq_len", "optimizer", "compute_dtype", "adapter_dtype"}
+        "gradient_accumulation_steps", "seq_len", "optimizer", "compute_dtype", "adapter_dtype", "recompute_keys"}
 
 
 def _json(capsys, *args: str) -> tuple[int, dict]:
@@ -157,10 +157,11 @@ def test_a_run_config_is_planned_as_train_plans_it(tmp_path, capsys):
     capsys.readouterr()
     plan, training = out["plan"], trained.spec.training
     assert (plan["rank"], plan["target_modules"], plan["micro_batch_size"], plan["gradient_accumulation_steps"],
-            plan["checkpointed_layers"], plan["offload_checkpoints"], plan["optimizer"]) == (
+            plan["checkpointed_layers"], plan["offload_checkpoints"], plan["optimizer"], plan["mlp_chunk_tokens"],
+            plan["attention_chunk_tokens"], plan["recompute_keys"]) == (
         trained.spec.adapter.r, trained.spec.adapter.target_modules, training.micro_batch_size,
         training.gradient_accumulation_steps, training.checkpointed_layers, training.offload_checkpoints,
-        training.optimizer)
+        training.optimizer, training.mlp_chunk_tokens, training.attention_chunk_tokens, training.recompute_keys)
     assert (plan["packing"], plan["attention"], plan["seq_len"]) == (True, "sdpa", 8192)
     unpacked = _json(capsys, "--model", str(tmp_path / "model"), "--gpu", "T4", "--seq-len", "8192")[1]["plan"]
     assert (unpacked["packing"], unpacked["attention"]) == (False, "sdpa")  # the flags alone: RunSpec's data section
