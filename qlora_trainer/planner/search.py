@@ -286,14 +286,16 @@ def layer_weights(shape: ModelShape) -> int:
 def _fastest(fitting: list[tuple[dict[str, Any], MemoryEstimate]], shape: ModelShape,
              seq_len: int) -> tuple[dict[str, Any], MemoryEstimate]:
     """Objective 4 (and 6) among runs that fit, one per micro-batch: of those whose micro-batches hold enough work
-    per layer (MIN_MICRO_BATCH_LAYER_WORK), the one without chunked layer backwards, then without chunked MLPs, that
-    recomputes the fewest layers, then the largest micro-batch; when none holds that much, the largest micro-batch."""
+    per layer (MIN_MICRO_BATCH_LAYER_WORK), the one without chunked layer backwards, then without recomputed keys,
+    then without chunked MLPs, that recomputes the fewest layers, then the largest micro-batch; when none holds that
+    much, the largest micro-batch."""
     micro = lambda item: item[0]["training.micro_batch_size"]  # noqa: E731
     weights = layer_weights(shape)
     large = [item for item in fitting if micro(item) * seq_len * weights >= MIN_MICRO_BATCH_LAYER_WORK]
     if not large:
         return max(fitting, key=micro)
     return min(large, key=lambda item: (bool(item[0]["training.attention_chunk_tokens"]),
+                                        item[0]["training.recompute_keys"],
                                         bool(item[0]["training.mlp_chunk_tokens"]),
                                         _recomputed_layers(item[0], shape.num_layers), -micro(item)))
 
